@@ -1,0 +1,89 @@
+"""The few collectives the callbacks need, and the strategy check they share.
+
+Everything here goes through ``trainer.strategy`` so it works the same on one device, under
+``ddp`` and under ``ddp_spawn``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+
+__all__ = [
+    "UnsupportedStrategyError",
+    "all_reduce_mean",
+    "assert_same_on_all_ranks",
+    "check_strategy",
+    "tensor_digest",
+]
+
+
+class UnsupportedStrategyError(RuntimeError):
+    """The Trainer's strategy hides or shards gradients in a way the callback cannot serve."""
+
+
+def check_strategy(trainer: pl.Trainer, owner: str) -> None:
+    """Refuse strategies whose parameters or gradients are sharded or hidden.
+
+    Supported: single device, and the DDP family (``ddp``, ``ddp_spawn``, ``ddp_fork``,
+    ``ddp_notebook``).
+
+    Raises:
+        UnsupportedStrategyError: for FSDP, DeepSpeed, model-parallel and any other strategy.
+    """
+    strategy: Strategy = trainer.strategy
+    name = type(strategy).__name__
+    hidden = "DeepSpeed" in name or "FSDP" in name or "ModelParallel" in name
+    if hidden or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise UnsupportedStrategyError(
+            f"{owner} does not support the {name} strategy: it needs each parameter and its "
+            "gradient whole on every process (FSDP shows flat shards, DeepSpeed keeps .grad empty). "
+            "Use strategy='ddp' (or 'ddp_spawn') for multi-device training, or a single device."
+        )
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A 4-number fingerprint of named tensors (names, shapes, dtypes and bytes), as int64."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        cpu = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{list(cpu.shape)}|{cpu.dtype}|".encode())
+        digest.update(cpu.view(torch.uint8).numpy().tobytes() if cpu.numel() else b"")
+    raw = digest.digest()
+    # four 7-byte chunks: positive numbers that fit an int64 on every backend
+    return torch.tensor([int.from_bytes(raw[i : i + 7], "big") for i in range(0, 28, 7)], dtype=torch.int64)
+
+
+def assert_same_on_all_ranks(trainer: pl.Trainer, tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise on every rank at once if ``tensors`` differ between ranks (a no-op on one process).
+
+    Raises:
+        RuntimeError: naming ``what`` and the ranks that disagree with rank 0.
+    """
+    if trainer.world_size <= 1:
+        return
+    local = tensor_digest(tensors).to(trainer.strategy.root_device)
+    if dist.is_available() and dist.is_initialized():
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        gathered = torch.stack(parts)  # (world_size, 4), the same on every rank
+    else:  # pragma: no cover - a multi-process strategy without torch.distributed
+        gathered = trainer.strategy.all_gather(local)
+    differing = [rank for rank in range(gathered.shape[0]) if not torch.equal(gathered[rank], gathered[0])]
+    if differing:
+        raise RuntimeError(
+            f"{what} differ between processes: rank(s) {differing} disagree with rank 0. "
+            "Every rank must build the same masks (seed any random mask identically, or load it from a file)."
+        )
+
+
+def all_reduce_mean(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over all ranks (returns ``tensor`` itself on one process)."""
+    if trainer.world_size <= 1:
+        return tensor
+    return trainer.strategy.reduce(tensor, reduce_op="mean")

@@ -1,0 +1,136 @@
+"""One place per LightningModule where every gradmask callback's constraints meet.
+
+Several callbacks freeze entries (``GradientMask``, ``SensitiveColumnBlinding``) and several act
+after an optimizer step (the proximal L1 step). If each restored its own frozen entries from its
+own snapshot, the result would depend on the order in which the user listed the callbacks. So
+they all register here, and this hub:
+
+* combines the trainable masks of all owners (an entry is trainable only if every owner agrees),
+* captures the frozen values once, just before the first optimizer step (after every callback's
+  ``on_train_start`` has run, so a severed weight is captured as 0),
+* installs one step pre-hook and one step post-hook per optimizer, and in the post-hook runs the
+  owners' post-step functions by priority and then restores the frozen entries, always last.
+
+The defined order on a gradient, whatever the order of ``Trainer(callbacks=[...])``:
+
+1. ``on_after_backward``: each mask owner zeroes its frozen gradients (every micro-batch);
+2. ``on_before_optimizer_step``: noise is added, then the combined masks are re-applied;
+3. Lightning clips the gradients; the optimizer steps;
+4. step post-hook: post-step functions by priority (the proximal L1 step), then exact restore.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_gradmask.masking import FrozenEntries, combine_trainable
+
+__all__ = ["ParameterConstraints", "constraints_for", "PRIORITY_PROXIMAL"]
+
+PostStepFn = Callable[[torch.optim.Optimizer, set[int]], None]
+
+PRIORITY_PROXIMAL = 10
+"""Priority of the proximal L1 step among post-step functions (lower runs first)."""
+
+_HUBS: "weakref.WeakKeyDictionary[nn.Module, ParameterConstraints]" = weakref.WeakKeyDictionary()
+
+
+def constraints_for(module: nn.Module) -> "ParameterConstraints":
+    """The hub of ``module`` (created on first use). One hub per module, in this process."""
+    hub = _HUBS.get(module)
+    if hub is None:
+        hub = ParameterConstraints(module)
+        _HUBS[module] = hub
+    return hub
+
+
+class ParameterConstraints:
+    """Combined frozen entries and post-step work of all gradmask owners of one module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module_ref = weakref.ref(module)
+        self._masks: dict[Any, dict[str, torch.Tensor]] = {}
+        self._post_step: dict[Any, tuple[int, PostStepFn]] = {}
+        self._frozen: FrozenEntries | None = None
+        self._handles: list[Any] = []
+        self._hooked: list[torch.optim.Optimizer] = []
+
+    # ------------------------------------------------------------------ registration
+    def set_masks(self, owner: Any, trainable: dict[str, torch.Tensor]) -> None:
+        """Register (or replace) ``owner``'s trainable masks: ``{parameter name: bool tensor}``."""
+        self._masks[owner] = dict(trainable)
+        self._frozen = None
+
+    def add_post_step(self, owner: Any, fn: PostStepFn, priority: int) -> None:
+        """Run ``fn(optimizer, ids of its parameters)`` after each step, before the restore."""
+        self._post_step[owner] = (priority, fn)
+
+    def remove(self, owner: Any) -> None:
+        """Forget ``owner``; once no owner is left, the optimizer hooks are removed."""
+        changed = self._masks.pop(owner, None) is not None
+        self._post_step.pop(owner, None)
+        if changed:
+            self._frozen = None
+        if not self._masks and not self._post_step:
+            self.detach()
+
+    # ------------------------------------------------------------------ queries
+    def trainable_masks(self) -> dict[str, torch.Tensor]:
+        """Combined trainable masks, ``{name: bool tensor}``, for parameters any owner constrains."""
+        by_name: dict[str, list[torch.Tensor]] = {}
+        for masks in self._masks.values():
+            for name, mask in masks.items():
+                by_name.setdefault(name, []).append(mask)
+        return {name: combine_trainable(masks) for name, masks in by_name.items()}
+
+    @property
+    def frozen(self) -> FrozenEntries:
+        """The combined :class:`FrozenEntries`, built on the parameters' current devices."""
+        if self._frozen is None:
+            module = self._module()
+            params = dict(module.named_parameters(remove_duplicate=False))
+            self._frozen = FrozenEntries(
+                {name: (params[name], mask) for name, mask in self.trainable_masks().items()}
+            )
+        return self._frozen
+
+    # ------------------------------------------------------------------ optimizer hooks
+    def attach(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Install the step hooks on ``optimizers`` (raw torch optimizers); idempotent."""
+        for optimizer in optimizers:
+            if any(optimizer is hooked for hooked in self._hooked):
+                continue
+            self._hooked.append(optimizer)
+            self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+
+    def detach(self) -> None:
+        """Remove the step hooks and forget the captured values."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._hooked.clear()
+        self._frozen = None
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        frozen = self.frozen
+        if not frozen.captured:
+            frozen.capture_()
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # read every step: callbacks such as BackboneFinetuning add parameter groups mid-run
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for _, fn in sorted(self._post_step.values(), key=lambda item: item[0]):
+            fn(optimizer, ids)
+        self.frozen.restore_(ids)
+
+    def _module(self) -> nn.Module:
+        module = self._module_ref()
+        if module is None:  # pragma: no cover - the hub lives only as long as its module
+            raise RuntimeError("the module of these constraints no longer exists")
+        return module

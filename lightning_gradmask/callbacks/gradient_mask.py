@@ -1,0 +1,182 @@
+"""``GradientMask``: train only chosen entries ("edges") of chosen weight tensors, exactly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
+from lightning_gradmask.callbacks._constraints import constraints_for
+from lightning_gradmask.masking import FrozenEntries
+from lightning_gradmask.specs import MaskSpecError, resolve_masks
+
+__all__ = ["GradientMask"]
+
+
+class GradientMask(Callback):
+    r"""Update only the chosen entries of chosen parameters; every other entry of them stays exact.
+
+    ``trainable`` maps parameter names (as in ``named_parameters()``) or ``re:`` regular
+    expressions to masks, ``True`` where an entry may be updated. Accepted per key: a dense tensor
+    (``bool`` or 0/1 numbers) of the parameter's shape, a ``torch.sparse_coo_tensor`` (its stored
+    nonzero entries are trainable), a list of index tuples, a ``bool`` for the whole parameter, or a
+    callable ``(name, param) -> bool tensor``. The whole spec may instead be the path of a
+    ``.safetensors`` or ``.pt`` file mapping names to masks (``.pt`` is read with
+    ``weights_only=True``). Parameters named by no key are left alone.
+
+    Frozen entries are bit-identical to their values when training started, whatever the optimizer
+    (momentum, Adam, weight decay), precision, accumulation, clipping, manual optimization or resume:
+    their gradient is zeroed after every backward, and their values are restored after every
+    optimizer step. The model is never reparametrized; the masks live in this callback's
+    ``state_dict`` (so ``checkpoint["callbacks"]``).
+
+    Args:
+        trainable: the mask spec, or a mask file path.
+        log_stats: log ``gradient_mask/frozen_fraction`` (frozen share of the named parameters'
+            entries) and ``gradient_mask/removed_grad_norm`` (L2 norm of the frozen entries'
+            gradient removed at the last backward, unscaled) on the Trainer's logging steps.
+
+    Example::
+
+        import lightning as L
+        from lightning_gradmask import GradientMask
+
+        mask = GradientMask(trainable={
+            "net.0.weight": edge_mask,                 # bool or 0/1 tensor, parameter's shape
+            "net.2.weight": [[0, 0], [1, 0], [1, 1]],  # coordinates of the trainable entries
+            "re:encoder\\..*\\.bias": False,           # regex over names; a bool broadcasts
+        })
+        trainer = L.Trainer(callbacks=[mask])
+
+    In a LightningCLI config::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_gradmask.GradientMask
+              init_args:
+                trainable:
+                  net.2.weight: [[0, 0], [1, 0]]
+                  "re:net\\.0\\..*": false
+            # or: trainable: masks.safetensors
+
+    Raises (at ``setup``, before any step, model untouched):
+        MaskSpecError: unknown names, regexes matching nothing, shape mismatches, values other
+            than 0/1, coordinates out of range, keys claiming the same parameter, bad files.
+        UnsupportedStrategyError: FSDP, DeepSpeed or another sharding strategy.
+        RuntimeError: the masks differ between DDP ranks.
+    """
+
+    def __init__(self, trainable: Union[Mapping[str, Any], str, os.PathLike], *, log_stats: bool = True) -> None:
+        if not isinstance(trainable, (Mapping, str, os.PathLike)):
+            raise MaskSpecError(
+                "GradientMask(trainable=...) must be a mapping from parameter names (or 're:' patterns) "
+                f"to masks, or a mask file path; got {type(trainable).__name__}"
+            )
+        if isinstance(trainable, Mapping):
+            bad = [key for key in trainable if not isinstance(key, str)]
+            if bad:
+                raise MaskSpecError(f"GradientMask(trainable=...) keys must be strings; got {bad[0]!r}")
+        self.trainable = trainable
+        self.log_stats = log_stats
+        self._masks: dict[str, torch.Tensor] | None = None
+        self._loaded_masks: dict[str, torch.Tensor] | None = None
+        self._own: FrozenEntries | None = None
+        self._frozen_fraction = 0.0
+
+    # ------------------------------------------------------------------ public read-only state
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The resolved trainable masks, ``{parameter name: bool tensor}`` (after ``setup``)."""
+        if self._masks is None:
+            raise RuntimeError("GradientMask.masks is available once the Trainer has called setup")
+        return self._masks
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer, "GradientMask")
+        others = [cb for cb in trainer.callbacks if isinstance(cb, GradientMask) and cb is not self]
+        if others:
+            raise ValueError(
+                "Trainer has more than one GradientMask callback; merge their `trainable` specs into one "
+                "(one callback holds the masks that a checkpoint restores)"
+            )
+        masks = resolve_masks(self.trainable, pl_module, parameter="GradientMask(trainable=...)")
+        assert_same_on_all_ranks(trainer, masks, "GradientMask masks")
+        self._masks = masks
+        if self._loaded_masks is not None:
+            self._warn_if_changed()
+        frozen = sum(int((~m).sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        self._frozen_fraction = frozen / total if total else 0.0
+        constraints_for(pl_module).set_masks(self, masks)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = dict(pl_module.named_parameters(remove_duplicate=False))
+        self._own = FrozenEntries({name: (params[name], mask) for name, mask in self.masks.items()})
+        constraints_for(pl_module).attach(trainer.optimizers)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._own is None:
+            return
+        measure = self.log_stats and _is_logging_step(trainer)
+        removed = self._own.mask_gradients_(measure=measure)
+        if removed is not None:
+            scale = _loss_scale(trainer)
+            pl_module.log("gradient_mask/removed_grad_norm", removed / scale, on_step=True, on_epoch=False)
+            pl_module.log("gradient_mask/frozen_fraction", self._frozen_fraction, on_step=True, on_epoch=False)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        constraints_for(pl_module).remove(self)
+        self._own = None
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        if self._masks is None:
+            return {}
+        return {"masks": {name: mask.to("cpu") for name, mask in self._masks.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "masks" not in state_dict:
+            return
+        self._loaded_masks = dict(state_dict["masks"])
+        if self._masks is not None:
+            self._warn_if_changed()
+
+    def _warn_if_changed(self) -> None:
+        assert self._masks is not None and self._loaded_masks is not None
+        saved, current = self._loaded_masks, self._masks
+        changed = [
+            name
+            for name in sorted(set(saved) | set(current))
+            if name not in saved or name not in current or not torch.equal(saved[name], current[name])
+        ]
+        self._loaded_masks = None
+        if changed:
+            rank_zero_warn(
+                "GradientMask: the masks in the checkpoint differ from the spec given now for "
+                f"{', '.join(repr(n) for n in changed)}; the new spec applies (entries frozen now keep "
+                "the values they have in the checkpoint)."
+            )
+
+
+def _is_logging_step(trainer: pl.Trainer) -> bool:
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", False)) and trainer.logger is not None
+
+
+def _loss_scale(trainer: pl.Trainer) -> float:
+    """The GradScaler's current scale under fp16 mixed precision, else 1."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())

@@ -1,0 +1,330 @@
+"""Mask specifications: from what a user writes to one tensor per parameter.
+
+A *spec* maps parameter names (or ``re:`` regular expressions over them) to a
+*mask value*. This module turns a spec into ``{parameter name: mask tensor}``
+and holds every check a spec must pass. It has no Lightning dependency: a spec
+is resolved against any ``nn.Module``.
+
+Accepted mask values, per key:
+
+* a dense tensor of the parameter's shape: ``bool``, or numbers that are all 0
+  or 1 (or any finite real numbers where per-entry weights are allowed),
+* a ``torch.sparse_coo_tensor`` of the parameter's shape: its stored nonzero
+  entries are selected,
+* a list of index tuples (coordinates of the selected entries); for a 1-D
+  parameter plain integers are accepted too,
+* a Python ``bool``, broadcast to the whole parameter,
+* a callable ``(name, param) -> tensor or bool``, whose result is checked like
+  any other value.
+
+The whole spec may also be a path to a ``.safetensors`` or ``.pt`` file that
+maps names to mask tensors. A ``.pt`` file is read with ``weights_only=True``.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+    >>> masks = resolve_masks(
+    ...     {"0.weight": [[0, 0], [1, 2]], "re:.*\\\\.bias": False}, net)
+    >>> masks["0.weight"]
+    tensor([[ True, False, False],
+            [False, False,  True]])
+    >>> sorted(masks)
+    ['0.bias', '0.weight', '2.bias']
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MaskSpec",
+    "MaskSpecError",
+    "MaskValue",
+    "REGEX_PREFIX",
+    "load_mask_file",
+    "mask_from_value",
+    "match_parameters",
+    "resolve_masks",
+]
+
+REGEX_PREFIX = "re:"
+
+MaskValue = Union[torch.Tensor, bool, list, tuple, Callable[[str, nn.Parameter], Any]]
+"""One parameter's mask, in any of the accepted forms."""
+
+MaskSpec = Union[Mapping[str, MaskValue], str, os.PathLike]
+"""A mapping from parameter names or ``re:`` patterns to mask values, or a mask file path."""
+
+
+class MaskSpecError(ValueError):
+    """A mask specification cannot be applied to the model.
+
+    The message names the spec key, the parameter and what was wrong.
+    """
+
+
+def load_mask_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or ``.pt`` file that maps parameter names to mask tensors.
+
+    ``.pt`` files are loaded with ``weights_only=True``, so a mask file can never run code.
+
+    Raises:
+        MaskSpecError: the file is missing, has another suffix, cannot be read, or holds
+            anything other than a mapping of names to tensors.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise MaskSpecError(f"mask file {str(file)!r} does not exist")
+    suffix = file.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                f"reading {str(file)!r} needs the safetensors package: "
+                "pip install 'lightning_gradmask[files]'"
+            ) from err
+        try:
+            content: Any = load_file(str(file))
+        except Exception as err:
+            raise MaskSpecError(f"mask file {str(file)!r} is not a readable safetensors file: {err}") from err
+    elif suffix in (".pt", ".pth"):
+        try:
+            content = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise MaskSpecError(
+                f"mask file {str(file)!r} could not be read with torch.load(weights_only=True): {err}"
+            ) from err
+    else:
+        raise MaskSpecError(
+            f"mask file {str(file)!r} has suffix {suffix!r}; expected '.safetensors' or '.pt'"
+        )
+    if not isinstance(content, Mapping):
+        raise MaskSpecError(
+            f"mask file {str(file)!r} holds a {type(content).__name__}; "
+            "expected a mapping from parameter names to mask tensors"
+        )
+    for key, value in content.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise MaskSpecError(
+                f"mask file {str(file)!r} holds {type(key).__name__} key {key!r} -> "
+                f"{type(value).__name__}; expected only parameter names mapped to tensors"
+            )
+    return dict(content)
+
+
+def match_parameters(key: str, names: Iterable[str], *, parameter: str = "spec") -> list[str]:
+    """Parameter names selected by one spec key: an exact name, or ``re:`` + a regex (full match).
+
+    Raises:
+        MaskSpecError: the name is unknown (the closest names are listed), the regex is invalid,
+            or it matches nothing.
+    """
+    names = list(names)
+    if key.startswith(REGEX_PREFIX):
+        pattern_text = key[len(REGEX_PREFIX) :]
+        try:
+            pattern = re.compile(pattern_text)
+        except re.error as err:
+            raise MaskSpecError(f"{parameter} key {key!r}: invalid regular expression ({err})") from err
+        matched = [name for name in names if pattern.fullmatch(name)]
+        if not matched:
+            raise MaskSpecError(
+                f"{parameter} key {key!r}: the regular expression matches no parameter name "
+                f"(it must match a whole name; names look like {_preview(names)})"
+            )
+        return matched
+    if key in names:
+        return [key]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    hint = f"; closest names: {', '.join(repr(n) for n in close)}" if close else f"; names look like {_preview(names)}"
+    raise MaskSpecError(f"{parameter} key {key!r}: the model has no parameter of that name{hint}")
+
+
+def mask_from_value(
+    value: Any,
+    name: str,
+    param: torch.Tensor,
+    *,
+    key: str | None = None,
+    allow_real: bool = False,
+) -> torch.Tensor:
+    """Turn one mask value into a CPU tensor of ``param``'s shape.
+
+    Returns a ``bool`` tensor, or with ``allow_real=True`` a float32 tensor when the value holds
+    numbers other than 0 and 1 (per-entry weights). The result never shares memory with ``value``.
+
+    Raises:
+        MaskSpecError: naming the key and parameter, for a wrong shape, numbers other than 0/1
+            (or non-finite numbers), coordinates out of range, or an unsupported type.
+    """
+    where = f"mask for parameter {name!r}" + (f" (spec key {key!r})" if key is not None and key != name else "")
+    shape = tuple(param.shape)
+    if callable(value) and not isinstance(value, torch.Tensor):
+        try:
+            produced = value(name, param)
+        except Exception as err:
+            raise MaskSpecError(f"{where}: the mask callable raised {type(err).__name__}: {err}") from err
+        if callable(produced) and not isinstance(produced, torch.Tensor):
+            raise MaskSpecError(f"{where}: the mask callable returned another callable")
+        return mask_from_value(produced, name, param, key=key, allow_real=allow_real)
+    if isinstance(value, bool):
+        return torch.full(shape, value, dtype=torch.bool)
+    if isinstance(value, torch.Tensor):
+        if value.layout == torch.sparse_coo:
+            return _from_sparse(value, where, shape)
+        if value.layout != torch.strided:
+            raise MaskSpecError(f"{where}: tensor layout {value.layout} is not supported; use dense or sparse COO")
+        return _from_dense(value, where, shape, allow_real)
+    if isinstance(value, (list, tuple)):
+        return _from_coordinates(value, where, shape)
+    raise MaskSpecError(
+        f"{where}: got {type(value).__name__}; expected a tensor, a sparse COO tensor, a list of "
+        "index tuples, a bool, or a callable (name, param) -> tensor"
+    )
+
+
+def resolve_masks(
+    spec: MaskSpec,
+    module: nn.Module,
+    *,
+    allow_real: bool = False,
+    parameter: str = "spec",
+) -> dict[str, torch.Tensor]:
+    """Resolve a whole spec against ``module.named_parameters()``.
+
+    Args:
+        spec: mapping of names / ``re:`` patterns to mask values, or a mask file path.
+        module: the module whose parameters the names refer to.
+        allow_real: accept real-valued per-entry weights (for penalties) besides 0/1.
+        parameter: how error messages name the argument the spec came from.
+
+    Returns:
+        ``{parameter name: mask}`` in the module's parameter order, only for named parameters.
+        Masks are CPU tensors; the module is never modified.
+
+    Raises:
+        MaskSpecError: for any problem; nothing is resolved partially.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        spec = load_mask_file(spec)
+    if not isinstance(spec, Mapping):
+        raise MaskSpecError(
+            f"{parameter} must be a mapping from parameter names (or 're:' patterns) to masks, "
+            f"or a path to a mask file; got {type(spec).__name__}"
+        )
+    named = dict(module.named_parameters(remove_duplicate=False))
+    claimed: dict[int, tuple[str, str]] = {}  # id(param) -> (spec key, name)
+    resolved: dict[str, torch.Tensor] = {}
+    for key, value in spec.items():
+        if not isinstance(key, str):
+            raise MaskSpecError(f"{parameter} keys must be parameter names or 're:' patterns; got {key!r}")
+        for name in match_parameters(key, named, parameter=parameter):
+            param = named[name]
+            if id(param) in claimed:
+                other_key, other_name = claimed[id(param)]
+                same = "" if other_name == name else f" (shared with {other_name!r})"
+                raise MaskSpecError(
+                    f"{parameter} keys {other_key!r} and {key!r} both claim parameter {name!r}{same}; "
+                    "give each parameter exactly one mask"
+                )
+            claimed[id(param)] = (key, name)
+            resolved[name] = mask_from_value(value, name, param, key=key, allow_real=allow_real)
+    order = {name: index for index, name in enumerate(named)}
+    return dict(sorted(resolved.items(), key=lambda item: order[item[0]]))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _preview(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (", ..." if len(names) > limit else "") if names else "(the model has no parameters)"
+
+
+def _check_shape(where: str, got: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if got != expected:
+        raise MaskSpecError(f"{where}: mask shape {list(got)} does not match parameter shape {list(expected)}")
+
+
+def _from_dense(value: torch.Tensor, where: str, shape: tuple[int, ...], allow_real: bool) -> torch.Tensor:
+    _check_shape(where, tuple(value.shape), shape)
+    value = value.detach().to("cpu")
+    if value.dtype == torch.bool:
+        return value.clone()
+    if value.is_complex():
+        raise MaskSpecError(f"{where}: complex masks are not supported")
+    numbers = value.to(torch.float64)
+    if not bool(torch.isfinite(numbers).all()):
+        bad = "NaN" if bool(torch.isnan(numbers).any()) else "inf"
+        raise MaskSpecError(f"{where}: the mask holds {bad}")
+    is_binary = (numbers == 0) | (numbers == 1)
+    if bool(is_binary.all()):
+        return numbers.ne(0)
+    if allow_real:
+        return numbers.to(torch.float32)
+    offending = numbers[~is_binary].unique()[:5].tolist()
+    raise MaskSpecError(
+        f"{where}: a numeric mask must hold only 0 and 1; found {', '.join(_fmt(v) for v in offending)}"
+    )
+
+
+def _from_sparse(value: torch.Tensor, where: str, shape: tuple[int, ...]) -> torch.Tensor:
+    _check_shape(where, tuple(value.shape), shape)
+    value = value.detach().to("cpu").coalesce()
+    indices, values = value.indices(), value.values()
+    if values.dim() != 1:
+        raise MaskSpecError(f"{where}: hybrid sparse tensors are not supported")
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise MaskSpecError(f"{where}: the sparse mask stores non-finite values")
+    keep = values.ne(0)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    if len(shape) == 0:
+        mask.fill_(bool(keep.any()))
+    else:
+        mask[tuple(indices[:, keep])] = True
+    return mask
+
+
+def _from_coordinates(value: list | tuple, where: str, shape: tuple[int, ...]) -> torch.Tensor:
+    mask = torch.zeros(shape, dtype=torch.bool)
+    if len(value) == 0:
+        return mask
+    rows: list[tuple[int, ...]] = []
+    for entry in value:
+        if isinstance(entry, torch.Tensor):
+            entry = entry.tolist()
+        coordinate = (entry,) if isinstance(entry, int) and not isinstance(entry, bool) else entry
+        if not isinstance(coordinate, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in coordinate
+        ):
+            raise MaskSpecError(
+                f"{where}: coordinates must be tuples of integers (one per dimension); got {entry!r}"
+            )
+        if len(coordinate) != len(shape):
+            raise MaskSpecError(
+                f"{where}: coordinate {tuple(coordinate)} has {len(coordinate)} indices but the parameter "
+                f"has shape {list(shape)} ({len(shape)} dimensions)"
+            )
+        for index, size in zip(coordinate, shape):
+            if not 0 <= index < size:
+                raise MaskSpecError(
+                    f"{where}: coordinate {tuple(coordinate)} is out of range for parameter shape {list(shape)}"
+                )
+        rows.append(tuple(coordinate))
+    mask[tuple(torch.tensor(rows, dtype=torch.long).T)] = True
+    return mask
+
+
+def _fmt(number: float) -> str:
+    return str(int(number)) if math.isfinite(number) and number == int(number) else f"{number:g}"

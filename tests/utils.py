@@ -1,0 +1,101 @@
+"""Small models, data and Trainer settings shared by the tests (no test logic here)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+
+
+def regression_data(n: int = 64, features: int = 6, seed: int = 0) -> TensorDataset:
+    """A seeded regression set: y depends on every feature."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    w = torch.randn(features, 1, generator=g)
+    y = torch.tanh(x @ w) + 0.1 * torch.randn(n, 1, generator=g)
+    return TensorDataset(x, y)
+
+
+def loader(dataset: TensorDataset | None = None, batch_size: int = 16) -> DataLoader:
+    return DataLoader(dataset if dataset is not None else regression_data(), batch_size=batch_size, shuffle=False)
+
+
+class TinyRegressor(L.LightningModule):
+    """Linear(features, hidden) -> Tanh -> Linear(hidden, 1), MSE loss, configurable optimizer."""
+
+    def __init__(
+        self,
+        features: int = 6,
+        hidden: int = 8,
+        optimizer: OptimizerFactory | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self._optimizer = optimizer or (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self._optimizer(self.parameters())
+
+
+def trainer(**overrides: Any) -> L.Trainer:
+    """A quiet CPU Trainer; keyword arguments override the defaults."""
+    settings: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    settings.update(overrides)
+    return L.Trainer(**settings)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def run_script(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run a test script in a fresh interpreter (DDP re-launches its script), raising on failure."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), str(REPO_ROOT / "tests"), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    result = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=str(REPO_ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{script.name} {' '.join(args)} exited with {result.returncode}\n"
+            f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-8000:]}"
+        )
+    return result

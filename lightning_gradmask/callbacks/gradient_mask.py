@@ -102,12 +102,6 @@ class GradientMask(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, "GradientMask")
-        others = [cb for cb in trainer.callbacks if isinstance(cb, GradientMask) and cb is not self]
-        if others:
-            raise ValueError(
-                "Trainer has more than one GradientMask callback; merge their `trainable` specs into one "
-                "(one callback holds the masks that a checkpoint restores)"
-            )
         masks = resolve_masks(self.trainable, pl_module, parameter="GradientMask(trainable=...)")
         assert_same_on_all_ranks(trainer, masks, "GradientMask masks")
         self._masks = masks

@@ -1,7 +1,7 @@
 """Run by tests/test_gradient_mask.py: GradientMask under a 2-process gloo strategy.
 
 Usage: python gradient_mask_ddp.py STRATEGY OUT_DIR [--differing-masks]
-Each rank saves its final parameters, its initial parameters and its mask to OUT_DIR/rank{r}.pt.
+Each rank saves its final and initial parameters and its mask to OUT_DIR/rank{r}.pt at train end.
 """
 
 import sys
@@ -14,33 +14,49 @@ from lightning_gradmask import GradientMask
 
 
 class Recorder(TinyRegressor):
+    """Saves what the test compares from inside each worker (ddp_spawn trains in child processes)."""
+
+    def __init__(self, out: Path, callback: GradientMask) -> None:
+        super().__init__(optimizer=adamw)
+        self.out, self.callback = out, callback
+
     def on_train_start(self) -> None:
         self.initial = snapshot(self)
+
+    def on_train_end(self) -> None:
+        torch.save(
+            {"final": snapshot(self), "initial": self.initial, "mask": self.callback.masks["net.0.weight"]},
+            self.out / f"rank{self.global_rank}.pt",
+        )
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
+
+
+TRAINABLE = torch.zeros(8, 6, dtype=torch.bool)
+TRAINABLE[:, :3] = True
+
+
+def same_mask(name, param):
+    return TRAINABLE
+
+
+def rank_dependent_mask(name, param):
+    import torch.distributed as dist
+
+    return TRAINABLE if dist.get_rank() == 0 else ~TRAINABLE
 
 
 def main() -> None:
     strategy, out = sys.argv[1], Path(sys.argv[2])
     differing = "--differing-masks" in sys.argv
-    model = Recorder(optimizer=lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1))
-    mask = torch.zeros(8, 6, dtype=torch.bool)
-    mask[:, :3] = True
-
-    def spec(name, param):
-        if differing:
-            import torch.distributed as dist
-
-            return mask if dist.get_rank() == 0 else ~mask
-        return mask
-
+    spec = rank_dependent_mask if differing else same_mask
     callback = GradientMask(trainable={"net.0.weight": spec, "net.2.bias": False})
+    model = Recorder(out, callback)
     # each rank sees a different half of the data, so the gradients differ before all-reduce
     fit_trainer = trainer(strategy=strategy, devices=2, max_epochs=2, callbacks=[callback])
     fit_trainer.fit(model, loader(regression_data(n=64, seed=1), batch_size=8))
-    rank = fit_trainer.global_rank
-    torch.save(
-        {"final": snapshot(model), "initial": model.initial, "mask": callback.masks["net.0.weight"]},
-        out / f"rank{rank}.pt",
-    )
 
 
 if __name__ == "__main__":

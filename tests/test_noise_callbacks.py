@@ -1,0 +1,452 @@
+"""GradientNoise and WeightNoise through real Trainer.fit runs."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+from utils import REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer
+
+from lightning_gradmask.callbacks.gradient_mask import GradientMask
+from lightning_gradmask.callbacks.noise import GradientNoise, WeightNoise
+from lightning_gradmask.noise import NoiseStdError, noise_like
+from lightning_gradmask.specs import MaskSpecError
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:You defined a `validation_step` but have no `val_dataloader`",
+    "ignore:LightningCLI's args parameter",
+)
+
+SGD = lambda lr: (lambda p: torch.optim.SGD(p, lr=lr))  # noqa: E731
+
+
+class GradProbe(Callback):
+    """Records every gradient and the step index at on_before_optimizer_step (put it where it should look)."""
+
+    def __init__(self):
+        self.grads, self.steps = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.steps.append(trainer.global_step)
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+
+class Recorder(TinyRegressor):
+    """Records the weights each training / validation / test step sees."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen = {"train": [], "val": [], "test": []}
+
+    def training_step(self, batch, batch_idx):
+        self.seen["train"].append((self.trainer.global_step, snapshot(self)))
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.seen["val"].append(snapshot(self))
+
+    def test_step(self, batch, batch_idx):
+        self.seen["test"].append(snapshot(self))
+
+
+def expected_noise(param, seed, step, index, std, stream):
+    return noise_like(param, seed, step, index, stream=stream).mul_(std)
+
+
+# --------------------------------------------------------------------------- GradientNoise
+
+
+def test_gradient_noise_once_per_step_on_unscaled_gradients_before_clipping():
+    model = TinyRegressor(optimizer=SGD(1.0))
+    initial = snapshot(model)
+    before, after = GradProbe(), GradProbe()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    plugin = MixedPrecision(precision="16-mixed", device="cpu", scaler=scaler)
+    trainer(
+        callbacks=[before, GradientNoise(std=100.0, seed=3), after],
+        accumulate_grad_batches=2,
+        gradient_clip_val=1e-3,
+        plugins=[plugin],
+        max_epochs=1,
+    ).fit(model, loader())
+    assert before.steps == after.steps == [0, 1]  # 4 micro-batches, 2 optimizer steps
+    for k, step in enumerate(before.steps):
+        for index, (name, param) in enumerate(model.named_parameters()):
+            # unscaled units: the noise is std * N(0, 1), not std * N(0, 1) / loss scale
+            want = before.grads[k][name] + expected_noise(param, 3, step, index, 100.0, "gradient")
+            assert torch.equal(after.grads[k][name], want), (name, step)
+    # clipping came after the noise: each update has norm <= lr * clip value
+    change = torch.cat([(snapshot(model)[n] - initial[n]).flatten() for n in initial]).norm()
+    assert change <= 2 * 1e-3 * (1 + 1e-5)
+
+
+EDGES = torch.zeros(8, 6, dtype=torch.bool)
+EDGES[::2, 1::2] = True
+MASK_SPEC = {"net.0.weight": EDGES, "net.2.bias": False}
+
+
+def test_frozen_entries_never_receive_noise_whatever_the_callback_order():
+    finals = []
+    for mask_first in (True, False):
+        model = TinyRegressor()
+        initial = snapshot(model)
+        probe = GradProbe()
+        callbacks = [GradientMask(MASK_SPEC), GradientNoise(std=0.5)]
+        callbacks = (callbacks if mask_first else callbacks[::-1]) + [probe]
+        trainer(callbacks=callbacks, max_epochs=1).fit(model, loader())
+        final = snapshot(model)
+        assert torch.equal(final["net.0.weight"][~EDGES], initial["net.0.weight"][~EDGES])
+        assert torch.equal(final["net.2.bias"], initial["net.2.bias"])
+        assert (final["net.0.weight"][EDGES] != initial["net.0.weight"][EDGES]).all()
+        for grads in probe.grads:  # what clipping and the optimizer see
+            assert not grads["net.0.weight"][~EDGES].any() and not grads["net.2.bias"].any()
+        finals.append(final)
+    assert all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])  # same training either way
+
+
+def test_annealed_std_is_logged_and_callable_std_respects_targets():
+    model = TinyRegressor()
+    annealed = GradientNoise(eta=0.3, gamma=0.55)
+    fit = trainer(callbacks=[annealed], max_epochs=1)
+    fit.fit(model, loader())
+    last = fit.global_step - 1
+    assert annealed.last_std == pytest.approx(math.sqrt(0.3 / (1 + last) ** 0.55))
+    assert fit.callback_metrics["gradient_noise/std"].item() == pytest.approx(annealed.last_std)
+
+    model = TinyRegressor()
+    before, after = GradProbe(), GradProbe()
+    scheduled = GradientNoise(std=lambda t: 0.1 * (t + 1), targets="re:net\\.0\\..*", seed=5)
+    trainer(callbacks=[before, scheduled, after], max_epochs=1).fit(model, loader())
+    assert scheduled.target_names == ["net.0.weight", "net.0.bias"]
+    for k, step in enumerate(before.steps):
+        for index, (name, param) in enumerate(model.named_parameters()):
+            noise = expected_noise(param, 5, step, index, 0.1 * (step + 1), "gradient")
+            want = before.grads[k][name] + noise if name.startswith("net.0") else before.grads[k][name]
+            assert torch.equal(after.grads[k][name], want), (name, step)
+
+
+def test_offset_is_added_to_its_gradient():
+    offset = torch.linspace(-1, 1, 48).reshape(8, 6)
+    before, after = GradProbe(), GradProbe()
+    callback = GradientNoise(offset={"net.0.weight": offset, "net.2.bias": [0.5]})
+    trainer(callbacks=[before, callback, after], max_epochs=1).fit(TinyRegressor(), loader())
+    assert callback.last_std is None
+    for b, a in zip(before.grads, after.grads):
+        assert torch.equal(a["net.0.weight"], b["net.0.weight"] + offset)
+        assert torch.equal(a["net.2.bias"], b["net.2.bias"] + 0.5)
+        assert torch.equal(a["net.2.weight"], b["net.2.weight"])
+
+
+def test_schedule_going_bad_mid_training_names_the_step():
+    callback = GradientNoise(std=lambda t: 0.1 if t < 2 else float("nan"))
+    with pytest.raises(NoiseStdError, match="at optimizer step 2 is NaN"):
+        trainer(callbacks=[callback], max_epochs=1).fit(TinyRegressor(), loader())
+
+
+class TwoOptimizerManual(TinyRegressor):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(snapshot(self))
+        first, second = self.optimizers()
+        x, y = batch
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(F.mse_loss(self(x), y))
+        first.step()
+        second.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.0), torch.optim.SGD(self.net[2].parameters(), lr=0.0)]
+
+
+def test_manual_optimization_with_two_optimizers():
+    model = TwoOptimizerManual()
+    initial = snapshot(model)
+    before, after = GradProbe(), GradProbe()
+    weight_noise = WeightNoise(std=0.1)
+    callbacks = [before, GradientNoise(std=0.5, seed=1), weight_noise, after]
+    trainer(callbacks=callbacks, max_epochs=1).fit(model, loader())
+    assert before.steps == list(range(8))  # each optimizer.step() is one step
+    for k, step in enumerate(before.steps):
+        stepped = ("net.0.",) if k % 2 == 0 else ("net.2.",)  # only the stepping optimizer's parameters
+        for index, (name, param) in enumerate(model.named_parameters()):
+            noise = expected_noise(param, 1, step, index, 0.5, "gradient")
+            want = before.grads[k][name] + noise if name.startswith(stepped) else before.grads[k][name]
+            assert torch.equal(after.grads[k][name], want), (name, step)
+    # WeightNoise: perturbed during each forward, clean weights back, bit-identical with lr=0
+    assert all(not torch.equal(seen["net.0.weight"], initial["net.0.weight"]) for seen in model.seen)
+    assert all(torch.equal(v, initial[n]) for n, v in snapshot(model).items())
+
+
+# --------------------------------------------------------------------------- WeightNoise
+
+
+def test_weight_noise_one_draw_per_window_clean_weights_outside_training():
+    model = Recorder(optimizer=SGD(0.0))
+    initial = snapshot(model)
+    callback = WeightNoise(std=0.05, relative=True, seed=4)
+    fit = trainer(callbacks=[callback], accumulate_grad_batches=2, max_epochs=2, val_check_interval=3, limit_val_batches=1)
+    fit.fit(model, loader(), loader())
+    fit.test(model, loader(), verbose=False)
+    assert callback.target_names == ["net.0.weight", "net.2.weight"]
+    train = model.seen["train"]
+    assert [step for step, _ in train] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for step, weights in train:  # w + std * |w| * N(0, 1) on the weights, biases untouched
+        for index, name in ((0, "net.0.weight"), (2, "net.2.weight")):
+            clean = initial[name]
+            want = clean + expected_noise(clean, 4, step, index, 0.05, "weight").mul_(clean.abs())
+            assert torch.equal(weights[name], want), (name, step)
+        assert torch.equal(weights["net.0.bias"], initial["net.0.bias"])
+    # validation after batch 3 (mid-window), at epoch ends, and test: all clean
+    assert len(model.seen["val"]) >= 3 and model.seen["test"]
+    for weights in model.seen["val"] + model.seen["test"]:
+        assert all(torch.equal(weights[n], initial[n]) for n in initial)
+    # learning rate 0: the weights come back bit-identical
+    assert all(torch.equal(v, initial[n]) for n, v in snapshot(model).items())
+    assert not callback.perturbed
+
+
+def test_gradient_is_taken_at_the_perturbed_point_and_applied_to_the_clean_weights():
+    class StepRecorder(Recorder):
+        def on_before_optimizer_step(self, optimizer):  # runs after the callbacks' hooks
+            self.grads = {n: p.grad.clone() for n, p in self.named_parameters()}
+            self.clean = snapshot(self)
+
+    model = StepRecorder(optimizer=SGD(0.1))
+    reference = copy.deepcopy(model.net)
+    trainer(callbacks=[WeightNoise(std=0.2)], max_epochs=1, limit_train_batches=1).fit(model, loader())
+    _, perturbed = model.seen["train"][0]
+    assert not torch.equal(perturbed["net.0.weight"], model.clean["net.0.weight"])
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            param.copy_(perturbed["net." + name])
+    x, y = next(iter(loader()))
+    F.mse_loss(reference(x), y).backward()
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(model.grads["net." + name], param.grad, rtol=1e-6, atol=1e-7)
+    for name, value in snapshot(model).items():
+        assert torch.equal(value, model.clean[name].add(model.grads[name], alpha=-0.1)), name
+
+
+def test_weight_noise_respects_frozen_and_severed_entries():
+    model = Recorder(optimizer=lambda p: torch.optim.AdamW(p, lr=0.05))
+    with torch.no_grad():
+        model.net[0].weight[:, 2] = 0.0  # a severed input column: zero and frozen
+    initial = snapshot(model)
+    trainable = torch.ones(8, 6, dtype=torch.bool)
+    trainable[:, 2] = False
+    trainable[0] = False
+    callbacks = [WeightNoise(std=0.5, parameters=("weight", "bias")), GradientMask({"net.0.weight": trainable})]
+    trainer(callbacks=callbacks, max_epochs=1).fit(model, loader())
+    for _, seen in model.seen["train"]:
+        assert torch.equal(seen["net.0.weight"][~trainable], initial["net.0.weight"][~trainable])
+        assert (seen["net.0.weight"][trainable] != initial["net.0.weight"][trainable]).any()
+    final = model.net[0].weight.detach()
+    assert torch.equal(final[:, 2], torch.zeros(8)) and torch.equal(final[0], initial["net.0.weight"][0])
+
+
+def test_severed_columns_of_blinding_stay_exactly_zero_under_both_noises():
+    blinding = pytest.importorskip("lightning_gradmask.callbacks.blinding")
+    model = Recorder(optimizer=lambda p: torch.optim.AdamW(p, lr=0.05))
+    callbacks = [WeightNoise(std=0.5), GradientNoise(std=0.5), blinding.SensitiveColumnBlinding(columns=[2])]
+    trainer(callbacks=callbacks, max_epochs=1).fit(model, loader())
+    for _, seen in model.seen["train"]:
+        assert torch.equal(seen["net.0.weight"][:, 2], torch.zeros(8))
+    assert torch.equal(model.net[0].weight.detach()[:, 2], torch.zeros(8))
+
+
+def test_checkpoints_hold_clean_weights_even_when_saved_mid_window(tmp_path):
+    class SavesMidWindow(Recorder):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:  # second micro-batch of the first window: weights hold noise
+                self.live = snapshot(self)
+                self.trainer.save_checkpoint(tmp_path / "full.ckpt")
+                self.trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+                self.state = {k: v.clone() for k, v in self.state_dict().items()}
+            return super().training_step(batch, batch_idx)
+
+    model = SavesMidWindow(optimizer=SGD(0.0))
+    initial = snapshot(model)
+    trainer(callbacks=[WeightNoise(std=0.1)], accumulate_grad_batches=2, max_epochs=1).fit(model, loader())
+    assert not torch.equal(model.live["net.0.weight"], initial["net.0.weight"])
+    for state in (
+        torch.load(tmp_path / "full.ckpt", weights_only=True)["state_dict"],
+        torch.load(tmp_path / "weights.ckpt", weights_only=True)["state_dict"],
+        model.state,
+    ):
+        assert all(torch.equal(state[n], initial[n]) for n in initial)
+    assert all(torch.equal(v, initial[n]) for n, v in snapshot(model).items())  # training went on
+
+
+def test_weights_are_clean_after_an_exception_mid_window():
+    class Fails(TinyRegressor):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    model = Fails()
+    initial = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(callbacks=[WeightNoise(std=0.1)], accumulate_grad_batches=2).fit(model, loader())
+    assert all(torch.equal(v, initial[n]) for n, v in snapshot(model).items())
+
+
+def test_weights_are_clean_when_an_epoch_ends_mid_window():
+    class StopsEpochEarly(TinyRegressor):
+        def on_train_batch_start(self, batch, batch_idx):
+            self.saw_noise = not torch.equal(self.net[0].weight, initial["net.0.weight"])
+            return -1 if batch_idx == 1 else None  # ends the epoch inside the first window
+
+        def on_train_epoch_end(self):
+            self.at_epoch_end = snapshot(self)
+
+    model = StopsEpochEarly()
+    initial = snapshot(model)
+    trainer(callbacks=[WeightNoise(std=0.1)], accumulate_grad_batches=2, max_epochs=1).fit(model, loader())
+    assert model.saw_noise
+    assert all(torch.equal(model.at_epoch_end[n], initial[n]) for n in initial)
+
+
+# --------------------------------------------------------------------------- both
+
+
+def fit_final(gradient_seed, weight_seed, epochs=2, ckpt=None, save=None, precision="32-true"):
+    model = TinyRegressor(optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    callbacks = [GradientNoise(std=0.05, seed=gradient_seed), WeightNoise(std=0.1, relative=True, seed=weight_seed)]
+    fit = trainer(callbacks=callbacks, accumulate_grad_batches=2, max_epochs=epochs, precision=precision)
+    fit.fit(model, loader(), ckpt_path=ckpt)
+    if save is not None:
+        fit.save_checkpoint(save)
+    return model, snapshot(model)
+
+
+def test_same_seed_same_result_other_seed_other_result():
+    _, reference = fit_final(0, 0)
+    for seeds, same in (((0, 0), True), ((1, 0), False), ((0, 1), False)):
+        _, final = fit_final(*seeds)
+        assert all(torch.equal(final[n], reference[n]) for n in final) is same, seeds
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    _, uninterrupted = fit_final(0, 0, epochs=2)
+    fit_final(0, 0, epochs=1, save=tmp_path / "epoch1.ckpt")
+    _, resumed = fit_final(0, 0, epochs=2, ckpt=tmp_path / "epoch1.ckpt")
+    assert all(torch.equal(resumed[n], uninterrupted[n]) for n in resumed)
+
+
+def test_bf16_mixed_keeps_fp32_parameters():
+    model, final = fit_final(0, 0, epochs=1, precision="bf16-mixed")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+BAD_AT_SETUP = {
+    "gradient-nan-schedule": (lambda: GradientNoise(std=lambda t: float("nan")), NoiseStdError, "step 0 is NaN"),
+    "gradient-negative-schedule": (lambda: GradientNoise(std=lambda t: -1.0), NoiseStdError, "step 0 is negative"),
+    "gradient-targets-match-nothing": (
+        lambda: GradientNoise(std=0.1, targets=["net.0.weight", "re:encoder\\..*"]),
+        MaskSpecError,
+        "matches no parameter",
+    ),
+    "offset-wrong-shape": (
+        lambda: GradientNoise(offset={"net.0.weight": torch.zeros(6, 8)}),
+        MaskSpecError,
+        r"offset shape \[6, 8\] does not match parameter shape \[8, 6\]",
+    ),
+    "offset-unknown-parameter": (
+        lambda: GradientNoise(offset={"net.0.wieght": torch.zeros(8, 6)}),
+        MaskSpecError,
+        "no parameter of that name; closest names: 'net.0.weight'",
+    ),
+    "weight-modules-match-nothing": (
+        lambda: WeightNoise(std=0.1, modules=(nn.Conv2d,)),
+        ValueError,
+        "no module of type Conv2d .*Linear",
+    ),
+    "weight-no-such-parameter": (lambda: WeightNoise(std=0.1, parameters="gamma"), ValueError, "none of the 2 Linear"),
+    "weight-target-outside-modules": (
+        lambda: WeightNoise(std=0.1, targets="net.0.bias"),
+        MaskSpecError,
+        "not among the ones chosen",
+    ),
+    "weight-nan-schedule": (lambda: WeightNoise(std=lambda t: float("nan")), NoiseStdError, "step 0 is NaN"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_AT_SETUP.values(), ids=BAD_AT_SETUP.keys())
+def test_bad_input_fails_at_setup_and_leaves_the_model_untouched(case):
+    make, error, message = case
+    model = TinyRegressor()
+    initial = snapshot(model)
+    with pytest.raises(error, match=message):
+        trainer(callbacks=[make()]).fit(model, loader())
+    assert all(torch.equal(v, initial[n]) for n, v in snapshot(model).items())
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: GradientNoise(std=-1e-3), NoiseStdError, "negative"),
+        (lambda: GradientNoise(), ValueError, "give std"),
+        (lambda: GradientNoise(std=0.1, eta=0.1), ValueError, "not both"),
+        (lambda: GradientNoise(offset={"net.0.weight": torch.zeros(8, 6)}, seed=1.5), TypeError, "seed"),
+        (lambda: WeightNoise(std=-0.1), NoiseStdError, "negative"),
+        (lambda: WeightNoise(std=0.1, modules=["torch.nn.Linaer"]), ValueError, "does not name a class"),
+        (lambda: WeightNoise(std=0.1, modules=[int]), TypeError, "not a torch.nn.Module subclass"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_two_noise_callbacks_with_the_same_seed_are_refused():
+    with pytest.raises(ValueError, match="two GradientNoise callbacks use seed=0"):
+        trainer(callbacks=[GradientNoise(std=0.1), GradientNoise(eta=0.1, targets="net.0.weight")]).fit(TinyRegressor(), loader())
+
+
+def test_modules_as_class_paths_and_targets_narrowing():
+    callback = WeightNoise(std=0.1, modules=["torch.nn.Linear", "Conv2d"], targets="re:net\\.2\\..*")
+    trainer(callbacks=[callback], max_steps=1).fit(TinyRegressor(), loader())
+    assert callback.target_names == ["net.2.weight"]
+
+
+def test_yaml_config_builds_both_callbacks(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        """
+trainer:
+  callbacks:
+    - class_path: lightning_gradmask.callbacks.noise.GradientNoise
+      init_args: {eta: 0.3, gamma: 0.55, targets: ["re:net\\\\.0\\\\..*"], seed: 7}
+    - class_path: lightning_gradmask.callbacks.noise.WeightNoise
+      init_args: {std: 0.01, modules: ["torch.nn.Linear"], relative: true, parameters: [weight, bias]}
+"""
+    )
+    cli = LightningCLI(TinyRegressor, run=False, args=["--config", str(config)], save_config_callback=None)
+    gradient, weight = [cb for cb in cli.trainer.callbacks if isinstance(cb, (GradientNoise, WeightNoise))]
+    assert gradient.targets == ["re:net\\.0\\..*"] and gradient.seed == 7
+    assert weight.modules == (nn.Linear,) and weight.relative and weight.parameters == ("weight", "bias")
+
+
+def test_ddp_ranks_draw_the_same_noise_and_end_identical(tmp_path):
+    run_script(REPO_ROOT / "tests" / "ddp" / "noise_ddp.py", str(tmp_path))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in ("final", "perturbed", "noised_grads"):
+        assert rank0[key].keys() == rank1[key].keys()
+        assert all(torch.equal(rank0[key][n], rank1[key][n]) for n in rank0[key]), key
+    # the noise was really there and the data differed between ranks
+    assert not torch.equal(rank0["perturbed"]["net.0.weight"], rank0["initial"]["net.0.weight"])
+    assert rank0["first_loss"] != rank1["first_loss"]
+    assert not torch.equal(rank0["final"]["net.0.weight"], rank0["initial"]["net.0.weight"])

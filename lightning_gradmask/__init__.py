@@ -1,26 +1,62 @@
 """lightning_gradmask: Lightning callbacks that control which weights learn and what they learn from.
 
-Public API:
+Attach the callbacks to a ``lightning.Trainer``; mix :class:`MaskedL1Mixin` into a LightningModule.
 
 * :class:`GradientMask` -- only chosen weight entries are updated, exactly::
 
-      trainer = L.Trainer(callbacks=[GradientMask(trainable={"net.0.weight": edge_mask})])
+      L.Trainer(callbacks=[GradientMask(trainable={"net.0.weight": edge_mask, "re:.*\\\\.bias": False})])
 
-* :func:`resolve_masks` / :class:`MaskSpecError` -- resolve and check a mask spec without a Trainer.
-* :class:`FrozenEntries` -- the pure mask mechanism (gradient masking and exact restore).
+* :class:`SensitiveColumnBlinding` -- the model provably neither reads nor learns from chosen columns::
+
+      L.Trainer(callbacks=[SensitiveColumnBlinding(columns=["age", "sex"], feature_names=names, layer="net.0")])
+      verify_independence(model, inputs, columns=[0, 1]).independent   # True: outputs never moved
+
+* :class:`MaskedL1Mixin` -- L1 on chosen edges, added to ``training_step``'s loss::
+
+      class Model(MaskedL1Mixin, L.LightningModule):
+          def __init__(self):
+              super().__init__()
+              self.net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+              self.register_masked_l1("net.0.weight", mask=edges, strength=1e-3)
+
+* :class:`HessianMonitor` -- trace, top eigenvalues, diagonal and spectral density at epoch end::
+
+      L.Trainer(callbacks=[HessianMonitor(loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]), top_k=3)])
+
+* :class:`GradientNoise`, :class:`WeightNoise` -- seeded noise, identical on every rank::
+
+      L.Trainer(callbacks=[GradientNoise(eta=0.3, gamma=0.55), WeightNoise(std=1e-2, relative=True)])
+
+* Without a Trainer: :func:`resolve_masks` (specs to masks, with every check), :class:`FrozenEntries`
+  (gradient masking and exact restore) and :mod:`lightning_gradmask.curvature` (Hessian-vector
+  products, Lanczos, trace, diagonal, density on a bare ``nn.Module``).
 """
 
 from lightning_gradmask._distributed import UnsupportedStrategyError
+from lightning_gradmask.blinding import ColumnSpecError, IndependenceReport, verify_independence
+from lightning_gradmask.callbacks.blinding import SensitiveColumnBlinding
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
+from lightning_gradmask.callbacks.hessian import HessianMonitor
+from lightning_gradmask.callbacks.noise import GradientNoise, WeightNoise
 from lightning_gradmask.masking import FrozenEntries
+from lightning_gradmask.mixins import MaskedL1Mixin, MaskedL1Term
 from lightning_gradmask.specs import MaskSpecError, resolve_masks
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ColumnSpecError",
     "FrozenEntries",
     "GradientMask",
+    "GradientNoise",
+    "HessianMonitor",
+    "IndependenceReport",
     "MaskSpecError",
+    "MaskedL1Mixin",
+    "MaskedL1Term",
+    "SensitiveColumnBlinding",
     "UnsupportedStrategyError",
+    "WeightNoise",
     "resolve_masks",
+    "verify_independence",
 ]

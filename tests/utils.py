@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class TinyRegressor(L.LightningModule):
 def trainer(**overrides: Any) -> L.Trainer:
     """A quiet CPU Trainer; keyword arguments override the defaults."""
     settings: dict[str, Any] = dict(
+        default_root_dir=tempfile.mkdtemp(prefix="gradmask-test-"),  # nothing lands in the checkout
         accelerator="cpu",
         devices=1,
         max_epochs=2,

@@ -4,9 +4,12 @@ Plain run (prints a report)::
 
     python examples/frozen_edges.py
 
-As a LightningCLI command with a YAML config::
+As a LightningCLI command; each callback has a config in ``examples/configs/``::
 
     python examples/frozen_edges.py fit --config examples/configs/gradient_mask.yaml
+    python examples/frozen_edges.py fit --config examples/configs/masked_l1.yaml
+    python examples/frozen_edges.py fit --config examples/configs/hessian_monitor.yaml
+    python examples/frozen_edges.py fit --config examples/configs/noise.yaml
 """
 
 from __future__ import annotations
@@ -20,23 +23,42 @@ from lightning.pytorch.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradmask import GradientMask
+from lightning_gradmask import GradientMask, MaskedL1Mixin
 
 
-class EdgeMLP(L.LightningModule):
-    """``net``: Linear(inputs, hidden) -> ReLU -> Linear(hidden, 1); MSE loss; AdamW."""
+class EdgeMLP(MaskedL1Mixin, L.LightningModule):
+    """``net``: Linear(inputs, hidden) -> ReLU -> Linear(hidden, 1); MSE loss; AdamW.
 
-    def __init__(self, inputs: int = 8, hidden: int = 16, lr: float = 0.01, weight_decay: float = 0.01) -> None:
+    ``l1_strength > 0`` puts a masked L1 term on ``l1_target`` (every entry), as a loss term or,
+    with ``l1_proximal``, as soft-thresholding after each step.
+    """
+
+    def __init__(
+        self,
+        inputs: int = 8,
+        hidden: int = 16,
+        lr: float = 0.01,
+        weight_decay: float = 0.01,
+        l1_target: str = "net.0.weight",
+        l1_strength: float = 0.0,
+        l1_proximal: bool = False,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        if l1_strength > 0:
+            self.register_masked_l1(l1_target, strength=l1_strength, proximal=l1_proximal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def hessian_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The loss HessianMonitor differentiates (it never calls training_step)."""
         x, y = batch
-        loss = F.mse_loss(self(x), y)
+        return F.mse_loss(self(x), y)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.hessian_loss(batch)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 

@@ -47,12 +47,21 @@ def combine_trainable(masks: Iterable[torch.Tensor]) -> torch.Tensor:
     return combined
 
 
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory seen as signed integers of the same width (no copy)."""
+    return tensor.view(_INT_OF_SIZE[tensor.element_size()])
+
+
 @dataclass
 class _Entry:
     param: torch.Tensor
     frozen: torch.Tensor  # bool, True where the entry must not change
     all_frozen: bool
-    snapshot: torch.Tensor | None = None  # frozen values, zeros at trainable positions
+    keep_bits: torch.Tensor | None = None  # all ones where trainable, 0 where frozen (param's width)
+    snapshot: torch.Tensor | None = None  # frozen values, +0.0 at trainable positions
 
 
 class FrozenEntries:
@@ -65,6 +74,9 @@ class FrozenEntries:
 
     Masks are moved to each parameter's device once, here. Call :meth:`capture_` before the
     first optimizer step, then :meth:`restore_` after every step.
+
+    Memory per masked entry (float32): a ``bool`` mask (1 byte), the integer "keep" pattern used by
+    the bitwise kernels (4 bytes) and the snapshot (4 bytes).
     """
 
     def __init__(self, masks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -80,7 +92,11 @@ class FrozenEntries:
             frozen = trainable.logical_not().to(param.device)
             if not bool(frozen.any()):
                 continue
-            self._entries[name] = _Entry(param=param, frozen=frozen, all_frozen=bool(frozen.all()))
+            entry = _Entry(param=param, frozen=frozen, all_frozen=bool(frozen.all()))
+            if not entry.all_frozen:
+                int_dtype = _INT_OF_SIZE[param.element_size()]
+                entry.keep_bits = torch.zeros(param.shape, dtype=int_dtype, device=param.device).masked_fill_(~frozen, -1)
+            self._entries[name] = entry
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -136,6 +152,8 @@ class FrozenEntries:
                 removed_sq = sq if removed_sq is None else removed_sq + sq.to(removed_sq.device)
             if entry.all_frozen:
                 grad.zero_()
+            elif grad.dtype == entry.param.dtype and grad.layout == torch.strided:
+                _bits(grad).bitwise_and_(entry.keep_bits)  # frozen bits -> 0, i.e. +0.0
             else:
                 grad.masked_fill_(entry.frozen, 0)
         if measure:
@@ -159,9 +177,11 @@ class FrozenEntries:
             if entry.all_frozen:
                 data.copy_(entry.snapshot)
             else:
-                # masked_fill (not multiplication) so that inf/NaN in a frozen entry is replaced too;
-                # x + 0 == x exactly, so trainable entries are untouched.
-                data.masked_fill_(entry.frozen, 0).add_(entry.snapshot)
+                # Bitwise, not arithmetic: (w AND keep) OR snapshot keeps every bit of a trainable
+                # entry and writes every bit of a frozen one back, inf/NaN/-0.0 included. It is also
+                # an order of magnitude faster on CPU than masked_fill_ or torch.where with a
+                # scattered mask (benchmarks/README.md).
+                _bits(data).bitwise_and_(entry.keep_bits).bitwise_or_(_bits(entry.snapshot))
 
     @torch.no_grad()
     def zero_frozen_(self) -> None:

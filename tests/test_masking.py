@@ -1,0 +1,62 @@
+"""FrozenEntries, the mask mechanism on its own: exact to the bit, whatever the values."""
+
+import pytest
+import torch
+
+from lightning_gradmask import FrozenEntries
+
+SPECIAL = [-0.0, 1.0, float("inf"), float("nan"), 1e-45, -3.5, float("-inf"), 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_restore_is_bit_exact_for_special_values(dtype):
+    weight = torch.nn.Parameter(torch.tensor(SPECIAL, dtype=dtype))
+    trainable = torch.tensor([False, True, False, False, False, True, False, True])
+    frozen = FrozenEntries({"w": (weight, trainable)})
+    frozen.capture_()
+    start = weight.detach().clone()
+    new = torch.tensor([7.0, float("nan"), -0.0, 2.0, float("inf"), -0.0, 1e-45, float("-inf")], dtype=dtype)
+    with torch.no_grad():
+        weight.copy_(new)
+    frozen.restore_()
+    assert torch.equal(as_bits(weight.detach())[~trainable], as_bits(start)[~trainable])
+    assert torch.equal(as_bits(weight.detach())[trainable], as_bits(new)[trainable])
+
+
+def as_bits(tensor):
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def test_gradient_masking_zeroes_frozen_entries_even_when_they_hold_nan():
+    weight = torch.nn.Parameter(torch.zeros(2, 3))
+    trainable = torch.tensor([[True, False, True], [False, False, True]])
+    weight.grad = torch.tensor([[1.0, float("nan"), float("inf")], [float("-inf"), 2.0, -0.0]])
+    removed = FrozenEntries({"w": (weight, trainable)}).mask_gradients_(measure=True)
+    assert torch.equal(weight.grad[~trainable], torch.zeros(3))
+    assert weight.grad[0, 0] == 1.0 and weight.grad[0, 2] == float("inf")
+    assert torch.isnan(removed)  # the removed gradient held NaN, and the measurement says so
+
+
+def test_fully_frozen_and_fully_trainable_parameters():
+    frozen_param = torch.nn.Parameter(torch.randn(3))
+    free_param = torch.nn.Parameter(torch.randn(3))
+    entries = FrozenEntries(
+        {"frozen": (frozen_param, torch.zeros(3, dtype=torch.bool)), "free": (free_param, torch.ones(3, dtype=torch.bool))}
+    )
+    assert entries.names == ["frozen"] and entries.count() == (3, 3)
+    entries.capture_()
+    start = frozen_param.detach().clone()
+    with torch.no_grad():
+        frozen_param.add_(1)
+    entries.restore_()
+    assert torch.equal(frozen_param, start)
+
+
+def test_restore_before_capture_and_bad_masks_are_errors():
+    param = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(RuntimeError, match="before capture_"):
+        FrozenEntries({"p": (param, torch.tensor([True, False]))}).restore_()
+    with pytest.raises(TypeError, match="must be bool"):
+        FrozenEntries({"p": (param, torch.tensor([1, 0]))})
+    with pytest.raises(ValueError, match="has shape \\[3\\], parameter has \\[2\\]"):
+        FrozenEntries({"p": (param, torch.ones(3, dtype=torch.bool))})

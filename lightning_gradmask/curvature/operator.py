@@ -1,0 +1,595 @@
+"""The Hessian of a scalar loss as a linear operator ``v -> H v``.
+
+The first-order gradient graph is built once, when the operator is made; every product then costs
+one further backward pass through that retained graph (double backward). ``p.grad`` is never read
+or written.
+
+Example::
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    op = HessianOperator.from_module(model, lambda: F.mse_loss(model(x), y))
+    hv = op.matvec(torch.randn(op.dim))          # one Hessian-vector product
+    per_param = op.split(hv)                      # {"0.weight": tensor(32,), ...}
+
+Restricting to chosen entries (``masks``): the operator then acts on the flat vector of the
+selected entries only, i.e. it is the sub-Hessian ``H[S, S]`` of what can move::
+
+    masks = {"0.weight": model[0].weight.abs() > 0.1}   # other parameters: every entry
+    op = HessianOperator.from_module(model, closure, masks=masks)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Literal, Protocol, Union, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BlockOperator",
+    "HessianOperator",
+    "LinearOperator",
+    "MatrixOperator",
+    "NonFiniteLossError",
+    "ParamsLike",
+]
+
+ParamsLike = Union[Mapping[str, Tensor], Iterable[tuple[str, Tensor]], Iterable[Tensor]]
+"""Parameters: a ``{name: tensor}`` mapping, ``module.named_parameters()``, or bare tensors."""
+
+
+class NonFiniteLossError(ValueError):
+    """The loss (or a Hessian-vector product) is NaN or infinite.
+
+    A subclass of :class:`ValueError`, so ``except ValueError`` still catches it, while a caller that
+    wants to skip a step on a diverged loss can catch exactly this class::
+
+        try:
+            op = HessianOperator.from_module(model, closure)
+        except NonFiniteLossError:
+            return  # nothing sensible to measure
+    """
+
+
+@runtime_checkable
+class LinearOperator(Protocol):
+    """What the algorithms in this package need: a symmetric operator on flat vectors.
+
+    ``matvec`` takes and returns a 1-D tensor of length ``dim`` (dtype ``dtype``, device ``device``)
+    and must count itself in ``num_products``.
+    """
+
+    dim: int
+    num_products: int
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def matvec(self, v: Tensor) -> Tensor: ...
+
+
+class MatrixOperator:
+    """A dense symmetric matrix behind the :class:`LinearOperator` interface.
+
+    Used by the exact path and handy in tests::
+
+        A = torch.diag(torch.tensor([3.0, -5.0, 1.0]))
+        lanczos(MatrixOperator(A), k=1).eigenvalues   # tensor([3.], dtype=torch.float64)
+    """
+
+    def __init__(self, matrix: Tensor, names: Sequence[str] | None = None, sizes: Sequence[int] | None = None):
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.dim = int(matrix.shape[0])
+        self.num_products = 0
+        self.names = list(names) if names is not None else ["matrix"]
+        self.sizes = list(sizes) if sizes is not None else [self.dim]
+        if sum(self.sizes) != self.dim or len(self.sizes) != len(self.names):
+            raise ValueError("names and sizes must partition the matrix dimension")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrix.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def matvec(self, v: Tensor) -> Tensor:
+        self.num_products += 1
+        return self.matrix @ v.to(self.matrix.dtype)
+
+    def matmat(self, v: Tensor, *, batched: bool = True) -> Tensor:
+        """Products with the rows of ``v`` (shape ``(k, dim)``); counts ``k`` products."""
+        self.num_products += int(v.shape[0])
+        return v.to(self.matrix.dtype) @ self.matrix.T
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]:
+        return dict(zip(self.names, torch.split(flat, self.sizes, dim=-1)))
+
+
+def _normalize_params(params: ParamsLike) -> tuple[list[str], list[Tensor]]:
+    if isinstance(params, Mapping):
+        items = list(params.items())
+    else:
+        items = list(params)
+    names: list[str] = []
+    tensors: list[Tensor] = []
+    for i, item in enumerate(items):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            name, tensor = item
+        elif isinstance(item, Tensor):
+            name, tensor = f"param{i}", item
+        else:
+            raise TypeError(f"parameters must be tensors or (name, tensor) pairs, got {type(item).__name__}")
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"parameter {name!r} is not a tensor")
+        if not tensor.requires_grad:
+            raise ValueError(f"parameter {name!r} does not require grad; pass only trainable parameters")
+        if not tensor.is_floating_point():
+            raise ValueError(f"parameter {name!r} is not floating point ({tensor.dtype})")
+        names.append(name)
+        tensors.append(tensor)
+    if not tensors:
+        raise ValueError("no parameters given")
+    if len(set(names)) != len(names):
+        raise ValueError("parameter names must be unique")
+    if len({id(t) for t in tensors}) != len(tensors):
+        raise ValueError("the same parameter tensor was given twice")
+    return names, tensors
+
+
+def _check_loss(loss: object, index: int) -> Tensor:
+    where = f"loss_fn #{index}" if index else "loss_fn"
+    if not isinstance(loss, Tensor):
+        raise ValueError(f"{where} must return a scalar torch.Tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"{where} must return a scalar tensor, got shape {tuple(loss.shape)}")
+    if not loss.is_floating_point():
+        raise ValueError(f"{where} returned a {loss.dtype} tensor; the loss must be floating point")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"{where} returned a loss that does not require grad (no autograd graph): was it computed "
+            "under torch.no_grad()/inference_mode, detached, or from frozen parameters only?"
+        )
+    return loss.reshape(())
+
+
+class HessianOperator:
+    """``v -> H v`` for the Hessian of a scalar loss w.r.t. parameters (optionally masked).
+
+    Args:
+        loss_fns: one closure ``() -> scalar tensor`` or several (e.g. one per cached batch). The
+            loss the Hessian belongs to is their mean (``combine="mean"``, the default: the Hessian of
+            the average loss over the batches) or their sum (``combine="sum"``). All closures run once,
+            here, and their graphs are kept together until the operator is released.
+        params: the parameters, as ``{name: tensor}``, ``module.named_parameters()`` or bare tensors
+            (named ``param0``, ``param1``, ...). Every one must require grad.
+        masks: optional ``{name: bool tensor of the parameter's shape}`` (or a list aligned with
+            ``params``); ``None`` or a missing name means every entry. The operator acts on the flat
+            vector of the selected entries only (parameter order, then row-major order within a
+            parameter), i.e. it is the sub-Hessian of the entries that can move. A parameter whose
+            mask selects nothing is left out.
+        reduce: optional hook applied to every product (a 1-D tensor of length ``dim``, or a
+            ``(k, dim)`` stack for a batched product) before it is returned. The Lightning glue
+            passes a DDP all-reduce-mean: then the operator is the Hessian of the rank-averaged loss
+            with exactly one collective per product call. It is also applied once, at construction,
+            to the detached loss value, so that a NaN on any rank is seen on every rank.
+        combine: ``"mean"`` or ``"sum"`` over ``loss_fns``.
+        check_finite: raise :class:`NonFiniteLossError` on a non-finite loss or product.
+        module: optional module the parameters belong to; used by :func:`exact_diagonal` for its
+            fast per-layer path and by ``eval_mode``.
+        eval_mode: if ``module`` is given, run the closures with ``module.eval()`` and restore each
+            submodule's previous mode afterwards (dropout off, BatchNorm statistics untouched).
+
+    Raises:
+        ValueError: a closure returns a non-tensor, a non-scalar, an integer tensor or a tensor with
+            no autograd graph; the loss does not depend on any selected parameter; bad masks.
+        NonFiniteLossError: the (reduced) loss is NaN or infinite.
+
+    Attributes:
+        dim: number of selected entries (the size of vectors ``matvec`` takes).
+        num_products: Hessian-vector products done so far (a batched product of ``k`` counts ``k``).
+        names, sizes: the selected parameters and how many entries each contributes to ``dim``.
+        loss: the (reduced) loss value, a float.
+
+    Example::
+
+        op = HessianOperator([lambda: loss_on(batch1), lambda: loss_on(batch2)], model.named_parameters())
+        hv = op.matvec(v)        # Hessian of (loss1 + loss2) / 2 times v
+    """
+
+    def __init__(
+        self,
+        loss_fns: Callable[[], Tensor] | Sequence[Callable[[], Tensor]],
+        params: ParamsLike,
+        *,
+        masks: Mapping[str, Tensor | None] | Sequence[Tensor | None] | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        combine: Literal["mean", "sum"] = "mean",
+        check_finite: bool = True,
+        module: nn.Module | None = None,
+        eval_mode: bool = False,
+    ) -> None:
+        if callable(loss_fns):
+            loss_fns = [loss_fns]
+        self.loss_fns: list[Callable[[], Tensor]] = list(loss_fns)
+        if not self.loss_fns:
+            raise ValueError("at least one loss_fn is needed")
+        if not all(callable(f) for f in self.loss_fns):
+            raise TypeError("loss_fns must be callables returning a scalar loss")
+        if combine not in ("mean", "sum"):
+            raise ValueError(f"combine must be 'mean' or 'sum', got {combine!r}")
+        self.combine = combine
+        self.reduce = reduce
+        self.check_finite = check_finite
+        self.module = module
+        self.eval_mode = eval_mode
+        self.num_products = 0
+
+        all_names, all_params = _normalize_params(params)
+        mask_list = self._normalize_masks(masks, all_names, all_params)
+
+        # Keep only parameters with at least one selected entry.
+        self.names: list[str] = []
+        self.params: list[Tensor] = []
+        self._index: list[Tensor | None] = []  # flat indices of selected entries, None = all
+        self.masks: list[Tensor | None] = []
+        self.sizes: list[int] = []
+        for name, p, m in zip(all_names, all_params, mask_list):
+            if m is not None:
+                count = int(m.sum())
+                if count == 0:
+                    continue
+                if count == p.numel():
+                    m = None
+            self.names.append(name)
+            self.params.append(p)
+            self.masks.append(m)
+            if m is None:
+                self._index.append(None)
+                self.sizes.append(p.numel())
+            else:
+                idx = m.reshape(-1).nonzero().squeeze(1)
+                self._index.append(idx)
+                self.sizes.append(int(idx.numel()))
+        if not self.params:
+            raise ValueError("the masks select no entry of any parameter")
+        self.dim = int(sum(self.sizes))
+        dtypes = {p.dtype for p in self.params}
+        self._dtype = torch.promote_types(*dtypes) if len(dtypes) > 1 else self.params[0].dtype
+        self._device = self.params[0].device
+
+        with self.autograd_context():
+            losses = [_check_loss(fn(), i) for i, fn in enumerate(self.loss_fns)]
+            total = torch.stack(losses).sum()
+            if combine == "mean":
+                total = total / len(losses)
+            value = total.detach().reshape(1).to(torch.float64)
+            if reduce is not None:
+                value = reduce(value)
+            self.loss = float(value.reshape(-1)[0])
+            if check_finite and not math.isfinite(self.loss):
+                raise NonFiniteLossError(f"the loss is not finite ({self.loss}); no Hessian statistics can be computed")
+            grads = torch.autograd.grad(total, self.params, create_graph=True, allow_unused=True)
+        # Gradients that do not depend on any parameter (loss linear in that parameter, or unused)
+        # contribute nothing to H v; keep only those with a graph.
+        self._outputs = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self._grads: list[Tensor] | None = [grads[i] for i in self._outputs]
+        if all(g is None for g in grads):
+            raise ValueError("the loss does not depend on any of the selected parameters")
+        self._offsets = [0]
+        for s in self.sizes:
+            self._offsets.append(self._offsets[-1] + s)
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        loss_fns: Callable[[], Tensor] | Sequence[Callable[[], Tensor]],
+        *,
+        masks: Mapping[str, Tensor | None] | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        combine: Literal["mean", "sum"] = "mean",
+        eval_mode: bool = True,
+        check_finite: bool = True,
+    ) -> HessianOperator:
+        """The Hessian w.r.t. every trainable parameter of ``module`` (``requires_grad=True``).
+
+        Parameter names are those of ``module.named_parameters()``. With ``eval_mode=True`` (the
+        default) the closures run in ``eval()`` mode and the previous mode is restored.
+
+        Example::
+
+            op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y),
+                                             masks={"fc.weight": keep}, reduce=all_reduce_mean)
+        """
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return cls(
+            loss_fns,
+            named,
+            masks=masks,
+            reduce=reduce,
+            combine=combine,
+            check_finite=check_finite,
+            module=module,
+            eval_mode=eval_mode,
+        )
+
+    @staticmethod
+    def _normalize_masks(
+        masks: Mapping[str, Tensor | None] | Sequence[Tensor | None] | None,
+        names: list[str],
+        params: list[Tensor],
+    ) -> list[Tensor | None]:
+        if masks is None:
+            return [None] * len(params)
+        if isinstance(masks, Mapping):
+            unknown = set(masks) - set(names)
+            if unknown:
+                raise ValueError(f"masks name unknown parameters: {sorted(unknown)}")
+            raw = [masks.get(n) for n in names]
+        else:
+            raw = list(masks)
+            if len(raw) != len(params):
+                raise ValueError(f"got {len(raw)} masks for {len(params)} parameters")
+        out: list[Tensor | None] = []
+        for name, p, m in zip(names, params, raw):
+            if m is None:
+                out.append(None)
+                continue
+            if not isinstance(m, Tensor) or m.dtype != torch.bool:
+                raise ValueError(f"mask for {name!r} must be a bool tensor")
+            if m.shape != p.shape:
+                raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, parameter has {tuple(p.shape)}")
+            out.append(m.to(p.device))
+        return out
+
+    @contextlib.contextmanager
+    def autograd_context(self) -> Iterator[None]:
+        """Grad mode on, inference mode off and (if asked) the module in eval mode, then restored.
+
+        Every closure call of the operator (and of :func:`exact_diagonal`) runs inside it.
+        """
+        modes: list[tuple[nn.Module, bool]] = []
+        if self.eval_mode and self.module is not None:
+            modes = [(m, m.training) for m in self.module.modules()]
+            self.module.eval()
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                yield
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def evaluate_losses(self) -> list[Tensor]:
+        """Run every closure again (under :meth:`autograd_context`) and return the checked losses.
+
+        The caller must be inside ``autograd_context``.
+        """
+        return [_check_loss(fn(), i) for i, fn in enumerate(self.loss_fns)]
+
+    # ------------------------------------------------------------------ vector layout
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the flat vectors (the parameters' dtype)."""
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector (or a ``(..., dim)`` stack) into ``{name: selected entries}``."""
+        if flat.shape[-1] != self.dim:
+            raise ValueError(f"expected last dimension {self.dim}, got {flat.shape[-1]}")
+        return dict(zip(self.names, torch.split(flat, self.sizes, dim=-1)))
+
+    def unflatten(self, flat: Tensor, fill: float = float("nan")) -> dict[str, Tensor]:
+        """``{name: tensor of the parameter's shape}``; entries outside the mask are ``fill``.
+
+        Example: ``op.unflatten(diagonal)["0.weight"]`` has ``model[0].weight``'s shape.
+        """
+        out: dict[str, Tensor] = {}
+        for name, p, idx, seg in zip(self.names, self.params, self._index, self.split(flat).values()):
+            if idx is None:
+                out[name] = seg.reshape(p.shape).clone()
+            else:
+                full = torch.full((p.numel(),), fill, dtype=seg.dtype, device=seg.device)
+                full[idx.to(seg.device)] = seg
+                out[name] = full.reshape(p.shape)
+        return out
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Selected entries of parameter-shaped tensors (aligned with ``names``) as one flat vector."""
+        parts = []
+        for t, idx in zip(tensors, self._index):
+            t = t.reshape(-1)
+            parts.append(t if idx is None else t.index_select(0, idx))
+        return torch.cat(parts)
+
+    def _scatter(self, v: Tensor) -> list[Tensor]:
+        """Flat (selected) vector -> parameter-shaped tensors, zeros outside the mask."""
+        out = []
+        for k, (p, idx) in enumerate(zip(self.params, self._index)):
+            seg = v[self._offsets[k] : self._offsets[k + 1]].to(p.dtype)
+            if idx is None:
+                out.append(seg.reshape(p.shape))
+            else:
+                full = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                full.index_copy_(0, idx, seg)
+                out.append(full.reshape(p.shape))
+        return out
+
+    def _scatter_batched(self, v: Tensor) -> list[Tensor]:
+        out = []
+        k_rows = v.shape[0]
+        for k, (p, idx) in enumerate(zip(self.params, self._index)):
+            seg = v[:, self._offsets[k] : self._offsets[k + 1]].to(p.dtype)
+            if idx is None:
+                out.append(seg.reshape(k_rows, *p.shape))
+            else:
+                full = torch.zeros(k_rows, p.numel(), dtype=p.dtype, device=p.device)
+                full.index_copy_(1, idx, seg)
+                out.append(full.reshape(k_rows, *p.shape))
+        return out
+
+    # ------------------------------------------------------------------ products
+    def _raw_products(self, vs: list[Tensor], batched: bool) -> list[Tensor]:
+        if self._grads is None:
+            raise RuntimeError("the operator was released; build a new one")
+        outputs = [self._grads[j] for j in range(len(self._outputs))]
+        grad_outputs = [vs[i] for i in self._outputs]
+        if not outputs:  # loss linear in every selected parameter: H = 0
+            return [torch.zeros_like(v) for v in vs]
+        with torch.inference_mode(False), torch.enable_grad():
+            hv = torch.autograd.grad(
+                outputs,
+                self.params,
+                grad_outputs=grad_outputs,
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+                is_grads_batched=batched,
+            )
+        return list(hv)
+
+    def _finish(self, flat: Tensor) -> Tensor:
+        if self.reduce is not None:
+            flat = self.reduce(flat)
+        if self.check_finite and not bool(torch.isfinite(flat).all()):
+            raise NonFiniteLossError("a Hessian-vector product is not finite")
+        return flat
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for a flat vector ``v`` of length ``dim``; one product, one ``reduce`` call."""
+        if v.ndim != 1 or v.shape[0] != self.dim:
+            raise ValueError(f"expected a vector of length {self.dim}, got shape {tuple(v.shape)}")
+        v = v.to(device=self._device)
+        hv = self._raw_products(self._scatter(v), batched=False)
+        self.num_products += 1
+        return self._finish(self.flatten(hv).to(self._dtype))
+
+    __call__ = matvec
+
+    def matmat(self, v: Tensor, *, batched: bool = False) -> Tensor:
+        """``H`` applied to every row of ``v`` (shape ``(k, dim)``); counts ``k`` products.
+
+        ``batched=True`` runs the ``k`` products as one vmapped backward
+        (``is_grads_batched=True``); it falls back to a loop where an operator has no batching rule.
+        Either way ``reduce`` is called once, on the ``(k, dim)`` result.
+        """
+        if v.ndim != 2 or v.shape[1] != self.dim:
+            raise ValueError(f"expected shape (k, {self.dim}), got {tuple(v.shape)}")
+        v = v.to(device=self._device)
+        rows: Tensor
+        if batched and v.shape[0] > 1:
+            try:
+                hv = self._raw_products(self._scatter_batched(v), batched=True)
+                flat = []
+                for h, idx in zip(hv, self._index):
+                    h = h.reshape(v.shape[0], -1)
+                    flat.append(h if idx is None else h.index_select(1, idx))
+                rows = torch.cat(flat, dim=1).to(self._dtype)
+            except RuntimeError:
+                rows = torch.stack([self.flatten(self._raw_products(self._scatter(r), False)) for r in v])
+        else:
+            rows = torch.stack([self.flatten(self._raw_products(self._scatter(r), False)) for r in v])
+        self.num_products += int(v.shape[0])
+        return self._finish(rows.to(self._dtype))
+
+    def block(self, names: Sequence[str]) -> BlockOperator:
+        """The diagonal block ``H[B, B]`` for the selected entries of the named parameters.
+
+        Shares this operator's graph, ``reduce`` hook and product counter; each product costs one
+        full product. Example: ``estimate_trace(op.block(["conv1.weight"]), 50)``.
+        """
+        return BlockOperator(self, names)
+
+    def release(self) -> None:
+        """Free the retained gradient graph. The operator cannot be used afterwards."""
+        self._grads = None
+
+    def __enter__(self) -> HessianOperator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return (
+            f"HessianOperator(dim={self.dim}, parameters={len(self.params)}, batches={len(self.loss_fns)}, "
+            f"combine={self.combine!r}, reduce={'yes' if self.reduce else 'no'}, products={self.num_products})"
+        )
+
+
+class BlockOperator:
+    """A diagonal block of a :class:`HessianOperator` (see :meth:`HessianOperator.block`)."""
+
+    def __init__(self, parent: HessianOperator, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in parent.names]
+        if unknown:
+            raise ValueError(f"unknown or unselected parameters: {unknown}")
+        if not names:
+            raise ValueError("a block needs at least one parameter")
+        self.parent = parent
+        order = [k for k, n in enumerate(parent.names) if n in set(names)]
+        self.names = [parent.names[k] for k in order]
+        self.sizes = [parent.sizes[k] for k in order]
+        self._ranges = [(parent._offsets[k], parent._offsets[k + 1]) for k in order]
+        self._order = order
+        self.dim = int(sum(self.sizes))
+        self.loss = parent.loss
+
+    @property
+    def num_products(self) -> int:
+        return self.parent.num_products
+
+    @num_products.setter
+    def num_products(self, value: int) -> None:
+        self.parent.num_products = value
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parent.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
+
+    def embed(self, v: Tensor) -> Tensor:
+        full = torch.zeros(self.parent.dim, dtype=self.parent.dtype, device=self.parent.device)
+        offset = 0
+        for a, b in self._ranges:
+            full[a:b] = v[offset : offset + b - a]
+            offset += b - a
+        return full
+
+    def restrict(self, full: Tensor) -> Tensor:
+        return torch.cat([full[..., a:b] for a, b in self._ranges], dim=-1)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.restrict(self.parent.matvec(self.embed(v.to(self.parent.device, self.parent.dtype))))
+
+    __call__ = matvec
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]:
+        return dict(zip(self.names, torch.split(flat, self.sizes, dim=-1)))
+
+    def unflatten(self, flat: Tensor, fill: float = float("nan")) -> dict[str, Tensor]:
+        full = torch.full((self.parent.dim,), fill, dtype=flat.dtype, device=flat.device)
+        offset = 0
+        for a, b in self._ranges:
+            full[a:b] = flat[offset : offset + b - a]
+            offset += b - a
+        everything = self.parent.unflatten(full, fill)
+        return {n: everything[n] for n in self.names}

@@ -1,0 +1,189 @@
+"""Exact Hessian diagonal (layerwise fast path and product fallback) and its estimate."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian
+
+from lightning_gradmask.curvature import HessianOperator, estimate_diagonal, exact_diagonal
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads; one thread avoids oversubscription slowdowns."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def reference_diagonal(model: nn.Module, loss_of: Callable[[nn.Module, dict], torch.Tensor]) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = flat[offset : offset + math.prod(shape)].reshape(shape)
+            offset += math.prod(shape)
+        return loss_of(model, params)
+
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to(torch.float64)
+    return torch.diagonal(hessian(loss)(flat0))
+
+
+def ce_of(x: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module, dict], torch.Tensor]:
+    return lambda model, params: F.cross_entropy(functional_call(model, params, (x,)), y)
+
+
+def inputs(n: int, *shape: int, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+def assert_rel(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
+    err = float((a.to(torch.float64) - b.to(torch.float64)).abs().max())
+    assert err <= rel * float(b.abs().max()), (err, float(b.abs().max()))
+
+
+def test_layerwise_mlp_is_exact_with_inplace_relu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 7), nn.ReLU(inplace=True), nn.Linear(7, 3)).double()
+    x, y = inputs(24, 5)
+    ref = reference_diagonal(model, ce_of(x, y))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    res = exact_diagonal(op)
+    assert set(res.methods.values()) == {"layerwise"}
+    assert res.exact and res.stderr is None
+    assert_rel(res.diagonal, ref, 1e-10)
+    assert res.per_parameter["0.weight"].shape == (8, 5)
+    assert res.num_products < op.dim  # out_features products per layer + row checks
+
+
+def test_layerwise_float32_within_1e5():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = inputs(24, 5)
+    ref = reference_diagonal(model.double(), ce_of(x, y))
+    model.float()
+    xf = x.float()
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(xf), y))
+    res = exact_diagonal(op)
+    assert set(res.methods.values()) == {"layerwise"}
+    assert_rel(res.diagonal, ref, 1e-5)
+
+
+def test_cnn_uses_product_fallback_and_is_exact():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)).double()
+    x, y = inputs(6, 1, 5, 5)
+    ref = reference_diagonal(model, ce_of(x, y))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    res = exact_diagonal(op)
+    assert res.methods["0.weight"] == "products" and res.methods["3.weight"] == "layerwise"
+    assert "Conv2d" in res.notes["0.weight"]
+    assert_rel(res.diagonal, ref, 1e-10)
+
+
+def test_masked_diagonal():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = inputs(16, 4)
+    ref = reference_diagonal(model, ce_of(x, y))
+    mask = torch.rand(6, 4, generator=torch.Generator().manual_seed(0)) > 0.5
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y), masks={"0.weight": mask})
+    res = exact_diagonal(op)
+    keep = torch.cat([mask.reshape(-1), torch.ones(6 + 18 + 3, dtype=torch.bool)])
+    assert_rel(res.diagonal, ref[keep], 1e-10)
+    assert torch.isnan(res.per_parameter["0.weight"][~mask]).all()
+
+
+def test_coupled_rows_fall_back():
+    # train-mode BatchNorm couples the samples: the row check must refuse the fast path
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
+    model.train()
+    x, y = inputs(16, 4)
+    ref = reference_diagonal(model, ce_of(x, y))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y), eval_mode=False)
+    res = exact_diagonal(op)
+    assert res.methods["0.weight"] == "products"
+    assert "coupled" in res.notes["0.weight"]
+    assert_rel(res.diagonal, ref, 1e-9)
+
+
+def test_penalty_and_reuse_fall_back():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4).double()
+    head = nn.Linear(4, 3).double()
+    model = nn.ModuleDict({"lin": lin, "head": head})
+    x, y = inputs(12, 4)
+
+    def forward(m: nn.Module, params: dict | None = None) -> torch.Tensor:
+        if params is None:
+            h = torch.tanh(m["lin"](torch.tanh(m["lin"](x))))  # lin called twice
+            w = m["head"].weight
+            out = m["head"](h)
+        else:
+            h = torch.tanh(
+                functional_call(m["lin"], {"weight": params["lin.weight"], "bias": params["lin.bias"]}, (x,))
+            )
+            h = torch.tanh(
+                functional_call(m["lin"], {"weight": params["lin.weight"], "bias": params["lin.bias"]}, (h,))
+            )
+            w = params["head.weight"]
+            out = functional_call(m["head"], {"weight": w, "bias": params["head.bias"]}, (h,))
+        return F.cross_entropy(out, y) + 0.3 * (w**2).sum()  # penalty on head.weight inside the loss
+
+    ref = reference_diagonal(model, lambda m, p: forward(m, p))
+    op = HessianOperator.from_module(model, lambda: forward(model))
+    res = exact_diagonal(op)
+    assert res.methods["lin.weight"] == "products" and "called 2 times" in res.notes["lin.weight"]
+    assert res.methods["head.weight"] == "products" and "gradient" in res.notes["head.weight"]
+    assert_rel(res.diagonal, ref, 1e-9)
+
+
+def test_products_method_and_reduce():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = inputs(10, 3, classes=2)
+    ref = reference_diagonal(model, ce_of(x, y))
+    calls = []
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t.shape)
+        return t
+
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y), reduce=reduce)
+    calls.clear()
+    res = exact_diagonal(op, method="products")
+    assert set(res.methods.values()) == {"products"}
+    assert_rel(res.diagonal, ref, 1e-10)
+    assert len(calls) == 1  # the whole diagonal is reduced once
+    calls.clear()
+    exact_diagonal(op)
+    assert len(calls) == 2  # path flags + diagonal
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "xtrace", "adaptive"])
+def test_estimated_diagonal_has_stderr(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    x, y = inputs(20, 6)
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    est = estimate_diagonal(op, 40, method=method, seed=0)
+    assert est.diagonal.shape == (op.dim,) and est.stderr is not None and est.stderr.shape == (op.dim,)
+    assert not est.exact and (est.stderr >= 0).all()
+    assert est.per_parameter["0.weight"].shape == (10, 6)
+    ref = exact_diagonal(op).diagonal
+    # unbiased per entry: the mean error over entries, in units of stderr, is moderate
+    z = ((est.diagonal - ref) / est.stderr.clamp_min(1e-12)).abs()
+    assert float(z.median()) < 3.0

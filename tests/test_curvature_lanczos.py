@@ -1,0 +1,116 @@
+"""Lanczos: algebraically largest eigenvalues, accuracy, seeding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian
+
+from lightning_gradmask.curvature import HessianOperator, MatrixOperator, lanczos
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads; one thread avoids oversubscription slowdowns."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def mlp_and_hessian() -> tuple[HessianOperator, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (32,), generator=g)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = flat[offset : offset + math.prod(shape)].reshape(shape)
+            offset += math.prod(shape)
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    h = hessian(loss)(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    return op, h
+
+
+def test_top_eigenvalues_match_eigvalsh():
+    op, h = mlp_and_hessian()
+    exact = torch.linalg.eigvalsh(h).flip(0)
+    res = lanczos(op, k=3, seed=0, tol=1e-6)
+    assert res.converged
+    rel = ((res.eigenvalues - exact[:3]).abs() / exact[:3].abs()).max()
+    assert rel < 1e-4
+    assert res.num_products == op.num_products < op.dim
+    assert torch.all(res.eigenvalues[:-1] >= res.eigenvalues[1:])  # descending
+    assert res.alphas.numel() == res.num_products and res.betas.numel() == res.num_products - 1
+
+
+def test_eigenvectors_and_residuals():
+    op, h = mlp_and_hessian()
+    res = lanczos(op, k=2, seed=0, tol=1e-8, return_eigenvectors=True)
+    assert res.eigenvectors is not None and res.eigenvectors.shape == (op.dim, 2)
+    for i in range(2):
+        v = res.eigenvectors[:, i]
+        r = (h @ v - res.eigenvalues[i] * v).norm()
+        assert abs(float(v.norm()) - 1) < 1e-8
+        assert float(r) <= float(res.residuals[i]) * 1.01 + 1e-10
+
+
+def test_algebraically_largest_with_dominant_negative_eigenvalue():
+    # loss = 0.5 w^T A w with A = Q diag(...) Q^T: the largest-magnitude eigenvalue is -5, the
+    # algebraically largest +0.3; power iteration would report -5.
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    eig = torch.cat(
+        [
+            torch.tensor([-5.0, 0.3, 0.25, -4.0], dtype=torch.float64),
+            torch.linspace(-1, 0.2, n - 4, dtype=torch.float64),
+        ]
+    )
+    a = q @ torch.diag(eig) @ q.T
+    a = 0.5 * (a + a.T)
+    w = torch.randn(n, generator=g, dtype=torch.float64, requires_grad=True)
+    op = HessianOperator(lambda: 0.5 * w @ a @ w, {"w": w})
+    res = lanczos(op, k=2, seed=3, tol=1e-10)
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([0.3, 0.25], dtype=torch.float64), rtol=1e-8, atol=1e-10)
+    assert (res.eigenvalues > 0).all()
+
+
+def test_seeded_determinism():
+    op, _ = mlp_and_hessian()
+    a = lanczos(op, k=2, seed=7)
+    b = lanczos(op, k=2, seed=7)
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and torch.equal(a.alphas, b.alphas)
+    c = lanczos(op, k=2, seed=torch.Generator().manual_seed(7))
+    assert torch.equal(a.alphas, c.alphas)  # an int seed and a generator seeded alike agree
+
+
+def test_low_rank_restart_finds_multiplicity():
+    # rank-3 matrix with a double eigenvalue: the Krylov space of one start vector cannot see both
+    # copies; the orthogonal restart does.
+    g = torch.Generator().manual_seed(1)
+    n = 30
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    a = q[:, :3] @ torch.diag(torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64)) @ q[:, :3].T
+    res = lanczos(MatrixOperator(a), k=3, seed=0, tol=1e-10)
+    torch.testing.assert_close(
+        res.eigenvalues, torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64), rtol=1e-8, atol=1e-8
+    )
+
+
+def test_exhausting_the_space_is_exact():
+    a = torch.diag(torch.tensor([3.0, -7.0, 1.0, 0.5], dtype=torch.float64))
+    res = lanczos(MatrixOperator(a), k=4, seed=0, tol=1e-12)
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([3.0, 1.0, 0.5, -7.0], dtype=torch.float64))
+    assert res.converged and res.num_products <= 4

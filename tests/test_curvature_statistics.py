@@ -1,0 +1,164 @@
+"""hessian_statistics: exact when affordable, estimates otherwise, density, seeding, reduce."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian
+
+from lightning_gradmask.curvature import (
+    STATS,
+    HessianOperator,
+    HessianStatistics,
+    exact_diagonal,
+    hessian_statistics,
+    spectral_density,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads; one thread avoids oversubscription slowdowns."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def mlp_problem(hidden: int = 8) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(24, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (24,), generator=g)
+
+
+def full_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = flat[offset : offset + math.prod(shape)].reshape(shape)
+            offset += math.prod(shape)
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    return hessian(loss)(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+
+
+def test_exact_path_when_dim_within_budget():
+    model, x, y = mlp_problem()
+    h = full_hessian(model, x, y)
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    stats = hessian_statistics(op, STATS, top_k=3, budget=op.dim)
+    assert isinstance(stats, HessianStatistics)
+    assert all(stats.exact[s] for s in STATS)
+    assert stats.num_products == op.dim
+    eig = torch.linalg.eigvalsh(h).flip(0)
+    torch.testing.assert_close(stats.eigenvalues, eig[:3], rtol=1e-9, atol=1e-12)
+    assert stats.trace == pytest.approx(float(torch.trace(h)), rel=1e-10)
+    assert stats.trace_stderr == 0.0
+    flat = torch.cat([d.reshape(-1) for d in stats.diagonal.values()])
+    torch.testing.assert_close(flat, torch.diagonal(h), rtol=1e-9, atol=1e-12)
+    assert stats.density_nodes.shape == (1, op.dim)
+    integral = torch.trapezoid(stats.density, stats.density_grid)
+    assert float(integral) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_estimated_path_and_density():
+    model, x, y = mlp_problem(hidden=30)
+    h = full_hessian(model, x, y)
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    stats = hessian_statistics(op, STATS, top_k=2, budget=0, seed=5, density_runs=3, density_steps=25)
+    assert not stats.exact["eigenvalues"] and not stats.exact["density"]
+    eig = torch.linalg.eigvalsh(h).flip(0)
+    assert float(((stats.eigenvalues - eig[:2]).abs() / eig[:2].abs()).max()) < 1e-4
+    # Linear layers: trace and diagonal come exactly from the layerwise diagonal
+    assert stats.exact["trace"] and stats.exact["diagonal"]
+    assert stats.trace == pytest.approx(float(torch.trace(h)), rel=1e-9)
+    assert set(stats.diagonal_methods.values()) == {"layerwise"}
+    assert stats.density_nodes.shape == (3, 25)
+    torch.testing.assert_close(stats.density_weights.sum(dim=1), torch.ones(3, dtype=torch.float64))
+    assert float(torch.trapezoid(stats.density, stats.density_grid)) == pytest.approx(1.0, abs=1e-2)
+    assert stats.num_products == sum(stats.products.values())
+    keys = stats.scalars()
+    assert {"hessian/trace", "hessian/eig_0", "hessian/eig_1", "hessian/trace/0.weight"} <= set(keys)
+
+
+def test_seeded_statistics_are_identical():
+    model, x, y = mlp_problem(hidden=30)
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    kw = dict(
+        stats=("trace", "eigenvalues", "density"), budget=0, trace_method="hutchinson", density_runs=2, density_steps=10
+    )
+    a = hessian_statistics(op, seed=11, **kw)
+    b = hessian_statistics(op, seed=11, **kw)
+    c = hessian_statistics(op, seed=12, **kw)
+    assert a.trace == b.trace and torch.equal(a.eigenvalues, b.eigenvalues) and torch.equal(a.density, b.density)
+    assert a.trace != c.trace
+
+
+def test_cnn_hybrid_trace_within_error():
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(36, 3)
+    ).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 1, 7, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    true = float(exact_diagonal(op).diagonal.sum())
+    # conv blocks (40 + 148 entries) are estimated with 30 products; the Linear block is exact
+    stats = hessian_statistics(op, ("trace",), budget=0, trace_products=30, seed=0)
+    assert stats.trace_method.startswith("exact+")
+    assert not stats.exact["trace"]
+    assert stats.trace_per_parameter_stderr["5.weight"] == 0.0
+    assert abs(stats.trace - true) <= 4 * stats.trace_stderr
+    # with enough budget the conv blocks are done exactly too
+    exact = hessian_statistics(op, ("trace",), budget=0, trace_products=200, seed=0)
+    assert exact.exact["trace"] and exact.trace == pytest.approx(true, rel=1e-9)
+
+
+def test_reduce_called_once_per_product():
+    model, x, y = mlp_problem(hidden=30)
+    shapes: list[tuple[int, ...]] = []
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y), reduce=reduce)
+    shapes.clear()
+    stats = hessian_statistics(
+        op,
+        ("trace", "eigenvalues", "density"),
+        budget=0,
+        trace_method="hutchinson",
+        trace_products=12,
+        density_runs=2,
+        density_steps=8,
+        seed=0,
+    )
+    assert shapes == [(op.dim,)] * stats.num_products
+
+
+def test_density_helper_integrates_to_one():
+    model, x, y = mlp_problem(hidden=30)
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    dens = spectral_density(op, num_runs=2, num_steps=20, seed=0)
+    assert dens.num_products == 40
+    assert float(torch.trapezoid(dens.density, dens.grid)) == pytest.approx(1.0, abs=1e-2)
+    assert (dens.density >= 0).all()
+
+
+def test_bad_arguments():
+    model, x, y = mlp_problem()
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    with pytest.raises(ValueError, match="unknown statistics"):
+        hessian_statistics(op, ("trace", "curvature"))
+    with pytest.raises(TypeError):
+        hessian_statistics(op, ("trace",), seed=torch.Generator())  # type: ignore[arg-type]

@@ -45,8 +45,7 @@ try:
 except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_gradmask.blinding import IndependenceReport, verify_independence  # noqa: E402
-from lightning_gradmask.callbacks.blinding import SensitiveColumnBlinding  # noqa: E402
+from lightning_gradmask import IndependenceReport, SensitiveColumnBlinding, verify_independence  # noqa: E402
 
 SENSITIVE = ["age", "sex"]
 CLI_COMMANDS = {"fit", "validate", "test", "predict"}

@@ -162,3 +162,20 @@ def test_bad_arguments():
         hessian_statistics(op, ("trace", "curvature"))
     with pytest.raises(TypeError):
         hessian_statistics(op, ("trace",), seed=torch.Generator())  # type: ignore[arg-type]
+
+
+def test_exact_path_reduces_the_whole_hessian_once():
+    """Statistics linear in H need one collective, not one per product."""
+    model, x, y = mlp_problem(hidden=3)
+    shapes: list[tuple[int, ...]] = []
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y), reduce=reduce)
+    shapes.clear()
+    stats = hessian_statistics(op, ("trace", "eigenvalues", "diagonal"), seed=0)
+    assert stats.exact["trace"] and stats.exact["eigenvalues"]
+    assert shapes == [(op.dim, op.dim)]
+    assert op.reduce is reduce and op.check_finite  # restored after the local products

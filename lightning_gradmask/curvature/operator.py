@@ -507,6 +507,20 @@ class HessianOperator:
         self.num_products += int(v.shape[0])
         return self._finish(rows.to(self._dtype))
 
+    @contextlib.contextmanager
+    def local_products(self) -> Iterator[Callable[[Tensor], Tensor] | None]:
+        """Products without ``reduce`` and without the finiteness check, for statistics linear in H.
+
+        Yields the ``reduce`` hook (or ``None``): the caller reduces its own result once and checks
+        it for finiteness after that, so every rank raises together. Used by :func:`dense_hessian`.
+        """
+        reduce, check = self.reduce, self.check_finite
+        self.reduce, self.check_finite = None, False
+        try:
+            yield reduce
+        finally:
+            self.reduce, self.check_finite = reduce, check
+
     def block(self, names: Sequence[str]) -> BlockOperator:
         """The diagonal block ``H[B, B]`` for the selected entries of the named parameters.
 

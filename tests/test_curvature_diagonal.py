@@ -2,44 +2,26 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian
+from reference import LossOf, cross_entropy_of, reference_hessian
+from torch.func import functional_call
 
 from lightning_gradmask.curvature import HessianOperator, estimate_diagonal, exact_diagonal
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads; one thread avoids oversubscription slowdowns."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def reference_diagonal(model: nn.Module, loss_of: Callable[[nn.Module, dict], torch.Tensor]) -> torch.Tensor:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-
-    def loss(flat: torch.Tensor) -> torch.Tensor:
-        params, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            params[name] = flat[offset : offset + math.prod(shape)].reshape(shape)
-            offset += math.prod(shape)
-        return loss_of(model, params)
-
-    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to(torch.float64)
-    return torch.diagonal(hessian(loss)(flat0))
+def reference_diagonal(model: nn.Module, loss_of: LossOf) -> torch.Tensor:
+    """The exact diagonal, evaluated in float64 whatever the model's dtype."""
+    return torch.diagonal(reference_hessian(model, loss_of, dtype=torch.float64))
 
 
-def ce_of(x: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module, dict], torch.Tensor]:
-    return lambda model, params: F.cross_entropy(functional_call(model, params, (x,)), y)
+ce_of = cross_entropy_of
 
 
 def inputs(n: int, *shape: int, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian
+from reference import cross_entropy_of, reference_hessian
 
 from lightning_gradmask.curvature import HessianOperator, MatrixOperator, lanczos
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads; one thread avoids oversubscription slowdowns."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp_and_hessian() -> tuple[HessianOperator, torch.Tensor]:
@@ -28,17 +21,7 @@ def mlp_and_hessian() -> tuple[HessianOperator, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 6, generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (32,), generator=g)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-
-    def loss(flat: torch.Tensor) -> torch.Tensor:
-        params, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            params[name] = flat[offset : offset + math.prod(shape)].reshape(shape)
-            offset += math.prod(shape)
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    h = hessian(loss)(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    h = reference_hessian(model, cross_entropy_of(x, y))
     op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
     return op, h
 

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian
+from reference import cross_entropy_of
+from reference import reference_hessian as full_reference
 
 from lightning_gradmask.curvature import HessianOperator, MatrixOperator, NonFiniteLossError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads; one thread avoids oversubscription slowdowns."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_mlp() -> nn.Module:
@@ -40,19 +34,7 @@ def data(model: nn.Module, n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(flat: torch.Tensor) -> torch.Tensor:
-        params, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            size = math.prod(shape)
-            params[name] = flat[offset : offset + size].reshape(shape)
-            offset += size
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    return hessian(loss)(flat0)
+    return full_reference(model, cross_entropy_of(x, y))
 
 
 @pytest.mark.parametrize("make", [tiny_mlp, tiny_cnn])

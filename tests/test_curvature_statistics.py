@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian
+from reference import cross_entropy_of, reference_hessian
 
 from lightning_gradmask.curvature import (
     STATS,
@@ -20,13 +19,7 @@ from lightning_gradmask.curvature import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads; one thread avoids oversubscription slowdowns."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp_problem(hidden: int = 8) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -37,17 +30,7 @@ def mlp_problem(hidden: int = 8) -> tuple[nn.Module, torch.Tensor, torch.Tensor]
 
 
 def full_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-
-    def loss(flat: torch.Tensor) -> torch.Tensor:
-        params, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            params[name] = flat[offset : offset + math.prod(shape)].reshape(shape)
-            offset += math.prod(shape)
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    return hessian(loss)(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return reference_hessian(model, cross_entropy_of(x, y))
 
 
 def test_exact_path_when_dim_within_budget():

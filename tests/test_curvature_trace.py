@@ -10,13 +10,7 @@ from torch import nn
 from lightning_gradmask.curvature import HessianOperator, MatrixOperator, estimate_trace, exact_diagonal
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads; one thread avoids oversubscription slowdowns."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

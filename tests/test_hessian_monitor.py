@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
+from reference import reference_hessian
 from utils import REPO_ROOT, TinyRegressor, loader, regression_data, run_script, snapshot, trainer
 
 from lightning_gradmask import GradientMask, HessianMonitor
@@ -22,22 +23,13 @@ def mse(module, batch):
 
 
 def exact_hessian(model, batch, mask=None):
-    """Reference: torch.func.hessian of the loss over all parameters, restricted to ``mask``."""
-    names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    sizes = [p.numel() for p in params.values()]
-    flat0 = torch.cat([p.reshape(-1) for p in params.values()])
-
-    def loss(flat):
-        pieces = torch.split(flat, sizes)
-        state = {n: piece.reshape(params[n].shape) for n, piece in zip(names, pieces)}
-        return mse(lambda x: torch.func.functional_call(model, state, (x,)), batch)
-
+    """Reference: torch.func.hessian of the loss (eval mode) over all parameters, restricted to ``mask``."""
+    x, y = batch
     model.eval()
-    hessian = torch.func.hessian(loss)(flat0)
+    hessian = reference_hessian(model, lambda m, params: F.mse_loss(torch.func.functional_call(m, params, (x,)), y))
     model.train()
     if mask is not None:
-        keep = torch.cat([mask.get(n, torch.ones_like(params[n], dtype=torch.bool)).reshape(-1) for n in names])
+        keep = torch.cat([mask.get(n, torch.ones_like(p, dtype=torch.bool)).reshape(-1) for n, p in model.named_parameters()])
         hessian = hessian[keep][:, keep]
     return hessian.double()
 

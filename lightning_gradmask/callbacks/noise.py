@@ -30,7 +30,28 @@ GRADIENT_STREAM = "gradient"
 WEIGHT_STREAM = "weight"
 
 
-class GradientNoise(Callback):
+class _SeededNoise(Callback):
+    """What both noise callbacks share: a seed, targets, and the checkpoint state they need."""
+
+    seed: int
+    targets: Optional[list[str]]
+    _draws: int
+
+    @property
+    def state_key(self) -> str:
+        # several instances may share a Trainer (different seeds or targets)
+        return self._generate_state_key(seed=self.seed, targets=self.targets)
+
+    def state_dict(self) -> dict[str, Any]:
+        # the step index comes from trainer.global_step, which the checkpoint's loop state restores
+        return {"seed": self.seed, "draws": self._draws}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # the state key holds the seed, so a checkpoint's state only reaches a callback of the same seed
+        self._draws = int(state_dict.get("draws", 0))
+
+
+class GradientNoise(_SeededNoise):
     r"""Add seeded Gaussian noise (and/or a fixed offset) to gradients, once per optimizer step.
 
     The noise is added in ``on_before_optimizer_step``: after all micro-batches of an accumulation
@@ -184,22 +205,8 @@ class GradientNoise(Callback):
             self._live_targets = []
             self._live_offsets = []
 
-    # ------------------------------------------------------------------ checkpointing
-    @property
-    def state_key(self) -> str:
-        # several instances may share a Trainer (different seeds or targets)
-        return self._generate_state_key(seed=self.seed, targets=self.targets)
 
-    def state_dict(self) -> dict[str, Any]:
-        # the step index comes from trainer.global_step, which the checkpoint's loop state restores
-        return {"seed": self.seed, "draws": self._draws}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # the state key holds the seed, so a checkpoint's state only reaches a callback of the same seed
-        self._draws = int(state_dict.get("draws", 0))
-
-
-class WeightNoise(Callback):
+class WeightNoise(_SeededNoise):
     r"""Train at randomly perturbed weights: the gradient is taken at ``w + n``, applied to ``w``.
 
     For each optimizer step, before the forward pass of the first micro-batch of the accumulation
@@ -377,20 +384,6 @@ class WeightNoise(Callback):
             self._hook = None
         self._live = []
         self._clean = {}
-
-    # ------------------------------------------------------------------ checkpointing
-    @property
-    def state_key(self) -> str:
-        # several instances may share a Trainer (different seeds or targets)
-        return self._generate_state_key(seed=self.seed, targets=self.targets)
-
-    def state_dict(self) -> dict[str, Any]:
-        # the step index comes from trainer.global_step, which the checkpoint's loop state restores
-        return {"seed": self.seed, "draws": self._draws}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # the state key holds the seed, so a checkpoint's state only reaches a callback of the same seed
-        self._draws = int(state_dict.get("draws", 0))
 
     # ------------------------------------------------------------------ the mechanism
     @torch.no_grad()

@@ -114,6 +114,32 @@ def _mean_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
     return mean, samples.std(dim=0, unbiased=True) / math.sqrt(n)
 
 
+def _estimate(
+    op: LinearOperator,
+    start: int,
+    method: str,
+    names: list[str],
+    samples: Tensor,
+    per_parameter_samples: Tensor,
+    diagonal: Tensor | None,
+    diagonal_stderr: Tensor | None,
+) -> TraceEstimate:
+    """A :class:`TraceEstimate` from per-probe samples of the trace and of each parameter's block."""
+    trace, stderr = _mean_stderr(samples)
+    per_parameter, per_parameter_stderr = _mean_stderr(per_parameter_samples)
+    return TraceEstimate(
+        trace=float(trace),
+        stderr=float(stderr),
+        per_parameter=dict(zip(names, per_parameter.tolist())),
+        per_parameter_stderr=dict(zip(names, per_parameter_stderr.tolist())),
+        num_products=op.num_products - start,
+        method=method,
+        samples=samples,
+        diagonal=diagonal,
+        diagonal_stderr=diagonal_stderr,
+    )
+
+
 def xtrace_memory_bytes(dim: int, num_products: int, itemsize: int = 4, diagonal: bool = False) -> int:
     """Peak memory of the XTrace blocks (``dim x s`` each, ``s = num_products // 2``)."""
     s = max(num_products // 2, 1)
@@ -192,25 +218,12 @@ def _hutchinson(
             diag_sum += prod
             diag_sq += prod.square()
     m = total
-    samples = per_param.sum(dim=1)
-    tr, se = _mean_stderr(samples)
-    pp, pps = _mean_stderr(per_param)
     diag = diag_se = None
     if diag_sum is not None and diag_sq is not None:
         diag = diag_sum / m
         var = (diag_sq - m * diag.square()).clamp_min(0) / max(m - 1, 1)
         diag_se = (var / m).sqrt()
-    return TraceEstimate(
-        trace=float(tr),
-        stderr=float(se),
-        per_parameter=dict(zip(names, pp.tolist())),
-        per_parameter_stderr=dict(zip(names, pps.tolist())),
-        num_products=op.num_products - start,
-        method="hutchinson",
-        samples=samples,
-        diagonal=diag,
-        diagonal_stderr=diag_se,
-    )
+    return _estimate(op, start, "hutchinson", names, per_param.sum(dim=1), per_param, diag, diag_se)
 
 
 def _apply_rows(op: LinearOperator, rows: Tensor) -> Tensor:
@@ -286,7 +299,6 @@ def _xtrace_finish(
     else:
         gamma = torch.ones(s, dtype=f64, device=r.device)
     samples = (torch.trace(h) - s_h_s + gamma * quad).cpu()
-    tr, se = _mean_stderr(samples)
 
     # Per parameter block P: the same sum restricted to P's entries, from s x s Gram blocks.
     pp_rows = []
@@ -306,7 +318,6 @@ def _xtrace_finish(
         low = torch.trace(m_zq) - (sm * (m_zq @ sm)).sum(dim=0)  # tr(E_P H P_i)
         pp_rows.append(low + gamma * (t1 - t2 - t3 + t4))
     pp_samples = torch.stack(pp_rows, dim=1).cpu()  # (s, n_params)
-    pp, pps = _mean_stderr(pp_samples)
 
     diag = diag_se = None
     if diagonal:
@@ -317,17 +328,8 @@ def _xtrace_finish(
         per_i = (z * q).sum(dim=1, keepdim=True) - (z @ smd) * (q @ smd)
         per_i += gamma.to(dt) * (om.T - q @ ad) * (q @ rd - z @ ad)  # (n, s)
         diag, diag_se = _mean_stderr(per_i.T.to(f64))
-    return TraceEstimate(
-        trace=float(tr),
-        stderr=float(se),
-        per_parameter=dict(zip(names, pp.tolist())),
-        per_parameter_stderr=dict(zip(names, pps.tolist())),
-        num_products=op.num_products - start,
-        method="xtrace" if probes == "gaussian" else "xtrace-rademacher",
-        samples=samples,
-        diagonal=diag,
-        diagonal_stderr=diag_se,
-    )
+    method = "xtrace" if probes == "gaussian" else "xtrace-rademacher"
+    return _estimate(op, start, method, names, samples, pp_samples, diag, diag_se)
 
 
 def _adaptive(op: LinearOperator, m: int, gen: torch.Generator, diagonal: bool) -> TraceEstimate:
@@ -407,20 +409,7 @@ def _hutchpp(op: LinearOperator, m: int, gen: torch.Generator, diagonal: bool) -
     rest = proj * hp  # rows: per-entry g^T (I-QQ^T) H (I-QQ^T) g
     samples_entry = low.unsqueeze(0) + rest  # (g, n)
     pp_samples = _segment_sums(samples_entry, sizes).cpu()
-    samples = pp_samples.sum(dim=1)
-    tr, se = _mean_stderr(samples)
-    pp, pps = _mean_stderr(pp_samples)
     diag = diag_se = None
     if diagonal:
         diag, diag_se = _mean_stderr(samples_entry)
-    return TraceEstimate(
-        trace=float(tr),
-        stderr=float(se),
-        per_parameter=dict(zip(names, pp.tolist())),
-        per_parameter_stderr=dict(zip(names, pps.tolist())),
-        num_products=op.num_products - start,
-        method="hutch++",
-        samples=samples,
-        diagonal=diag,
-        diagonal_stderr=diag_se,
-    )
+    return _estimate(op, start, "hutch++", names, pp_samples.sum(dim=1), pp_samples, diag, diag_se)

@@ -13,7 +13,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask.callbacks._constraints import constraints_for
-from lightning_gradmask.masking import FrozenEntries
 from lightning_gradmask.specs import MaskSpecError, resolve_masks
 
 __all__ = ["GradientMask"]
@@ -40,7 +39,8 @@ class GradientMask(Callback):
         trainable: the mask spec, or a mask file path.
         log_stats: log ``gradient_mask/frozen_fraction`` (frozen share of the named parameters'
             entries) and ``gradient_mask/removed_grad_norm`` (L2 norm of the frozen entries'
-            gradient removed at the last backward, unscaled) on the Trainer's logging steps.
+            gradient removed at the last backward, unscaled; with ``SensitiveColumnBlinding`` in
+            the same Trainer its blinded entries count too) on the Trainer's logging steps.
 
     Example::
 
@@ -86,7 +86,7 @@ class GradientMask(Callback):
         self.log_stats = log_stats
         self._masks: dict[str, torch.Tensor] | None = None
         self._loaded_masks: dict[str, torch.Tensor] | None = None
-        self._own: FrozenEntries | None = None
+        self._training = False
         self._frozen_fraction = 0.0
 
     # ------------------------------------------------------------------ public read-only state
@@ -113,15 +113,15 @@ class GradientMask(Callback):
         constraints_for(pl_module).set_masks(self, masks)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = dict(pl_module.named_parameters(remove_duplicate=False))
-        self._own = FrozenEntries({name: (params[name], mask) for name, mask in self.masks.items()})
         constraints_for(pl_module).attach(trainer.optimizers)
+        self._training = True
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._own is None:
+        if not self._training:
             return
         measure = self.log_stats and _is_logging_step(trainer)
-        removed = self._own.mask_gradients_(measure=measure)
+        # the hub's combined masks: one copy of the mask tensors, shared with the exact restore
+        removed = constraints_for(pl_module).frozen.mask_gradients_(measure=measure)
         if removed is not None:
             scale = _loss_scale(trainer)
             pl_module.log("gradient_mask/removed_grad_norm", removed / scale, on_step=True, on_epoch=False)
@@ -131,7 +131,7 @@ class GradientMask(Callback):
         if stage != "fit":
             return
         constraints_for(pl_module).remove(self)
-        self._own = None
+        self._training = False
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

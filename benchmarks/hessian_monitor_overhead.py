@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import lightning as L
@@ -65,6 +66,7 @@ def run(batches: int, batch_size: int, epochs: int, monitor: bool) -> tuple[list
     hessian = HessianMonitor() if monitor else None
     callbacks = ([hessian] if hessian else []) + [timer]
     trainer = L.Trainer(
+        default_root_dir=tempfile.mkdtemp(prefix="hessian-overhead-"),  # the monitor's result files go here
         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 import pytest
 import torch
@@ -106,14 +108,20 @@ def test_cnn_hybrid_trace_within_error():
     assert exact.exact["trace"] and exact.trace == pytest.approx(true, rel=1e-9)
 
 
-def test_reduce_called_once_per_product():
-    model, x, y = mlp_problem(hidden=30)
+def recording_reduce() -> tuple[list[tuple[int, ...]], Callable[[torch.Tensor], torch.Tensor]]:
+    """A ``reduce`` hook that records the shape of everything it is given (an identity otherwise)."""
     shapes: list[tuple[int, ...]] = []
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
         shapes.append(tuple(t.shape))
         return t
 
+    return shapes, reduce
+
+
+def test_reduce_called_once_per_product():
+    model, x, y = mlp_problem(hidden=30)
+    shapes, reduce = recording_reduce()
     op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y), reduce=reduce)
     shapes.clear()
     stats = hessian_statistics(
@@ -150,12 +158,7 @@ def test_bad_arguments():
 def test_exact_path_reduces_the_whole_hessian_once():
     """Statistics linear in H need one collective, not one per product."""
     model, x, y = mlp_problem(hidden=3)
-    shapes: list[tuple[int, ...]] = []
-
-    def reduce(t: torch.Tensor) -> torch.Tensor:
-        shapes.append(tuple(t.shape))
-        return t
-
+    shapes, reduce = recording_reduce()
     op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y), reduce=reduce)
     shapes.clear()
     stats = hessian_statistics(op, ("trace", "eigenvalues", "diagonal"), seed=0)

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from utils import REPO_ROOT, TinyRegressor, loader, regression_data, run_script, snapshot, trainer
 
 from lightning_gradmask.blinding import ColumnSpecError, input_fills, verify_independence
 from lightning_gradmask.callbacks._constraints import constraints_for
 from lightning_gradmask.callbacks.blinding import SensitiveColumnBlinding
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
+
+from utils import REPO_ROOT, TinyRegressor, loader, regression_data, run_script, snapshot, trainer
 
 COLS = [1, 3]
 ADAMW = lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1)  # noqa: E731

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 import yaml
+
 from utils import REPO_ROOT, run_script
 
 EXAMPLE = REPO_ROOT / "examples" / "frozen_edges.py"

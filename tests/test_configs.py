@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from utils import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "examples" / "configs").glob("*.yaml"))

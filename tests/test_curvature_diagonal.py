@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from reference import LossOf, cross_entropy_of, reference_hessian
 from torch.func import functional_call
 
 from lightning_gradmask.curvature import HessianOperator, estimate_diagonal, exact_diagonal
 
+from reference import LossOf, cross_entropy_of, reference_hessian
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

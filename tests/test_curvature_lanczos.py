@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from reference import cross_entropy_of, reference_hessian
 
 from lightning_gradmask.curvature import HessianOperator, MatrixOperator, lanczos
 
+from reference import cross_entropy_of, reference_hessian
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

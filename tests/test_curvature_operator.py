@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from reference import cross_entropy_of
-from reference import reference_hessian as full_reference
 
 from lightning_gradmask.curvature import HessianOperator, MatrixOperator, NonFiniteLossError
 
+from reference import cross_entropy_of
+from reference import reference_hessian as full_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

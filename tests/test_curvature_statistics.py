@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from reference import cross_entropy_of, reference_hessian
 
 from lightning_gradmask.curvature import (
     STATS,
@@ -20,6 +18,7 @@ from lightning_gradmask.curvature import (
     spectral_density,
 )
 
+from reference import cross_entropy_of, reference_hessian
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,6 @@ from torch import nn
 
 from lightning_gradmask.curvature import HessianOperator, MatrixOperator, estimate_trace, exact_diagonal
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -9,9 +9,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
-from utils import REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer
 
 from lightning_gradmask import GradientMask, MaskSpecError, UnsupportedStrategyError
+
+from utils import REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer
 
 EDGES = torch.zeros(8, 6, dtype=torch.bool)
 EDGES[::2, 1::2] = True  # a checkerboard of trainable edges in net.0.weight

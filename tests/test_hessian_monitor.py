@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
-from reference import reference_hessian
-from utils import REPO_ROOT, TinyRegressor, loader, regression_data, run_script, snapshot, trainer
 
 from lightning_gradmask import GradientMask, HessianMonitor
 from lightning_gradmask.curvature import HessianOperator, hessian_statistics
+
+from reference import reference_hessian
+from utils import REPO_ROOT, TinyRegressor, loader, regression_data, run_script, snapshot, trainer
 
 
 def mse(module, batch):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from utils import REPO_ROOT, run_script
 
 SEVERED = [0, 1]

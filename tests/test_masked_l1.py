@@ -11,14 +11,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from lightning.pytorch.callbacks import Callback
-from utils import TinyRegressor, loader, regression_data, run_script, snapshot, trainer
+from torch import nn
 
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
 from lightning_gradmask.mixins import MaskedL1Mixin
 from lightning_gradmask.regularization import masked_l1_penalty, masked_zero_fraction, proximal_l1_step_
 from lightning_gradmask.specs import MaskSpecError
+
+from utils import TinyRegressor, loader, regression_data, run_script, snapshot, trainer
 
 DDP_SCRIPT = Path(__file__).parent / "ddp" / "masked_l1_ddp.py"
 

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
-from utils import REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer
 
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
 from lightning_gradmask.callbacks.noise import GradientNoise, WeightNoise
 from lightning_gradmask.noise import NoiseStdError, noise_like
 from lightning_gradmask.specs import MaskSpecError
+
+from utils import REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:You defined a `validation_step` but have no `val_dataloader`",

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
-from utils import TinyRegressor, loader, regression_data, snapshot, trainer
 
 from lightning_gradmask.callbacks.blinding import SensitiveColumnBlinding
+
+from utils import TinyRegressor, loader, regression_data, snapshot, trainer
 
 SENSITIVE = [1, 4]
 

@@ -17,7 +17,6 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
-from utils import regression_data
 
 from lightning_gradmask import (
     GradientMask,
@@ -28,6 +27,8 @@ from lightning_gradmask import (
     WeightNoise,
     verify_independence,
 )
+
+from utils import regression_data
 
 SEVERED = [0, 1]
 TRAINABLE = torch.ones(16, 6, dtype=torch.bool)

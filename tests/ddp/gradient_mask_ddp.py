@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import torch
-from utils import TinyRegressor, loader, regression_data, snapshot, trainer
 
 from lightning_gradmask import GradientMask
+
+from utils import TinyRegressor, loader, regression_data, snapshot, trainer
 
 
 class Recorder(TinyRegressor):

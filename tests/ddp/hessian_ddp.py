@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
-from utils import TinyRegressor, regression_data, trainer
 
 from lightning_gradmask import GradientMask, HessianMonitor
+
+from utils import TinyRegressor, regression_data, trainer
 
 
 def mse(module, batch):

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from test_masked_l1 import DDP_TERMS, L1Regressor, sgd
 from torch.utils.data import DataLoader, DistributedSampler
+
 from utils import regression_data, snapshot, trainer
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from utils import TinyRegressor, loader, regression_data, snapshot, trainer
 
 from lightning_gradmask.callbacks.noise import GradientNoise, WeightNoise
+
+from utils import TinyRegressor, loader, regression_data, snapshot, trainer
 
 
 class Recorder(TinyRegressor):

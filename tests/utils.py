@@ -82,6 +82,19 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
+def run_distributed(main: Callable[[], None]) -> None:
+    """Run a DDP test script's ``main`` on this rank, then tear the process group down.
+
+    Without the teardown, a collective issued just before exit (``trainer.log_dir`` broadcasts) can
+    still be releasing its tensors on gloo's worker thread while the interpreter finalizes; that
+    thread then cannot take the GIL and the process aborts with "terminate called without an active
+    exception". ``destroy_process_group`` joins gloo's threads while Python is still alive.
+    """
+    main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def run_script(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run a test script in a fresh interpreter (DDP re-launches its script), raising on failure."""
     env = dict(os.environ)

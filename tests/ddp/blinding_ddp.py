@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_gradmask.callbacks.blinding import SensitiveColumnBlinding
 
-from utils import TinyRegressor, loader, regression_data, snapshot, trainer
+from utils import TinyRegressor, loader, regression_data, run_distributed, snapshot, trainer
 
 SENSITIVE = [1, 4]
 
@@ -42,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_distributed(main)

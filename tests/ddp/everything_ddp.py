@@ -28,7 +28,7 @@ from lightning_gradmask import (
     verify_independence,
 )
 
-from utils import regression_data
+from utils import regression_data, run_distributed
 
 SEVERED = [0, 1]
 TRAINABLE = torch.ones(16, 6, dtype=torch.bool)
@@ -112,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_distributed(main)

@@ -11,7 +11,7 @@ import torch
 
 from lightning_gradmask import GradientMask
 
-from utils import TinyRegressor, loader, regression_data, snapshot, trainer
+from utils import TinyRegressor, loader, regression_data, run_distributed, snapshot, trainer
 
 
 class Recorder(TinyRegressor):
@@ -61,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_distributed(main)

@@ -14,7 +14,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lightning_gradmask import GradientMask, HessianMonitor
 
-from utils import TinyRegressor, regression_data, trainer
+from utils import TinyRegressor, regression_data, run_distributed, trainer
 
 
 def mse(module, batch):
@@ -65,4 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_distributed(main)

@@ -12,7 +12,7 @@ import torch
 from test_masked_l1 import DDP_TERMS, L1Regressor, sgd
 from torch.utils.data import DataLoader, DistributedSampler
 
-from utils import regression_data, snapshot, trainer
+from utils import regression_data, run_distributed, snapshot, trainer
 
 
 class Interleaved(L.LightningDataModule):
@@ -36,4 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_distributed(main)

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_gradmask.callbacks.noise import GradientNoise, WeightNoise
 
-from utils import TinyRegressor, loader, regression_data, snapshot, trainer
+from utils import TinyRegressor, loader, regression_data, run_distributed, snapshot, trainer
 
 
 class Recorder(TinyRegressor):
@@ -59,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_distributed(main)

@@ -2,10 +2,12 @@
 
 import copy
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -22,6 +24,7 @@ OPTIMIZERS = {
     "sgd-momentum-nesterov-decay": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
     "adam-l2": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.1),
     "adamw-default-decay": lambda p: torch.optim.AdamW(p, lr=0.05),
+    "adamw-fused": lambda p: torch.optim.AdamW(p, lr=0.05, fused=True),
 }
 
 
@@ -55,6 +58,30 @@ def test_frozen_entries_are_bit_identical_for_every_optimizer(optimizer):
     initial = snapshot(model)
     trainer(callbacks=[GradientMask(SPEC)], max_epochs=3).fit(model, loader())
     assert_frozen(model, initial)
+
+
+SPEED_HINT_CASES = {
+    "adamw": (lambda p: torch.optim.AdamW(p, lr=0.05), ["net.0.weight", "net.2.bias"]),
+    "adam-no-decay": (lambda p: torch.optim.Adam(p, lr=0.05), ["net.0.weight", "net.2.bias"]),
+    "adamw-fused": (lambda p: torch.optim.AdamW(p, lr=0.05, fused=True), []),
+    "adam-l2": (lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.1), []),  # L2 makes the gradient nonzero
+    "sgd": (lambda p: torch.optim.SGD(p, lr=0.1), []),
+}
+
+
+@pytest.mark.parametrize("optimizer, named", SPEED_HINT_CASES.values(), ids=SPEED_HINT_CASES.keys())
+def test_unfused_adam_on_cpu_gets_a_speed_hint_naming_the_parameters(optimizer, named):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(callbacks=[GradientMask(SPEC)], max_epochs=1, limit_train_batches=1).fit(
+            TinyRegressor(optimizer=optimizer), loader()
+        )
+    hints = [str(w.message) for w in caught if issubclass(w.category, PossibleUserWarning) and "fused=True" in str(w.message)]
+    if named:
+        assert len(hints) == 1
+        assert all(repr(name) in hints[0] for name in named)
+    else:
+        assert hints == []
 
 
 def test_accumulation_clipping_and_later_hooks_see_zero_frozen_gradients():

@@ -123,7 +123,7 @@ def test_never_touches_training_state_so_training_is_bit_identical():
     def run(with_monitor):
         L.seed_everything(0, verbose=False)
         model, spy = Watched(), Spy()
-        callbacks = [HessianMonitor(stats=("trace", "eigenvalues")), spy] if with_monitor else [spy]
+        callbacks = [HessianMonitor(stats=("trace", "eigenvalues"), max_overhead=None), spy] if with_monitor else [spy]
         trainer(callbacks=callbacks, max_epochs=3).fit(model, loader())
         return model, spy
 
@@ -152,7 +152,7 @@ def test_explicit_dataloader_and_subset_of_parameters():
 
 
 def test_every_n_epochs_and_density_figure_for_tensorboard(tmp_path):
-    monitor = HessianMonitor(loss_fn=mse, stats=("density",), every_n_epochs=2)
+    monitor = HessianMonitor(loss_fn=mse, stats=("density",), every_n_epochs=2, max_overhead=None)
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer(callbacks=[monitor], logger=logger, max_epochs=4).fit(TinyRegressor(), loader())
     directory = Path(logger.log_dir) / "hessian"

@@ -1,11 +1,15 @@
-"""``HessianMonitor``: second-order statistics of the training loss, logged at train epoch end."""
+"""``HessianMonitor``: second-order statistics of the training loss, logged during training."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import time
+import typing
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Union
@@ -13,13 +17,16 @@ from typing import Any, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from lightning_gradmask._distributed import all_reduce_mean, check_strategy
 from lightning_gradmask.callbacks._constraints import constraints_for
+from lightning_gradmask.callbacks._hessian_budget import OverheadBudget
+from lightning_gradmask.callbacks._hessian_output import density_figure, logger_step, run_directory, send_figure
+from lightning_gradmask.callbacks._rng import preserved_rng_state
 from lightning_gradmask.curvature import (
     STATS,
     HessianOperator,
@@ -33,48 +40,70 @@ __all__ = ["HessianMonitor"]
 
 LossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
 
+_SET_BY_MONITOR = ("operator", "stats", "top_k", "budget", "seed", "trace_products", "lanczos_v0", "return_eigenvectors")
+_HALF = (torch.float16, torch.bfloat16)
+
 
 class HessianMonitor(Callback):
-    r"""Log the sharpness of the training loss every few epochs: trace, top eigenvalues, diagonal, density.
+    r"""Log the sharpness of the training loss during training: trace, top eigenvalues, diagonal, density.
 
     The Hessian is that of ``loss_fn(pl_module, batch)`` averaged over ``num_batches`` batches (the
-    first batches of the epoch's training data by default, or those of ``dataloader``), with respect
-    to the trainable parameters: those with ``requires_grad``, restricted to the trainable entries of
-    any attached ``GradientMask`` / ``SensitiveColumnBlinding`` (the Hessian of what can move), and to
-    ``parameters`` if given. It is evaluated on the unwrapped module in ``eval()`` mode with
-    ``torch.autograd.grad``: the user's ``training_step`` is never called, and ``p.grad``, optimizer
-    state, BatchNorm running statistics and the module's train/eval mode are left as they were.
+    first batches of the epoch's training data by default, the latest ones with ``every_n_steps``, or
+    those of ``dataloader``), with respect to the trainable parameters: those with ``requires_grad``,
+    restricted to the trainable entries of any attached ``GradientMask`` / ``SensitiveColumnBlinding``
+    (the Hessian of what can move), and to ``parameters`` if given. Names are resolved at every
+    evaluation (``ModelPruning``'s ``weight_orig`` answers to ``weight`` and only its unpruned entries
+    count; a tied parameter counts once, under any of its names). It is evaluated on the unwrapped
+    module in ``eval()`` mode with ``torch.autograd.grad`` and the math attention kernel (fused
+    attention has no second derivative): the user's ``training_step`` is never called, and ``p.grad``,
+    optimizer state, BatchNorm running statistics, the module's train/eval mode and every random
+    number generator are left as they were.
 
     Where the number of selected entries is within the product budget, trace, eigenvalues and
     diagonal are computed exactly; otherwise the trace is an XTrace estimate with a standard error,
     the eigenvalues come from Lanczos with full reorthogonalization (the *algebraically* largest, in
-    descending order), and the diagonal is exact per layer where that is cheap, estimated otherwise.
+    descending order; with ``every_n_steps`` warm-started from the previous top eigenvectors), and the
+    diagonal is exact per layer where that is cheap, estimated otherwise. Half-precision models
+    (``bf16-true``, ``16-true``): products run in the model's dtype, the algorithms in float32.
 
     Logged with ``pl_module.log`` (every logger gets them), identical on every DDP rank:
     ``hessian/trace``, ``hessian/trace_stderr``, ``hessian/eigenvalue_1`` ... ``hessian/eigenvalue_k``,
-    ``hessian/products`` (Hessian-vector products spent), ``hessian/seconds`` (wall time), and with
+    ``hessian/products`` (Hessian-vector products spent), ``hessian/seconds`` (wall time),
+    ``hessian/overhead`` (the monitor's time as a fraction of training time so far), and with
     ``per_parameter=True`` ``hessian/trace/<parameter>``. The full result is in :attr:`latest` and is
-    saved as ``<log_dir>/hessian/epoch=<n>.pt``; the spectral density is drawn to
-    ``<log_dir>/hessian/density_epoch=<n>.png`` and sent to a TensorBoard logger as a figure.
+    saved as ``<run dir>/epoch=<n>.pt`` (``step=<n>.pt``); the spectral density is drawn to
+    ``<run dir>/density_epoch=<n>.png`` and sent to TensorBoard, MLflow and W&B at the scalars' step.
+    ``<run dir>`` is ``<log_dir>/hessian`` for TensorBoard and CSV loggers, otherwise
+    ``<default_root_dir>/hessian/<run id>``: two runs never share files.
 
     Args:
         loss_fn: ``(pl_module, batch) -> scalar loss``, or the name of a LightningModule method
             ``(batch) -> loss``. ``None``: the module's ``hessian_loss(batch)`` method.
         stats: any of ``"trace"``, ``"eigenvalues"``, ``"diagonal"``, ``"density"``.
         top_k: number of top eigenvalues.
-        every_n_epochs: evaluate after every ``n``-th training epoch.
+        every_n_epochs: evaluate after every ``n``-th training epoch (default 1 unless
+            ``every_n_steps`` is given).
+        every_n_steps: evaluate after every ``n``-th optimizer step, on the latest ``num_batches``
+            training batches (edge-of-stability studies track the top eigenvalue every ~100 steps).
         num_batches: batches that define the loss.
-        dataloader: a fixed probe set instead of the first training batches of the epoch.
+        dataloader: a fixed probe set instead of training batches (iterating it, also with
+            shuffling, leaves the training run's random streams untouched).
         parameters: names or ``re:`` patterns selecting a subset of parameters (default: all
             trainable ones).
         per_parameter: also log the trace of each parameter's block.
         trace_products: Hessian-vector products for the trace estimate.
         budget: compute every statistic exactly when the selected entries are at most this many
             (default: whenever exact is no more expensive than the estimates).
-        seed: probes are drawn from ``seed`` and the epoch, the same on every rank.
-        save: save the full result (and the density figure) under the log directory.
+        seed: probes are drawn from ``seed`` and the epoch (or step), the same on every rank.
+        save: save the full result (and the density figure) in the run's directory.
         statistics_kwargs: further keyword arguments for
             :func:`lightning_gradmask.curvature.hessian_statistics` (e.g. ``lanczos_tol``).
+        max_overhead: the share of training time the monitor may take (default 0.1). The first
+            evaluation always runs; a later one is skipped (with one warning) when it would bring the
+            monitor's total time above ``max_overhead`` times the training time so far. Rank 0
+            decides for every rank. ``None``: evaluate on schedule whatever it costs.
+        strict: raise when an evaluation fails. By default a failed evaluation warns once with the
+            cause and a remedy, logs NaN and training goes on.
 
     Example::
 
@@ -89,11 +118,17 @@ class HessianMonitor(Callback):
         trainer.fit(model, data)
         monitor.latest.eigenvalues    # tensor of the 3 algebraically largest eigenvalues
 
+        # sharpness every 100 steps, at most 5% of the training time
+        HessianMonitor(loss_fn, stats="eigenvalues", every_n_steps=100, max_overhead=0.05)
+
     Raises:
-        ValueError: (at construction or ``setup``) unknown statistics, ``top_k``/``every_n_epochs``/
-            ``num_batches`` below 1, no ``loss_fn`` and no ``hessian_loss`` method, a ``parameters``
-            pattern matching nothing; (at train start) ``top_k`` above the number of trainable entries;
-            (at the first evaluation) a ``loss_fn`` returning a non-scalar or a tensor without a graph.
+        ValueError: (at construction) unknown statistics or ``statistics_kwargs`` keys, counts below
+            1, a ``loss_fn`` that cannot take ``(pl_module, batch)``; (at ``setup``) no ``loss_fn``
+            and no ``hessian_loss`` method, a ``parameters`` pattern matching nothing; (at train
+            start, before the first optimizer step, by a trial evaluation) ``top_k`` above the
+            number of trainable entries, a ``loss_fn`` that raises, returns a non-scalar or a tensor
+            without a graph, or runs through reentrant activation checkpointing.
+        TypeError: (at construction) arguments of the wrong type, e.g. ``dataloader="abc"``.
         UnsupportedStrategyError: FSDP, DeepSpeed and other sharding strategies.
 
     A NaN or infinite loss never stops training: the statistics are logged as NaN with a warning.
@@ -102,11 +137,11 @@ class HessianMonitor(Callback):
     def __init__(
         self,
         loss_fn: Union[str, LossFn, None] = None,
-        stats: Sequence[str] = ("trace", "eigenvalues"),
+        stats: Union[str, Sequence[str]] = ("trace", "eigenvalues"),
         top_k: int = 1,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = None,
         num_batches: int = 1,
-        dataloader: DataLoader | None = None,
+        dataloader: Union[DataLoader, Iterable[Any], None] = None,
         parameters: Union[str, Sequence[str], None] = None,
         per_parameter: bool = False,
         trace_products: int = 40,
@@ -114,37 +149,62 @@ class HessianMonitor(Callback):
         seed: int = 0,
         save: bool = True,
         statistics_kwargs: dict[str, Any] | None = None,
+        every_n_steps: int | None = None,
+        max_overhead: float | None = 0.1,
+        strict: bool = False,
     ) -> None:
-        if loss_fn is not None and not callable(loss_fn) and not isinstance(loss_fn, str):
-            raise TypeError(f"HessianMonitor(loss_fn=...) must be a callable or a method name, got {type(loss_fn).__name__}")
+        _check_loss_fn(loss_fn)
         stats = (stats,) if isinstance(stats, str) else tuple(stats)
         unknown = [s for s in stats if s not in STATS]
         if unknown or not stats:
             raise ValueError(f"HessianMonitor(stats=...): unknown statistics {unknown}; choose from {list(STATS)}")
-        for name, value in (("top_k", top_k), ("every_n_epochs", every_n_epochs), ("num_batches", num_batches), ("trace_products", trace_products)):
+        if every_n_epochs is None and every_n_steps is None:
+            every_n_epochs = 1
+        counts = {"top_k": top_k, "num_batches": num_batches, "trace_products": trace_products}
+        counts.update({k: v for k, v in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)) if v is not None})
+        for name, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"HessianMonitor({name}=...) must be an integer >= 1, got {value!r}")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
             raise ValueError(f"HessianMonitor(budget=...) must be a non-negative integer, got {budget!r}")
-        if dataloader is not None and not isinstance(dataloader, Iterable):
-            raise TypeError("HessianMonitor(dataloader=...) must be an iterable of batches (a DataLoader)")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"HessianMonitor(seed=...) must be an int, got {seed!r}")
+        _check_dataloader(dataloader)
+        parameters = [parameters] if isinstance(parameters, str) else parameters
+        if parameters is not None and (not parameters or not all(isinstance(p, str) for p in parameters)):
+            raise TypeError(f"HessianMonitor(parameters=...) must be a name, a 're:' pattern or a list of them, got {parameters!r}")
+        for name, flag in (("per_parameter", per_parameter), ("save", save), ("strict", strict)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"HessianMonitor({name}=...) must be True or False, got {flag!r}")
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not max_overhead > 0
+        ):
+            raise ValueError(f"HessianMonitor(max_overhead=...) must be a fraction > 0 (e.g. 0.1) or None, got {max_overhead!r}")
         self.loss_fn = loss_fn
         self.stats = stats
         self.top_k = top_k
         self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
         self.num_batches = num_batches
         self.dataloader = dataloader
-        self.parameters = [parameters] if isinstance(parameters, str) else parameters
+        self.parameters = parameters
         self.per_parameter = per_parameter
         self.trace_products = trace_products
         self.budget = budget
         self.seed = seed
         self.save = save
-        self.statistics_kwargs = dict(statistics_kwargs or {})
+        self.statistics_kwargs = _check_statistics_kwargs(statistics_kwargs)
+        self.max_overhead = max_overhead
+        self.strict = strict
         self.latest: HessianStatistics | None = None
         """The full result of the latest evaluation (on every rank)."""
-        self._batches: list[Any] = []
-        self._selected: list[str] = []
+        self._batches: deque[Any] = deque(maxlen=num_batches)
+        self._overhead = OverheadBudget(max_overhead)
+        self._trial_done = False
+        self._warned: set[str] = set()
+        self._warm_start: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._last_step_evaluated = -1
+        self._directory: Path | None = None
 
     # ------------------------------------------------------------------ setup-time checks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -152,102 +212,259 @@ class HessianMonitor(Callback):
             return
         check_strategy(trainer, "HessianMonitor")
         self._resolve_loss(pl_module)
-        names = [name for name, p in pl_module.named_parameters() if p.requires_grad]
-        if self.parameters is None:
-            self._selected = names
-        else:
-            chosen: set[str] = set()
-            for key in self.parameters:
-                chosen.update(match_parameters(key, names, parameter="HessianMonitor(parameters=...)"))
-            self._selected = [name for name in names if name in chosen]
-        if not self._selected:
-            raise ValueError("HessianMonitor: the model has no trainable parameter to monitor")
+        self._select(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        masks = self._masks(pl_module)
-        params = dict(pl_module.named_parameters())
-        entries = sum(int(masks[n].sum()) if n in masks else params[n].numel() for n in self._selected)
+        names, params, masks = self._select(pl_module)
+        entries = sum(int(masks[n].sum()) if n in masks else params[n].numel() for n in names)
         if "eigenvalues" in self.stats and self.top_k > entries:
             raise ValueError(
                 f"HessianMonitor(top_k={self.top_k}) exceeds the {entries} trainable entries being monitored"
             )
+        self._trial_done = False
+        self._warm_start = None
+        self._last_step_evaluated = -1
+        self._batches.clear()
+        self._directory = run_directory(trainer) if self.save else None  # a collective: every rank
+        self._overhead.start()
+        if self.dataloader is not None:
+            self._trial(trainer, pl_module, None)
 
     # ------------------------------------------------------------------ batches
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._batches = []
+        if self.every_n_steps is None:
+            self._batches.clear()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.dataloader is None and self._due(trainer) and len(self._batches) < self.num_batches:
-            self._batches.append(apply_to_collection(batch, torch.Tensor, lambda t: t.detach()))
+        if not self._trial_done:
+            self._trial(trainer, pl_module, batch)
+        if self.dataloader is not None:
+            return
+        detached = apply_to_collection(batch, torch.Tensor, lambda t: t.detach())
+        if self.every_n_steps is not None:
+            self._batches.append(detached)  # the latest num_batches batches
+        elif self._due_epoch(trainer) and len(self._batches) < self.num_batches:
+            self._batches.append(detached)
 
     def _probe_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
         if self.dataloader is None:
-            return self._batches
+            return list(self._batches)
         batches = []
-        for batch in self.dataloader:
-            batches.append(trainer.strategy.batch_to_device(batch, pl_module.device))
+        for batch in self.dataloader:  # the caller preserves the RNG state (shuffling draws from it)
+            batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+            batches.append(trainer.precision_plugin.convert_input(batch))
             if len(batches) == self.num_batches:
                 break
         return batches
 
-    # ------------------------------------------------------------------ evaluation
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._due(trainer):
+    # ------------------------------------------------------------------ schedule
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step_evaluated:
             return
-        batches = self._probe_batches(trainer, pl_module)
-        if not batches:
-            rank_zero_warn("HessianMonitor: no batch to evaluate the Hessian on this epoch; nothing logged")
-            return
-        started = time.perf_counter()
-        result = self.compute(trainer, pl_module, batches)
-        seconds = time.perf_counter() - started
-        if result is None:
-            return
-        self.latest = result
-        self._log(pl_module, result, seconds)
-        if self.save:
-            directory = Path(trainer.log_dir or trainer.default_root_dir) / "hessian"  # a collective: every rank
-            if trainer.is_global_zero:
-                self._save(trainer, result, directory)
+        self._last_step_evaluated = step
+        self._evaluate(trainer, pl_module, f"step={step}", seed_index=step, on_step=True)
 
-    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> HessianStatistics | None:
-        """Compute the statistics on ``batches`` now (every rank must call this together under DDP)."""
-        loss = self._resolve_loss(pl_module)
-        closures = [_bind(loss, pl_module, batch) for batch in batches]
-        params = dict(pl_module.named_parameters())
-        masks = {n: m for n, m in self._masks(pl_module).items() if n in self._selected}
-        reduce = (lambda t: all_reduce_mean(trainer, t)) if trainer.world_size > 1 else None
-        seed = self.seed * 1_000_003 + trainer.current_epoch
-        operator = None
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._due_epoch(trainer):
+            epoch = trainer.current_epoch
+            self._evaluate(trainer, pl_module, f"epoch={epoch}", seed_index=epoch, on_step=False)
+
+    def _due_epoch(self, trainer: pl.Trainer) -> bool:
+        return self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str, seed_index: int, on_step: bool) -> None:
+        started = time.perf_counter()
+        with preserved_rng_state():
+            allowed = self._overhead.allows()
+            if trainer.world_size > 1:
+                allowed = bool(trainer.strategy.broadcast(allowed))  # rank 0 decides for every rank
+            if not allowed:
+                self._warn_once(
+                    "budget",
+                    f"HessianMonitor: skipped the evaluation at {tag} to stay within max_overhead={self.max_overhead} "
+                    f"of the training time (one evaluation took {self._overhead.last_cost:.3g} s; the monitor has "
+                    f"used {self._overhead.spent:.3g} s of {self._overhead.training_seconds():.3g} s of training). "
+                    "Raise max_overhead (None for no limit), evaluate less often (every_n_epochs/every_n_steps) or "
+                    "ask for less (stats, num_batches, parameters). Further skips are not reported.",
+                )
+                self._overhead.spend(time.perf_counter() - started, evaluation=False)
+                _log_same_on_every_rank(pl_module, {"hessian/overhead": self._overhead.overhead()}, on_step)
+                return
+            batches = self._probe_batches(trainer, pl_module)
+            if not batches:
+                self._warn_once("no-batch", f"HessianMonitor: no batch to evaluate the Hessian on at {tag}; nothing logged")
+                return
+            result = self._compute_safely(trainer, pl_module, batches, tag, seed_index)
+            if result is not None:
+                self.latest = result
+                if self.save and self._directory is not None and trainer.is_global_zero:
+                    self._save(trainer, result, tag)
+            seconds = time.perf_counter() - started
+            self._overhead.spend(seconds)
+            if result is None:
+                self._log_nan(pl_module, on_step)
+            else:
+                self._log(pl_module, result, seconds, on_step)
+
+    def _compute_safely(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], tag: str, seed_index: int
+    ) -> HessianStatistics | None:
         try:
-            operator = HessianOperator(
-                closures,
-                [(n, params[n]) for n in self._selected],
-                masks={n: m.to(params[n].device) for n, m in masks.items()},
-                reduce=reduce,
-                module=pl_module,
-                eval_mode=True,
-            )
-            return hessian_statistics(
-                operator,
-                self.stats,
-                top_k=self.top_k,
-                budget=self.budget,
-                seed=seed,
-                trace_products=self.trace_products,
-                **self.statistics_kwargs,
-            )
+            return self.compute(trainer, pl_module, batches, seed_index=seed_index)
         except NonFiniteLossError as err:
-            rank_zero_warn(f"HessianMonitor: {err} (epoch {trainer.current_epoch}); statistics logged as NaN")
-            self._log_nan(pl_module)
-            return None
-        finally:
-            if operator is not None:
+            rank_zero_warn(f"HessianMonitor: {err} ({tag}); statistics logged as NaN")
+        except Exception as err:
+            if self.strict:
+                raise
+            self._warn_once(
+                "failed",
+                f"HessianMonitor: the evaluation at {tag} failed and was skipped: {type(err).__name__}: {err}. "
+                f"{_remedy(err)} Training goes on and the statistics are logged as NaN; later failures are not "
+                "reported (strict=True raises instead).",
+            )
+        return None
+
+    def compute(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], seed_index: int | None = None
+    ) -> HessianStatistics | None:
+        """Compute the statistics on ``batches`` now (every rank must call this together under DDP).
+
+        Raises what goes wrong (the scheduled evaluations catch it, see ``strict``); a NaN loss raises
+        :class:`~lightning_gradmask.curvature.NonFiniteLossError`.
+        """
+        seed_index = trainer.current_epoch if seed_index is None else seed_index
+        with self._evaluation_context(trainer):
+            operator = self._operator(trainer, pl_module, batches)
+            try:
+                warm = self._warm_vector(operator)
+                result = hessian_statistics(
+                    operator,
+                    self.stats,
+                    top_k=self.top_k,
+                    budget=self.budget,
+                    seed=self.seed * 1_000_003 + seed_index,
+                    trace_products=self.trace_products,
+                    lanczos_v0=warm,
+                    return_eigenvectors=self.every_n_steps is not None,
+                    **self.statistics_kwargs,
+                )
+            finally:
                 operator.release()
+        if result.eigenvectors is not None:
+            self._warm_start = (_layout(operator), result.eigenvectors.sum(dim=1).detach())
+            result.eigenvectors = None  # (dim, k): kept for the warm start only, not in latest or files
+        return result
+
+    def _operator(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> HessianOperator:
+        loss = self._resolve_loss(pl_module)
+        names, params, masks = self._select(pl_module)
+        dtypes = {params[n].dtype for n in names}
+        return HessianOperator(
+            [_bind(loss, pl_module, batch) for batch in batches],
+            [(n, params[n]) for n in names],
+            masks={n: m.to(params[n].device) for n, m in masks.items()},
+            reduce=(lambda t: all_reduce_mean(trainer, t)) if trainer.world_size > 1 else None,
+            module=pl_module,
+            eval_mode=True,
+            dtype=torch.float32 if dtypes <= set(_HALF) else None,
+        )
+
+    @contextlib.contextmanager
+    def _evaluation_context(self, trainer: pl.Trainer) -> Iterator[None]:
+        """The math attention kernel (it has a second derivative) and the Trainer's input dtype."""
+        with sdpa_kernel(SDPBackend.MATH), trainer.precision_plugin.forward_context():
+            yield
+
+    def _warm_vector(self, operator: HessianOperator) -> torch.Tensor | None:
+        if self._warm_start is None or self._warm_start[0] != _layout(operator):
+            return None
+        return self._warm_start[1]
+
+    # ------------------------------------------------------------------ trial at train start
+    def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Evaluate ``loss_fn`` once before the first optimizer step: configuration mistakes raise now."""
+        self._trial_done = True
+        started = time.perf_counter()
+        with preserved_rng_state():
+            if batch is None:
+                batches = self._probe_batches(trainer, pl_module)
+                if not batches:
+                    raise ValueError("HessianMonitor(dataloader=...) yielded no batch")
+                batch = batches[0]
+            loss = self._resolve_loss(pl_module)
+            operator = None
+            with self._evaluation_context(trainer), _modes_restored(pl_module):
+                pl_module.eval()
+                with torch.inference_mode(False), torch.enable_grad():
+                    value = _call_loss(self.loss_fn, loss, pl_module, batch)
+                    _check_graph(self.loss_fn, value)
+                del value
+                try:
+                    operator = self._operator(trainer, pl_module, [batch])
+                    operator.matvec(torch.zeros(operator.dim, dtype=operator.dtype, device=operator.device))
+                except NonFiniteLossError:
+                    pass  # not a configuration mistake: the evaluations log NaN
+                except ValueError as err:
+                    raise ValueError(f"HessianMonitor: {err}") from err
+                except Exception as err:
+                    if self.strict:
+                        raise
+                    self._warn_once(
+                        "failed",
+                        f"HessianMonitor: a trial Hessian-vector product at train start failed: "
+                        f"{type(err).__name__}: {err}. {_remedy(err)} Training goes on; the evaluations will "
+                        "log NaN if this persists (strict=True raises instead).",
+                    )
+                finally:
+                    if operator is not None:
+                        operator.release()
+        self._overhead.spend(time.perf_counter() - started, evaluation=False)
+
+    # ------------------------------------------------------------------ selection
+    def _select(self, pl_module: pl.LightningModule) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Trainable parameters (canonical names), restricted to ``parameters``, and their masks, resolved now."""
+        params: dict[str, torch.Tensor] = {}
+        canonical: dict[str, str] = {}  # every name (alias) -> the first name of that tensor
+        first: dict[int, str] = {}
+        for name, p in pl_module.named_parameters(remove_duplicate=False):
+            if not p.requires_grad:
+                continue
+            if id(p) not in first:
+                first[id(p)] = name
+                params[name] = p
+            canonical[name] = first[id(p)]
+            if name.endswith("_orig"):  # torch.nn.utils.prune: `weight` became `weight_orig`
+                canonical.setdefault(name[: -len("_orig")], first[id(p)])
+        if self.parameters is None:
+            chosen = set(params)
+        else:
+            chosen = set()
+            for key in self.parameters:
+                found = match_parameters(key, list(canonical), parameter="HessianMonitor(parameters=...)")
+                chosen.update(canonical[n] for n in found)
+        names = [n for n in params if n in chosen]
+        if not names:
+            raise ValueError("HessianMonitor: the model has no trainable parameter to monitor")
+        masks: dict[str, torch.Tensor] = {}
+        for name, mask in constraints_for(pl_module).trainable_masks().items():
+            target = canonical.get(name)
+            if target in chosen:
+                masks[target] = masks[target] & mask if target in masks else mask
+        for name in names:
+            pruned = _pruning_mask(pl_module, name)
+            if pruned is not None:
+                masks[name] = masks[name] & pruned.to(masks[name].device) if name in masks else pruned
+        return names, params, masks
 
     # ------------------------------------------------------------------ output
-    def _log(self, pl_module: pl.LightningModule, result: HessianStatistics, seconds: float) -> None:
-        values: dict[str, float] = {"hessian/products": float(result.num_products), "hessian/seconds": seconds}
+    def _log(self, pl_module: pl.LightningModule, result: HessianStatistics, seconds: float, on_step: bool) -> None:
+        values: dict[str, float] = {
+            "hessian/products": float(result.num_products),
+            "hessian/seconds": seconds,
+            "hessian/overhead": self._overhead.overhead(),
+        }
         if result.trace is not None:
             values["hessian/trace"] = float(result.trace)
             values["hessian/trace_stderr"] = float(result.trace_stderr or 0.0)
@@ -257,56 +474,42 @@ class HessianMonitor(Callback):
         if result.eigenvalues is not None:
             for index, value in enumerate(result.eigenvalues.tolist(), start=1):
                 values[f"hessian/eigenvalue_{index}"] = float(value)
-        _log_same_on_every_rank(pl_module, values)
+        _log_same_on_every_rank(pl_module, values, on_step)
 
-    def _log_nan(self, pl_module: pl.LightningModule) -> None:
+    def _log_nan(self, pl_module: pl.LightningModule, on_step: bool) -> None:
         keys = []
         if "trace" in self.stats:
             keys += ["hessian/trace", "hessian/trace_stderr"]
         if "eigenvalues" in self.stats:
             keys += [f"hessian/eigenvalue_{i}" for i in range(1, self.top_k + 1)]
-        _log_same_on_every_rank(pl_module, dict.fromkeys(keys, math.nan))
+        values = dict.fromkeys(keys, math.nan)
+        values["hessian/overhead"] = self._overhead.overhead()
+        _log_same_on_every_rank(pl_module, values, on_step)
 
-    def _save(self, trainer: pl.Trainer, result: HessianStatistics, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        epoch = trainer.current_epoch
-        record = {key: _to_cpu(value) for key, value in asdict(result).items()}
-        torch.save(record, directory / f"epoch={epoch}.pt")
-        if result.density is not None:
-            self._draw_density(trainer, result, directory / f"density_epoch={epoch}.png")
-
-    def _draw_density(self, trainer: pl.Trainer, result: HessianStatistics, path: Path) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError:
-            rank_zero_warn(
+    def _save(self, trainer: pl.Trainer, result: HessianStatistics, tag: str) -> None:
+        assert self._directory is not None
+        self._directory.mkdir(parents=True, exist_ok=True)
+        record = {key: _to_cpu(value) for key, value in asdict(result).items() if key != "eigenvectors"}
+        torch.save(record, self._directory / f"{tag}.pt")
+        if result.density is None:
+            return
+        figure = density_figure(result, f"Hessian spectral density, {tag.replace('=', ' ')}")
+        if figure is None:
+            self._warn_once(
+                "matplotlib",
                 "HessianMonitor: matplotlib is not installed, so the spectral density is saved as numbers "
-                "only (pip install matplotlib for the figure)"
+                "only (pip install matplotlib for the figure)",
             )
             return
-        figure, axes = plt.subplots(figsize=(5, 3.2))
-        axes.plot(result.density_grid.cpu().numpy(), result.density.cpu().numpy())
-        axes.set_yscale("log")
-        axes.set_xlabel("eigenvalue")
-        axes.set_ylabel("density")
-        axes.set_title(f"Hessian spectral density, epoch {trainer.current_epoch}")
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("hessian/density", figure, global_step=trainer.global_step, close=False)
-        plt.close(figure)
+        path = self._directory / f"density_{tag}.png"
+        send_figure(trainer, figure, path, "hessian/density", logger_step(trainer))
         rank_zero_info(f"HessianMonitor: spectral density drawn to {path}")
 
     # ------------------------------------------------------------------ helpers
-    def _due(self, trainer: pl.Trainer) -> bool:
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
-
-    def _masks(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        return constraints_for(pl_module).trainable_masks()
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
 
     def _resolve_loss(self, pl_module: pl.LightningModule) -> LossFn:
         if callable(self.loss_fn):
@@ -322,13 +525,169 @@ class HessianMonitor(Callback):
             raise ValueError(f"HessianMonitor(loss_fn={self.loss_fn!r}): {type(pl_module).__name__} has no such method")
         return lambda module, batch: getattr(module, method_name)(batch)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"warned": sorted(self._warned)}
 
-def _log_same_on_every_rank(pl_module: pl.LightningModule, values: dict[str, float]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._warned = set(state_dict.get("warned", ()))
+
+
+# ---------------------------------------------------------------------- checks
+_LOSS_FN_CONTRACT = (
+    "loss_fn must be a callable (pl_module, batch) -> scalar loss tensor with an autograd graph "
+    "(or the name of a LightningModule method (batch) -> loss)"
+)
+
+
+def _check_loss_fn(loss_fn: object) -> None:
+    if loss_fn is None:
+        return
+    if isinstance(loss_fn, str):
+        if not loss_fn.isidentifier():
+            raise ValueError(f"HessianMonitor(loss_fn={loss_fn!r}) is not a method name; {_LOSS_FN_CONTRACT}")
+        return
+    if not callable(loss_fn):
+        raise TypeError(f"HessianMonitor(loss_fn=...) must be a callable or a method name, got {type(loss_fn).__name__}")
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # builtins and some C callables: the trial evaluation checks them
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise ValueError(
+            f"HessianMonitor(loss_fn=...): {getattr(loss_fn, '__name__', type(loss_fn).__name__)}{signature} cannot "
+            f"be called as loss_fn(pl_module, batch); {_LOSS_FN_CONTRACT}"
+        ) from None
+
+
+def _check_dataloader(dataloader: object) -> None:
+    if dataloader is None:
+        return
+    if isinstance(dataloader, (str, bytes, Mapping, torch.Tensor)) or not isinstance(dataloader, Iterable):
+        raise TypeError(
+            "HessianMonitor(dataloader=...) must be a DataLoader (or another iterable of batches), "
+            f"got {type(dataloader).__name__}"
+        )
+
+
+def _check_statistics_kwargs(kwargs: object) -> dict[str, Any]:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"HessianMonitor(statistics_kwargs=...) must be a dict, got {type(kwargs).__name__}")
+    signature = inspect.signature(hessian_statistics)
+    allowed = [n for n in signature.parameters if n not in _SET_BY_MONITOR]
+    for key in kwargs:
+        if key in _SET_BY_MONITOR:
+            raise ValueError(f"HessianMonitor(statistics_kwargs=...): {key!r} is set by the monitor; pass it to HessianMonitor directly")
+        if key not in allowed:
+            raise ValueError(f"HessianMonitor(statistics_kwargs=...): unknown key {key!r}; choose from {allowed}")
+    hints = typing.get_type_hints(hessian_statistics)
+    for key, value in kwargs.items():
+        choices = typing.get_args(hints.get(key)) if typing.get_origin(hints.get(key)) is typing.Literal else ()
+        if choices and value not in choices:
+            raise ValueError(f"HessianMonitor(statistics_kwargs={{{key!r}: {value!r}}}): choose from {list(choices)}")
+    return dict(kwargs)
+
+
+def _call_loss(loss_fn: object, loss: LossFn, module: pl.LightningModule, batch: Any) -> Any:
+    try:
+        return loss(module, batch)
+    except Exception as err:
+        raise ValueError(
+            f"HessianMonitor(loss_fn={_describe(loss_fn)}) raised {type(err).__name__}: {err} when called as "
+            f"loss_fn(pl_module, batch) on the first training batch; {_LOSS_FN_CONTRACT}"
+        ) from err
+
+
+def _check_graph(loss_fn: object, value: Any) -> None:
+    where = f"HessianMonitor(loss_fn={_describe(loss_fn)})"
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+        got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{where} must return a scalar floating-point loss tensor, got {got}; {_LOSS_FN_CONTRACT}")
+    if not value.requires_grad:
+        raise ValueError(
+            f"{where} returned a loss without an autograd graph (computed under no_grad/inference_mode, detached, "
+            f"from frozen parameters only, or through torch.utils.checkpoint(use_reentrant=True)); {_LOSS_FN_CONTRACT}"
+        )
+    if _uses_reentrant_checkpoint(value):
+        raise ValueError(
+            f"{where}: the loss goes through torch.utils.checkpoint(use_reentrant=True), which does not support "
+            "torch.autograd.grad and so no Hessian-vector products. Use use_reentrant=False (Hugging Face: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})) or turn "
+            "activation checkpointing off"
+        )
+
+
+def _uses_reentrant_checkpoint(value: torch.Tensor) -> bool:
+    seen: set[int] = set()
+    stack = [value.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "CheckpointFunction" in type(node).__name__:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _describe(loss_fn: object) -> str:
+    if isinstance(loss_fn, str) or loss_fn is None:
+        return repr(loss_fn if loss_fn is not None else "hessian_loss")
+    return getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+
+def _remedy(err: BaseException) -> str:
+    text = str(err)
+    if "derivative for" in text and "not implemented" in text:
+        return (
+            "An operation in the model has no second derivative (double backward); replace it (e.g. "
+            "attn_implementation='eager' for attention) or monitor only the parameters before it (parameters=...)."
+        )
+    if "out of memory" in text.lower() or isinstance(err, MemoryError):
+        return "Use fewer batches (num_batches), fewer parameters (parameters=...) or fewer statistics."
+    if "checkpoint" in text:
+        return "Activation checkpointing must use use_reentrant=False for Hessian-vector products."
+    if isinstance(err, KeyError | ValueError):
+        return "Check loss_fn, parameters and the masks against the model as it is now."
+    return "See the traceback above with strict=True."
+
+
+# ---------------------------------------------------------------------- small helpers
+@contextlib.contextmanager
+def _modes_restored(module: torch.nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _pruning_mask(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The ``<name>_mask`` buffer of ``torch.nn.utils.prune`` for a ``..._orig`` parameter, as bool."""
+    if not name.endswith("_orig"):
+        return None
+    try:
+        buffer = module.get_buffer(name[: -len("_orig")] + "_mask")
+    except AttributeError:
+        return None
+    return buffer != 0
+
+
+def _layout(operator: HessianOperator) -> tuple[Any, ...]:
+    return tuple(operator.names), tuple(operator.sizes), operator.dim
+
+
+def _log_same_on_every_rank(pl_module: pl.LightningModule, values: dict[str, float], on_step: bool = False) -> None:
     """Log values that every rank computed identically: no ``sync_dist`` collective is needed."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
         for key, value in values.items():
-            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=False)
+            pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, sync_dist=False)
 
 
 def _bind(loss: LossFn, module: pl.LightningModule, batch: Any) -> Callable[[], torch.Tensor]:

@@ -189,6 +189,9 @@ class HessianOperator:
             fast per-layer path and by ``eval_mode``.
         eval_mode: if ``module`` is given, run the closures with ``module.eval()`` and restore each
             submodule's previous mode afterwards (dropout off, BatchNorm statistics untouched).
+        dtype: dtype of the flat vectors ``matvec`` takes and returns (default: the parameters').
+            ``torch.float32`` on a half-precision model keeps the algorithms (QR, reorthogonalization)
+            in float32 while each product still runs in the model's dtype.
 
     Raises:
         ValueError: a closure returns a non-tensor, a non-scalar, an integer tensor or a tensor with
@@ -218,6 +221,7 @@ class HessianOperator:
         check_finite: bool = True,
         module: nn.Module | None = None,
         eval_mode: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if callable(loss_fns):
             loss_fns = [loss_fns]
@@ -266,6 +270,8 @@ class HessianOperator:
         self.dim = int(sum(self.sizes))
         dtypes = {p.dtype for p in self.params}
         self._dtype = torch.promote_types(*dtypes) if len(dtypes) > 1 else self.params[0].dtype
+        if dtype is not None:  # e.g. float32 vectors for a bfloat16 model: products in the model's dtype
+            self._dtype = dtype
         self._device = self.params[0].device
 
         with self.autograd_context():

@@ -52,6 +52,8 @@ class HessianStatistics:
         eigenvalue_residuals: ``(top_k,)`` Lanczos residual norms (0 when exact): each eigenvalue is
             within this distance of a true one.
         eigenvalue_error_bounds: ``(top_k,)`` the usual sharper estimate ``min(r, r**2 / gap)``.
+        eigenvectors: ``(dim, top_k)`` Lanczos Ritz vectors with ``return_eigenvectors=True`` (``None``
+            on the exact path): pass ``eigenvectors.sum(1)`` as ``lanczos_v0`` to warm-start the next call.
         diagonal: ``{name: float64 tensor of the parameter's shape}``, NaN outside the mask.
         diagonal_stderr: same layout, per-entry standard error (``None`` when exact).
         diagonal_methods: ``{name: "layerwise" | "products" | "exact" | "xtrace" | "hutchinson"}``.
@@ -75,6 +77,7 @@ class HessianStatistics:
     eigenvalues: Tensor | None = None
     eigenvalue_residuals: Tensor | None = None
     eigenvalue_error_bounds: Tensor | None = None
+    eigenvectors: Tensor | None = None
     diagonal: dict[str, Tensor] | None = None
     diagonal_stderr: dict[str, Tensor] | None = None
     diagonal_methods: dict[str, str] | None = None
@@ -144,6 +147,8 @@ def hessian_statistics(
     density_steps: int = 40,
     density_grid_size: int = 256,
     density_sigma: float | None = None,
+    lanczos_v0: Tensor | None = None,
+    return_eigenvectors: bool = False,
 ) -> HessianStatistics:
     """Compute the requested Hessian statistics, exactly whenever that is affordable.
 
@@ -176,6 +181,10 @@ def hessian_statistics(
         density_steps: see :func:`spectral_density` (``num_steps``).
         density_grid_size: see :func:`spectral_density` (``grid_size``).
         density_sigma: see :func:`spectral_density` (``sigma``).
+        lanczos_v0: start vector for Lanczos (length ``dim``), e.g. the previous call's top
+            eigenvectors summed: a warm start on a slowly changing Hessian needs fewer products.
+            Ignored when its length is not ``dim`` or it is zero.
+        return_eigenvectors: keep the Lanczos Ritz vectors in ``eigenvectors``.
 
     Returns:
         :class:`HessianStatistics`.
@@ -243,7 +252,19 @@ def hessian_statistics(
 
     if "eigenvalues" in stats:
         before = operator.num_products
-        lz = lanczos(operator, k=top_k, max_iter=max_iter, tol=lanczos_tol, seed=subseed(seed, 1))
+        v0 = lanczos_v0
+        if v0 is not None and (v0.numel() != dim or not bool(torch.isfinite(v0).all()) or float(v0.norm()) == 0.0):
+            v0 = None
+        lz = lanczos(
+            operator,
+            k=top_k,
+            max_iter=max_iter,
+            tol=lanczos_tol,
+            seed=subseed(seed, 1),
+            v0=v0,
+            return_eigenvectors=return_eigenvectors,
+        )
+        res.eigenvectors = lz.eigenvectors
         res.eigenvalues, res.eigenvalue_residuals = lz.eigenvalues, lz.residuals
         res.eigenvalue_error_bounds = lz.error_bounds
         res.products["eigenvalues"] = operator.num_products - before

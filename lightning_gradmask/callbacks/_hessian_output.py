@@ -1,0 +1,101 @@
+"""Where ``HessianMonitor`` puts its results: a directory unique to the run, figures for every logger."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_gradmask.curvature import HessianStatistics
+
+__all__ = ["density_figure", "logger_step", "run_directory", "send_figure"]
+
+DECADES_SHOWN = 4
+"""The density's log axis spans this many decades under its peak."""
+
+
+def run_directory(trainer: pl.Trainer) -> Path:
+    """``<dir>/hessian`` for this run only; call on every rank (rank 0's answer is broadcast).
+
+    TensorBoard and CSV loggers: under their versioned ``log_dir``. MLflow: under the Trainer's
+    ``default_root_dir``, in a folder named by the MLflow run id. Other loggers: named by their
+    ``version``. No logger: a fresh id per fit, so two runs never share files.
+    """
+    path: str | None = None
+    if trainer.is_global_zero:
+        logger = trainer.loggers[0] if trainer.loggers else None
+        root = Path(trainer.default_root_dir) / "hessian"
+        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+            path = str(Path(logger.log_dir) / "hessian")
+        elif isinstance(logger, MLFlowLogger):
+            path = str(root / str(logger.run_id))
+        elif logger is not None and logger.version is not None:
+            path = str(root / f"{type(logger).__name__}-{logger.version}")
+        else:
+            path = str(root / uuid.uuid4().hex[:12])
+    return Path(trainer.strategy.broadcast(path))
+
+
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning gives the scalars logged now (the optimizer steps taken so far)."""
+    loop = getattr(trainer, "fit_loop", None)
+    stepped = getattr(getattr(loop, "epoch_loop", None), "_batches_that_stepped", None)
+    return int(stepped) if isinstance(stepped, int) else int(trainer.global_step)
+
+
+def density_figure(result: HessianStatistics, title: str) -> Any:
+    """The spectral density on a log axis floored ``DECADES_SHOWN`` decades under the peak.
+
+    Drawn on a ``matplotlib.figure.Figure`` (pyplot and the global backend are never touched); the top
+    eigenvalues are marked. ``None`` when matplotlib is not installed.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    assert result.density is not None and result.density_grid is not None
+    grid = result.density_grid.double().cpu()
+    density = result.density.double().cpu()
+    finite = density[density.isfinite()]
+    peak = float(finite.max()) if finite.numel() else 1.0
+    peak = peak if peak > 0 and math.isfinite(peak) else 1.0
+    floor = peak * 10.0 ** (-DECADES_SHOWN)
+    figure = Figure(figsize=(5.5, 3.4))
+    axes = figure.add_subplot()
+    axes.plot(grid.numpy(), density.clamp_min(floor).numpy(), color="tab:blue", label="density")
+    axes.set_yscale("log")
+    axes.set_ylim(floor, peak * 2.0)
+    if result.eigenvalues is not None:
+        for index, value in enumerate(result.eigenvalues.tolist(), start=1):
+            axes.axvline(value, color="tab:red", linestyle="--", linewidth=0.8,
+                         label="top eigenvalues" if index == 1 else None)
+    axes.set_xlabel("eigenvalue")
+    axes.set_ylabel(f"density (log, {DECADES_SHOWN} decades)")
+    axes.set_title(title)
+    axes.legend(loc="upper right", fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def send_figure(trainer: pl.Trainer, figure: Any, path: Path, key: str, step: int) -> None:
+    """Save ``figure`` to ``path`` and send it to every logger that takes images, at ``step``.
+
+    TensorBoard: ``add_figure``. MLflow: ``log_figure`` into the run's artifacts (under ``hessian/``).
+    Weights & Biases: ``log_image``. Any other logger: the file only.
+    """
+    figure.savefig(path, dpi=100)
+    for logger in trainer.loggers:
+        try:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(key, figure, global_step=step, close=False)
+            elif isinstance(logger, MLFlowLogger):
+                logger.experiment.log_figure(logger.run_id, figure, f"hessian/{path.name}")
+            elif type(logger).__name__ == "WandbLogger":
+                logger.log_image(key=key, images=[str(path)], step=step)
+        except Exception as err:  # a logger's own failure must not end the run
+            rank_zero_warn(f"HessianMonitor: could not send the figure to {type(logger).__name__}: {err}")

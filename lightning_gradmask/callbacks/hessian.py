@@ -525,12 +525,6 @@ class HessianMonitor(Callback):
             raise ValueError(f"HessianMonitor(loss_fn={self.loss_fn!r}): {type(pl_module).__name__} has no such method")
         return lambda module, batch: getattr(module, method_name)(batch)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"warned": sorted(self._warned)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._warned = set(state_dict.get("warned", ()))
-
 
 # ---------------------------------------------------------------------- checks
 _LOSS_FN_CONTRACT = (

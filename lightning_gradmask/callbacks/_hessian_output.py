@@ -41,11 +41,16 @@ def run_directory(trainer: pl.Trainer) -> Path:
     return Path(trainer.strategy.broadcast(path))
 
 
-def logger_step(trainer: pl.Trainer) -> int:
-    """The step Lightning gives the scalars logged now (the optimizer steps taken so far)."""
+def logger_step(trainer: pl.Trainer, epoch_end: bool) -> int:
+    """The step Lightning gives the scalars logged now through ``pl_module.log``.
+
+    In ``on_train_batch_end`` that is the count of batches that stepped before this one; at epoch end
+    Lightning logs the epoch's metrics one step back (``fit_loop`` decrements the counter around it).
+    """
     loop = getattr(trainer, "fit_loop", None)
     stepped = getattr(getattr(loop, "epoch_loop", None), "_batches_that_stepped", None)
-    return int(stepped) if isinstance(stepped, int) else int(trainer.global_step)
+    step = int(stepped) if isinstance(stepped, int) else int(trainer.global_step)
+    return max(step - 1, 0) if epoch_end else step
 
 
 def density_figure(result: HessianStatistics, title: str) -> Any:

@@ -300,7 +300,7 @@ class HessianMonitor(Callback):
             if result is not None:
                 self.latest = result
                 if self.save and self._directory is not None and trainer.is_global_zero:
-                    self._save(trainer, result, tag)
+                    self._save(trainer, result, tag, epoch_end=not on_step)
             seconds = time.perf_counter() - started
             self._overhead.spend(seconds)
             if result is None:
@@ -412,7 +412,7 @@ class HessianMonitor(Callback):
                     if self.strict:
                         raise
                     self._warn_once(
-                        "failed",
+                        "trial",
                         f"HessianMonitor: a trial Hessian-vector product at train start failed: "
                         f"{type(err).__name__}: {err}. {_remedy(err)} Training goes on; the evaluations will "
                         "log NaN if this persists (strict=True raises instead).",
@@ -486,7 +486,7 @@ class HessianMonitor(Callback):
         values["hessian/overhead"] = self._overhead.overhead()
         _log_same_on_every_rank(pl_module, values, on_step)
 
-    def _save(self, trainer: pl.Trainer, result: HessianStatistics, tag: str) -> None:
+    def _save(self, trainer: pl.Trainer, result: HessianStatistics, tag: str, epoch_end: bool) -> None:
         assert self._directory is not None
         self._directory.mkdir(parents=True, exist_ok=True)
         record = {key: _to_cpu(value) for key, value in asdict(result).items() if key != "eigenvectors"}
@@ -502,7 +502,7 @@ class HessianMonitor(Callback):
             )
             return
         path = self._directory / f"density_{tag}.png"
-        send_figure(trainer, figure, path, "hessian/density", logger_step(trainer))
+        send_figure(trainer, figure, path, "hessian/density", logger_step(trainer, epoch_end))
         rank_zero_info(f"HessianMonitor: spectral density drawn to {path}")
 
     # ------------------------------------------------------------------ helpers

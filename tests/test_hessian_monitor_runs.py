@@ -1,0 +1,307 @@
+"""HessianMonitor left on in real runs: it never ends one, costs what the user allows, changes no
+random stream, tracks sharpness every n steps, and reports to every logger in a directory of its own."""
+
+import csv
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_gradmask import HessianMonitor
+from lightning_gradmask.callbacks._hessian_output import density_figure
+
+from reference import reference_hessian
+from utils import TinyRegressor, loader, regression_data, snapshot, trainer
+
+
+def mse(module, batch):
+    x, y = batch
+    return F.mse_loss(module(x), y)
+
+
+def hessian_warnings(record, text):
+    return [w for w in record if text in str(w.message)]
+
+
+# ---------------------------------------------------------------------- never ends a run
+class NoSecondDerivative(torch.autograd.Function):
+    """Identity in the gradient whose own derivative is not implemented (like a fused kernel)."""
+
+    @staticmethod
+    def forward(ctx, grad):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("derivative for fused_kernel_backward is not implemented")
+
+
+class NoDoubleBackward(torch.autograd.Function):
+    """tanh whose backward has a graph that cannot be differentiated: every Hessian-vector product fails."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return NoSecondDerivative.apply(grad) * (1 - y * y)
+
+
+def test_an_evaluation_that_fails_warns_once_logs_nan_and_training_goes_on():
+    def loss(module, batch):
+        x, y = batch
+        return F.mse_loss(module.net[2](NoDoubleBackward.apply(module.net[0](x))), y)
+
+    monitor = HessianMonitor(loss, stats=("trace", "eigenvalues"), max_overhead=None)
+    fit = trainer(callbacks=[monitor], max_epochs=3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit.fit(TinyRegressor(), loader())
+    assert fit.current_epoch == 3
+    assert len(hessian_warnings(record, "HessianMonitor: a trial Hessian-vector product")) == 1
+    failures = hessian_warnings(record, "failed and was skipped")
+    assert len(failures) == 1  # once for three evaluations
+    assert "no second derivative" in str(failures[0].message)  # the remedy
+    assert math.isnan(fit.callback_metrics["hessian/trace"]) and math.isnan(fit.callback_metrics["hessian/eigenvalue_1"])
+    assert monitor.latest is None
+
+
+def test_strict_mode_raises_the_failure():
+    def loss(module, batch):
+        if module.current_epoch == 1:
+            raise ZeroDivisionError("data-dependent failure")
+        return mse(module, batch)
+
+    with pytest.raises(ZeroDivisionError, match="data-dependent"):
+        trainer(callbacks=[HessianMonitor(loss, max_overhead=None, strict=True)], max_epochs=2).fit(TinyRegressor(), loader())
+    monitor = HessianMonitor(loss, max_overhead=None)
+    with pytest.warns(UserWarning, match="ZeroDivisionError: data-dependent failure"):
+        trainer(callbacks=[monitor], max_epochs=3).fit(TinyRegressor(), loader())
+    assert monitor.latest is not None  # epochs 0 and 2 evaluated
+
+
+# ---------------------------------------------------------------------- trial evaluation
+class StepCounter(L.Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.steps += 1
+
+
+@pytest.mark.parametrize(
+    "loss_fn, message",
+    [
+        (lambda batch, module: mse(module, batch), "loss_fn=<lambda>\\) raised .*must be a callable \\(pl_module, batch\\)"),
+        (lambda module, batch: 1 / 0, "raised ZeroDivisionError: division by zero"),
+        (lambda module, batch: module(batch[0]), "must return a scalar floating-point loss tensor, got a tensor of shape \\(16, 1\\)"),
+        (lambda module, batch: mse(module, batch).item(), "got float"),
+        (lambda module, batch: mse(module, batch).detach(), "without an autograd graph"),
+    ],
+)
+def test_loss_fn_mistakes_are_raised_by_the_trial_before_the_first_optimizer_step(loss_fn, message):
+    model, steps = TinyRegressor(), StepCounter()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        trainer(callbacks=[steps, HessianMonitor(loss_fn)], max_epochs=1).fit(model, loader())
+    assert steps.steps == 0
+    for name, value in snapshot(model).items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_trial_with_a_probe_dataloader_runs_at_train_start():
+    steps = StepCounter()
+    with pytest.raises(ValueError, match="raised TypeError"):
+        trainer(callbacks=[steps, HessianMonitor(lambda m, b: b["x"], dataloader=loader())], max_epochs=1).fit(TinyRegressor(), loader())
+    assert steps.steps == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(dataloader="abc"), TypeError, "dataloader=...\\) must be a DataLoader.*got str"),
+        (dict(dataloader={"x": 1}), TypeError, "got dict"),
+        (dict(loss_fn=lambda batch: batch), ValueError, "cannot be called as loss_fn\\(pl_module, batch\\)"),
+        (dict(loss_fn="not a name"), ValueError, "is not a method name"),
+        (dict(statistics_kwargs={"lanczos_tolerance": 1e-3}), ValueError, "unknown key 'lanczos_tolerance'; choose from .*lanczos_tol"),
+        (dict(statistics_kwargs={"top_k": 2}), ValueError, "'top_k' is set by the monitor"),
+        (dict(statistics_kwargs={"trace_method": "exactly"}), ValueError, "choose from \\['auto', 'adaptive'"),
+        (dict(statistics_kwargs=[("lanczos_tol", 1)]), TypeError, "must be a dict"),
+        (dict(max_overhead=0), ValueError, "max_overhead"),
+        (dict(max_overhead="10%"), ValueError, "max_overhead"),
+        (dict(every_n_steps=0), ValueError, "every_n_steps"),
+        (dict(parameters=[3]), TypeError, "parameters"),
+        (dict(seed=1.5), TypeError, "seed"),
+        (dict(strict="yes"), TypeError, "strict"),
+    ],
+)
+def test_every_constructor_argument_is_checked_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        HessianMonitor(**({"loss_fn": mse} | kwargs))
+
+
+# ---------------------------------------------------------------------- random streams
+class Dropped(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return mse(self, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def test_probe_loader_with_shuffling_leaves_every_random_stream_as_it_was():
+    def run(with_monitor):
+        L.seed_everything(0, verbose=False)
+        probe = DataLoader(regression_data(n=32, seed=4), batch_size=8, shuffle=True)
+        callbacks = [HessianMonitor(mse, num_batches=2, dataloader=probe, every_n_steps=2, max_overhead=None)] if with_monitor else []
+        model = Dropped()
+        data = DataLoader(regression_data(), batch_size=16, shuffle=True)
+        trainer(callbacks=callbacks, max_epochs=3).fit(model, data)
+        return snapshot(model), (torch.rand(3), random.random(), np.random.rand())
+
+    (monitored, draws_on), (plain, draws_off) = run(True), run(False)
+    for name, value in plain.items():
+        assert torch.equal(value, monitored[name]), name
+    assert torch.equal(draws_on[0], draws_off[0]) and draws_on[1:] == draws_off[1:]
+
+
+# ---------------------------------------------------------------------- cost budget
+def slow_mse(module, batch):
+    time.sleep(0.02)  # an evaluation far above 10% of this tiny model's training time
+    return mse(module, batch)
+
+
+def test_budget_skips_evaluations_warns_once_and_logs_the_overhead(tmp_path):
+    monitor = HessianMonitor(slow_mse, stats=("trace",), max_overhead=0.1)
+    logger = CSVLogger(tmp_path, name="run")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(callbacks=[monitor], logger=logger, max_epochs=4).fit(TinyRegressor(), loader())
+    assert len(hessian_warnings(record, "skipped the evaluation at epoch=1 to stay within max_overhead=0.1")) == 1
+    assert len(hessian_warnings(record, "skipped the evaluation")) == 1
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    overhead = [float(r["hessian/overhead"]) for r in rows if r.get("hessian/overhead")]
+    traces = [r["hessian/trace"] for r in rows if r.get("hessian/trace")]
+    assert len(overhead) == 4 and len(traces) == 1  # the first evaluation always runs
+    assert overhead[0] > 0.1 and overhead[-1] < overhead[0]
+
+
+def test_no_budget_evaluates_on_schedule():
+    monitor = HessianMonitor(slow_mse, stats=("trace",), max_overhead=None, save=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec|log_every_n_steps).*")
+        trainer(callbacks=[monitor], max_epochs=3).fit(TinyRegressor(), loader())
+    assert monitor._overhead.evaluations == 3
+
+
+# ---------------------------------------------------------------------- every n steps, warm start
+class Evaluations(L.Callback):
+    """(global step, products) of every new result the monitor publishes."""
+
+    def __init__(self, monitor):
+        self.monitor, self.seen, self.last = monitor, [], None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.monitor.latest is not None and self.monitor.latest is not self.last:
+            self.last = self.monitor.latest
+            self.seen.append((trainer.global_step, self.last.num_products))
+
+
+def test_every_n_steps_tracks_the_top_eigenvalue_with_warm_started_lanczos():
+    model = TinyRegressor(hidden=48, optimizer=lambda p: torch.optim.SGD(p, lr=1e-3))  # 385 entries: Lanczos
+    probe = loader(regression_data(n=16, seed=5), batch_size=16)
+    monitor = HessianMonitor(mse, stats=("eigenvalues",), every_n_steps=2, dataloader=probe, max_overhead=None,
+                             statistics_kwargs={"lanczos_tol": 1e-6})
+    evaluations = Evaluations(monitor)
+    fit = trainer(callbacks=[monitor, evaluations], max_epochs=3)
+    fit.fit(model, loader())
+    assert [step for step, _ in evaluations.seen] == [2, 4, 6, 8, 10, 12]
+    cold, warm = evaluations.seen[0][1], [products for _, products in evaluations.seen[1:]]
+    assert max(warm) < cold
+    assert "hessian/eigenvalue_1" in fit.callback_metrics
+    batch = next(iter(probe))
+    reference = reference_hessian(model, lambda m, params: mse(lambda x: torch.func.functional_call(m, params, (x,)), batch))
+    assert float(monitor.latest.eigenvalues[0]) == pytest.approx(float(torch.linalg.eigvalsh(reference.double())[-1]), rel=1e-5)
+
+
+# ---------------------------------------------------------------------- pictures and files
+def density_run(logger, root):
+    monitor = HessianMonitor(mse, stats=("eigenvalues", "density"), top_k=2, max_overhead=None)
+    trainer(callbacks=[monitor], logger=logger, default_root_dir=root, max_epochs=1).fit(TinyRegressor(), loader())
+    return monitor
+
+
+def test_mlflow_gets_the_figure_and_each_run_has_its_own_files(tmp_path):
+    pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    directories = []
+    for _ in range(2):
+        logger = MLFlowLogger(experiment_name="hessian", tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"))
+        density_run(logger, tmp_path)
+        artifacts = [a.path for a in logger.experiment.list_artifacts(logger.run_id, "hessian")]
+        assert artifacts == ["hessian/density_epoch=0.png"]
+        directory = tmp_path / "hessian" / logger.run_id
+        assert sorted(p.name for p in directory.iterdir()) == ["density_epoch=0.png", "epoch=0.pt"]
+        directories.append(directory)
+        assert "hessian/eigenvalue_1" in logger.experiment.get_run(logger.run_id).data.metrics
+    assert directories[0] != directories[1]
+
+
+def test_csv_and_no_logger_runs_write_files_of_their_own(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    density_run(logger, tmp_path)
+    assert (Path(logger.log_dir) / "hessian" / "density_epoch=0.png").is_file()
+    density_run(False, tmp_path)
+    density_run(False, tmp_path)
+    runs = list((tmp_path / "hessian").iterdir())
+    assert len(runs) == 2 and all((run / "epoch=0.pt").is_file() for run in runs)
+
+
+def test_tensorboard_figure_at_the_scalars_step_and_the_global_backend_untouched(tmp_path):
+    import matplotlib
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    backend = matplotlib.get_backend()
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    density_run(logger, tmp_path)
+    assert matplotlib.get_backend() == backend
+    events = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    image_steps = [e.step for e in events.Images("hessian/density")]
+    scalar_steps = [e.step for e in events.Scalars("hessian/eigenvalue_1")]
+    assert image_steps == scalar_steps == [3]
+
+
+def test_density_figure_has_a_readable_scale_labels_and_eigenvalue_markers():
+    monitor = HessianMonitor(mse, stats=("eigenvalues", "density"), top_k=2, max_overhead=None, save=False)
+    trainer(callbacks=[monitor], max_epochs=1).fit(TinyRegressor(), loader())
+    figure = density_figure(monitor.latest, "title")
+    axes = figure.axes[0]
+    low, high = axes.get_ylim()
+    assert axes.get_yscale() == "log" and 3 <= math.log10(high / low) <= 5
+    assert axes.get_xlabel() == "eigenvalue" and "density" in axes.get_ylabel()
+    marked = sorted(line.get_xdata()[0] for line in axes.get_lines()[1:])
+    assert marked == pytest.approx(sorted(monitor.latest.eigenvalues.tolist()))

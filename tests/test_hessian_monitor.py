@@ -222,6 +222,7 @@ def test_ddp_every_rank_logs_the_union_batch_statistics(tmp_path):
     run_script(REPO_ROOT / "tests" / "ddp" / "hessian_ddp.py", str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert not torch.equal(ranks[0]["batch"][0], ranks[1]["batch"][0])  # the ranks saw different data
+    assert ranks[0]["evaluations"] == ranks[1]["evaluations"] == 1  # rank 0's budget decided for both
     assert ranks[0]["trace"] == ranks[1]["trace"]
     assert torch.equal(ranks[0]["eigenvalues"], ranks[1]["eigenvalues"])
     for key in ("hessian/trace", "hessian/eigenvalue_1", "hessian/eigenvalue_2"):

@@ -246,3 +246,14 @@ def test_reentrant_checkpointing_is_named_with_the_fix_before_any_step():
         trainer(callbacks=[HessianMonitor(mse)], max_epochs=1).fit(model, loader())
     for name, value in snapshot(model).items():
         assert torch.equal(value, before[name]), name
+
+
+def test_mixed_precision_measures_the_float32_model_without_autocast():
+    def top(precision):
+        monitor = HessianMonitor(mse, stats=("trace", "eigenvalues"), max_overhead=None, save=False, strict=True)
+        model = TinyRegressor(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+        trainer(callbacks=[monitor], max_epochs=1, precision=precision).fit(model, loader())
+        return monitor.latest
+
+    mixed, full = top("bf16-mixed"), top("32-true")
+    assert torch.equal(mixed.eigenvalues, full.eigenvalues) and mixed.trace == full.trace

@@ -17,6 +17,7 @@ from typing import Any, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -240,11 +241,9 @@ class HessianMonitor(Callback):
             self._trial(trainer, pl_module, batch)
         if self.dataloader is not None:
             return
-        detached = apply_to_collection(batch, torch.Tensor, lambda t: t.detach())
-        if self.every_n_steps is not None:
-            self._batches.append(detached)  # the latest num_batches batches
-        elif self._due_epoch(trainer) and len(self._batches) < self.num_batches:
-            self._batches.append(detached)
+        if self.every_n_steps is not None or (self._due_epoch(trainer) and len(self._batches) < self.num_batches):
+            # epochs: the epoch's first num_batches batches; steps: the latest num_batches (a bounded deque)
+            self._batches.append(apply_to_collection(batch, torch.Tensor, lambda t: t.detach()))
 
     def _probe_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
         if self.dataloader is None:
@@ -373,8 +372,11 @@ class HessianMonitor(Callback):
 
     @contextlib.contextmanager
     def _evaluation_context(self, trainer: pl.Trainer) -> Iterator[None]:
-        """The math attention kernel (it has a second derivative) and the Trainer's input dtype."""
-        with sdpa_kernel(SDPBackend.MATH), trainer.precision_plugin.forward_context():
+        """The math attention kernel (it has a second derivative) and, for ``*-true`` precision, the
+        Trainer's default dtype. Mixed precision: no autocast, the Hessian of the float32 model."""
+        plugin = trainer.precision_plugin
+        dtype = contextlib.nullcontext() if isinstance(plugin, MixedPrecision) else plugin.forward_context()
+        with sdpa_kernel(SDPBackend.MATH), dtype:
             yield
 
     def _warm_vector(self, operator: HessianOperator) -> torch.Tensor | None:

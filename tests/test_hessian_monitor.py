@@ -43,7 +43,7 @@ class KeepFirstBatch(Callback):
 
 def test_logs_exact_trace_and_algebraically_largest_eigenvalues(tmp_path):
     model = TinyRegressor(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))  # lr 0: the Hessian of the start
-    monitor = HessianMonitor(loss_fn=mse, stats=("trace", "eigenvalues", "diagonal"), top_k=3)
+    monitor = HessianMonitor(loss_fn=mse, stats=("trace", "eigenvalues", "diagonal"), top_k=3, max_overhead=None)
     keep = KeepFirstBatch()
     logger = CSVLogger(tmp_path, name="run")
     trainer(callbacks=[keep, monitor], logger=logger, max_epochs=1).fit(model, loader())
@@ -71,7 +71,7 @@ def test_only_trainable_entries_of_a_gradient_mask_count():
     edges[:4] = True
     mask = {"net.0.weight": edges, "net.2.bias": torch.zeros(1, dtype=torch.bool)}
     model = TinyRegressor(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
-    monitor = HessianMonitor(loss_fn=mse, stats=("trace",))
+    monitor = HessianMonitor(loss_fn=mse, stats=("trace",), max_overhead=None)
     keep = KeepFirstBatch()
     trainer(callbacks=[GradientMask(mask), keep, monitor], max_epochs=1).fit(model, loader())
     reference = exact_hessian(model, keep.batch, mask)
@@ -143,7 +143,7 @@ def test_never_touches_training_state_so_training_is_bit_identical():
 def test_explicit_dataloader_and_subset_of_parameters():
     probe = loader(regression_data(n=16, seed=5), batch_size=16)
     model = TinyRegressor(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
-    monitor = HessianMonitor(loss_fn=mse, stats=("trace",), dataloader=probe, parameters="re:net\\.2\\..*")
+    monitor = HessianMonitor(loss_fn=mse, stats=("trace",), dataloader=probe, parameters="re:net\\.2\\..*", max_overhead=None)
     trainer(callbacks=[monitor], max_epochs=1).fit(model, loader())
     batch = next(iter(probe))
     full = exact_hessian(model, batch)
@@ -176,7 +176,7 @@ def test_nan_loss_is_logged_as_nan_with_a_warning_and_training_goes_on():
     def poisoned(module, batch):
         return mse(module, batch) * float("nan")
 
-    monitor = HessianMonitor(loss_fn=poisoned, stats=("trace", "eigenvalues"))
+    monitor = HessianMonitor(loss_fn=poisoned, stats=("trace", "eigenvalues"), max_overhead=None)
     fit = trainer(callbacks=[monitor], max_epochs=2)
     with pytest.warns(UserWarning, match="not finite"):
         fit.fit(TinyRegressor(), loader())
@@ -222,7 +222,7 @@ def test_ddp_every_rank_logs_the_union_batch_statistics(tmp_path):
     run_script(REPO_ROOT / "tests" / "ddp" / "hessian_ddp.py", str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert not torch.equal(ranks[0]["batch"][0], ranks[1]["batch"][0])  # the ranks saw different data
-    assert ranks[0]["evaluations"] == ranks[1]["evaluations"] == 1  # rank 0's budget decided for both
+    assert ranks[0]["evaluations"] == ranks[1]["evaluations"] == 3  # rank 0's (unlimited) budget decided for both
     assert ranks[0]["trace"] == ranks[1]["trace"]
     assert torch.equal(ranks[0]["eigenvalues"], ranks[1]["eigenvalues"])
     for key in ("hessian/trace", "hessian/eigenvalue_1", "hessian/eigenvalue_2"):

@@ -199,13 +199,27 @@ def test_budget_skips_evaluations_warns_once_and_logs_the_overhead(tmp_path):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer(callbacks=[monitor], logger=logger, max_epochs=4).fit(TinyRegressor(), loader())
-    assert len(hessian_warnings(record, "skipped the evaluation at epoch=1 to stay within max_overhead=0.1")) == 1
-    assert len(hessian_warnings(record, "skipped the evaluation")) == 1
+    skipped = hessian_warnings(record, "skipped the evaluation")
+    assert len(skipped) == 1  # once, at the first skip
+    assert "at epoch=0 to stay within max_overhead=0.1" in str(skipped[0].message)
+    assert "is estimated to take" in str(skipped[0].message)  # from the trial product at train start
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
     overhead = [float(r["hessian/overhead"]) for r in rows if r.get("hessian/overhead")]
-    traces = [r["hessian/trace"] for r in rows if r.get("hessian/trace")]
-    assert len(overhead) == 4 and len(traces) == 1  # the first evaluation always runs
-    assert overhead[0] > 0.1 and overhead[-1] < overhead[0]
+    assert len(overhead) == 4 and not any(r.get("hessian/trace") for r in rows)
+    assert overhead == sorted(overhead, reverse=True)  # only the trial was spent: the share falls
+    assert monitor.latest is None
+
+
+def test_budget_allows_an_evaluation_once_training_has_paid_for_it():
+    monitor = HessianMonitor(mse, stats=("trace",), max_overhead=0.5, save=False)
+
+    class SlowStep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            time.sleep(0.01)
+
+    trainer(callbacks=[SlowStep(), monitor], max_epochs=3).fit(TinyRegressor(), loader())
+    assert monitor._overhead.evaluations >= 1
+    assert monitor._overhead.overhead() <= 0.5
 
 
 def test_no_budget_evaluates_on_schedule():

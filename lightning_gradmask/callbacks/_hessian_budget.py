@@ -10,15 +10,16 @@ __all__ = ["OverheadBudget"]
 class OverheadBudget:
     """Decide whether one more evaluation keeps the monitor within ``max_overhead`` of training time.
 
-    Training time is the wall time since :meth:`start` minus the monitor's own time. The first
-    evaluation always runs (it measures what an evaluation costs); a later one runs when the time spent
-    so far plus the last evaluation's cost stays within ``max_overhead`` times the training time.
-    ``max_overhead=None`` allows every evaluation.
+    Training time is the wall time since :meth:`start` minus the monitor's own time. An evaluation
+    runs when the time spent so far plus the expected cost of one evaluation stays within
+    ``max_overhead`` times the training time; the expected cost is the last evaluation's, or before
+    the first one the estimate given to :meth:`expect`. ``max_overhead=None`` allows every evaluation.
 
     Example::
 
         budget = OverheadBudget(0.1)
         budget.start()
+        budget.expect(0.3)          # e.g. from a trial product
         if budget.allows():
             ...  # evaluate
             budget.spend(seconds)
@@ -47,6 +48,11 @@ class OverheadBudget:
         if self.max_overhead is None or self.last_cost is None:
             return True
         return self.spent + self.last_cost <= self.max_overhead * self.training_seconds()
+
+    def expect(self, seconds: float) -> None:
+        """The estimated cost of one evaluation, until a real one has been measured."""
+        if self.evaluations == 0:
+            self.last_cost = seconds
 
     def spend(self, seconds: float, evaluation: bool = True) -> None:
         """Count ``seconds`` of monitor time; ``evaluation=True`` also makes it the expected cost."""

@@ -35,6 +35,7 @@ from lightning_gradmask.curvature import (
     NonFiniteLossError,
     hessian_statistics,
 )
+from lightning_gradmask.curvature.statistics import planned_matvecs
 from lightning_gradmask.specs import match_parameters
 
 __all__ = ["HessianMonitor"]
@@ -99,10 +100,11 @@ class HessianMonitor(Callback):
         save: save the full result (and the density figure) in the run's directory.
         statistics_kwargs: further keyword arguments for
             :func:`lightning_gradmask.curvature.hessian_statistics` (e.g. ``lanczos_tol``).
-        max_overhead: the share of training time the monitor may take (default 0.1). The first
-            evaluation always runs; a later one is skipped (with one warning) when it would bring the
-            monitor's total time above ``max_overhead`` times the training time so far. Rank 0
-            decides for every rank. ``None``: evaluate on schedule whatever it costs.
+        max_overhead: the share of training time the monitor may take (default 0.1). An evaluation
+            is skipped (with one warning) when it would bring the monitor's total time above
+            ``max_overhead`` times the training time so far; its cost is the last evaluation's, or
+            before the first one an estimate from the trial product at train start. Rank 0 decides
+            for every rank. ``None``: evaluate on schedule whatever it costs (tiny models, tests).
         strict: raise when an evaluation fails. By default a failed evaluation warns once with the
             cause and a remedy, logs NaN and training goes on.
 
@@ -283,7 +285,8 @@ class HessianMonitor(Callback):
                 self._warn_once(
                     "budget",
                     f"HessianMonitor: skipped the evaluation at {tag} to stay within max_overhead={self.max_overhead} "
-                    f"of the training time (one evaluation took {self._overhead.last_cost:.3g} s; the monitor has "
+                    f"of the training time (an evaluation {'takes' if self._overhead.evaluations else 'is estimated to take'} "
+                    f"{self._overhead.last_cost:.3g} s; the monitor has "
                     f"used {self._overhead.spent:.3g} s of {self._overhead.training_seconds():.3g} s of training). "
                     "Raise max_overhead (None for no limit), evaluate less often (every_n_epochs/every_n_steps) or "
                     "ask for less (stats, num_batches, parameters). Further skips are not reported.",
@@ -404,8 +407,17 @@ class HessianMonitor(Callback):
                     _check_graph(self.loss_fn, value)
                 del value
                 try:
+                    built = time.perf_counter()
                     operator = self._operator(trainer, pl_module, [batch])
+                    multiplied = time.perf_counter()
                     operator.matvec(torch.zeros(operator.dim, dtype=operator.dtype, device=operator.device))
+                    finished = time.perf_counter()
+                    planned = planned_matvecs(
+                        operator.dim, self.stats, top_k=self.top_k, budget=self.budget,
+                        trace_products=self.trace_products, **self.statistics_kwargs,
+                    )
+                    # the graph and every product scale with the number of batches
+                    self._overhead.expect(self.num_batches * (multiplied - built + planned * (finished - multiplied)))
                 except NonFiniteLossError:
                     pass  # not a configuration mistake: the evaluations log NaN
                 except ValueError as err:

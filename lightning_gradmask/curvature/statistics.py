@@ -32,7 +32,7 @@ from lightning_gradmask.curvature.lanczos import lanczos
 from lightning_gradmask.curvature.operator import HessianOperator, LinearOperator
 from lightning_gradmask.curvature.trace import estimate_trace
 
-__all__ = ["STATS", "HessianStatistics", "hessian_statistics"]
+__all__ = ["STATS", "HessianStatistics", "hessian_statistics", "planned_matvecs"]
 
 STATS = ("trace", "eigenvalues", "diagonal", "density")
 
@@ -127,6 +127,32 @@ def _planned_products(
     if "density" in stats:
         total += density_runs * density_steps
     return total
+
+
+def planned_matvecs(
+    dim: int,
+    stats: Sequence[str] = ("trace", "eigenvalues"),
+    *,
+    top_k: int = 1,
+    budget: int | None = None,
+    trace_products: int = 100,
+    lanczos_max_iter: int | None = None,
+    diagonal_products: int = 100,
+    density_runs: int = 4,
+    density_steps: int = 40,
+    **others: object,
+) -> int:
+    """The most Hessian-vector products :func:`hessian_statistics` plans for these arguments.
+
+    ``dim`` when the exact path is taken, otherwise the sum of each statistic's budget (Lanczos may
+    stop earlier; the layerwise exact diagonal of Linear layers is counted as ``trace_products``).
+    Other keyword arguments of :func:`hessian_statistics` are accepted and ignored, so the same
+    ``**kwargs`` can be passed to both. Example: ``planned_matvecs(op.dim, ("trace",), trace_products=40)``.
+    """
+    max_iter = lanczos_max_iter if lanczos_max_iter is not None else min(dim, max(2 * top_k + 40, 60))
+    planned = _planned_products(stats, trace_products, max_iter, diagonal_products, density_runs, density_steps)
+    limit = planned if budget is None else budget
+    return dim if dim <= limit else planned
 
 
 def hessian_statistics(

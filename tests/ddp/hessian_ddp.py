@@ -2,8 +2,8 @@
 
 Usage: python hessian_ddp.py OUT_DIR
 Each rank saves the statistics it computed and the batch it cached to OUT_DIR/rank{r}.pt.
-The ranks are given different budgets (rank 0 a vanishing one, rank 1 none): rank 0 decides for both,
-so they evaluate together (a rank evaluating alone would wait forever in the first all-reduce).
+The ranks are given different budgets (rank 0 none, rank 1 a vanishing one): rank 0 decides for both,
+so they evaluate together every epoch (a rank evaluating alone would wait forever in an all-reduce).
 """
 
 import sys
@@ -30,7 +30,7 @@ class Saver(TinyRegressor):
         self.out, self.monitor = out, monitor
 
     def setup(self, stage: str) -> None:
-        self.monitor._overhead.max_overhead = 1e-9 if self.global_rank == 0 else None
+        self.monitor._overhead.max_overhead = None if self.global_rank == 0 else 1e-9
 
     def train_dataloader(self):
         data = regression_data(n=32, seed=3)

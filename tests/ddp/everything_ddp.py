@@ -87,11 +87,11 @@ def main() -> None:
         enable_model_summary=False, log_every_n_steps=1,
     )
     model = Everything(out)
-    first_monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2)
+    first_monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, max_overhead=None)
     first = L.Trainer(max_epochs=2, logger=CSVLogger(out, name="phase1"), callbacks=callbacks(out, first_monitor), **settings)
     first.fit(model)
 
-    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2)
+    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, max_overhead=None)
     resumed = Everything(out)
     second = L.Trainer(max_epochs=4, logger=CSVLogger(out, name="phase2"), callbacks=callbacks(out, monitor), **settings)
     second.fit(resumed, ckpt_path=out / "checkpoints" / "last.ckpt")

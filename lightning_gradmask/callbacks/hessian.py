@@ -302,9 +302,14 @@ class HessianMonitor(Callback):
             if result is not None:
                 self.latest = result
                 if self.save and self._directory is not None and trainer.is_global_zero:
-                    self._save(trainer, result, tag, epoch_end=not on_step)
+                    try:
+                        self._save(trainer, result, tag, epoch_end=not on_step)
+                    except Exception as err:  # a full disk must not end the run either
+                        if self.strict:
+                            raise
+                        self._warn_once("save", f"HessianMonitor: could not save the result of {tag}: {type(err).__name__}: {err}")
             seconds = time.perf_counter() - started
-            self._overhead.spend(seconds)
+            self._overhead.spend(seconds, evaluation=result is not None)  # a failure says nothing of the cost
             if result is None:
                 self._log_nan(pl_module, on_step)
             else:

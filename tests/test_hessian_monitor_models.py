@@ -41,7 +41,7 @@ def subset_hessian(module, name, loss_of):
     def loss(flat):
         return loss_of(lambda *a, **k: functional_call(module, {name: flat.reshape(p0.shape)}, a, k))
 
-    return torch.func.hessian(loss)(p0.reshape(-1).double().to(p0.dtype)).double()
+    return torch.func.hessian(loss)(p0.reshape(-1)).double().detach()
 
 
 class HuggingFace(L.LightningModule):

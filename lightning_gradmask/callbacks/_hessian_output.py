@@ -31,7 +31,7 @@ def run_directory(trainer: pl.Trainer) -> Path:
         logger = trainer.loggers[0] if trainer.loggers else None
         root = Path(trainer.default_root_dir) / "hessian"
         if isinstance(logger, (TensorBoardLogger, CSVLogger)):
-            path = str(Path(logger.log_dir) / "hessian")
+            path = str(Path(str(logger.log_dir)) / "hessian")
         elif isinstance(logger, MLFlowLogger):
             path = str(root / str(logger.run_id))
         elif logger is not None and logger.version is not None:
@@ -101,6 +101,6 @@ def send_figure(trainer: pl.Trainer, figure: Any, path: Path, key: str, step: in
             elif isinstance(logger, MLFlowLogger):
                 logger.experiment.log_figure(logger.run_id, figure, f"hessian/{path.name}")
             elif type(logger).__name__ == "WandbLogger":
-                logger.log_image(key=key, images=[str(path)], step=step)
+                logger.log_image(key=key, images=[str(path)], step=step)  # type: ignore[attr-defined]
         except Exception as err:  # a logger's own failure must not end the run
             rank_zero_warn(f"HessianMonitor: could not send the figure to {type(logger).__name__}: {err}")

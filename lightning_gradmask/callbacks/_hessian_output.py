@@ -38,7 +38,8 @@ def run_directory(trainer: pl.Trainer) -> Path:
             path = str(root / f"{type(logger).__name__}-{logger.version}")
         else:
             path = str(root / uuid.uuid4().hex[:12])
-    return Path(trainer.strategy.broadcast(path))
+    chosen: str = trainer.strategy.broadcast(path)  # rank 0 always chooses one
+    return Path(chosen)
 
 
 def logger_step(trainer: pl.Trainer, epoch_end: bool) -> int:

@@ -38,7 +38,8 @@ def run_directory(trainer: pl.Trainer) -> Path:
             path = str(root / f"{type(logger).__name__}-{logger.version}")
         else:
             path = str(root / uuid.uuid4().hex[:12])
-    chosen: str = trainer.strategy.broadcast(path)  # rank 0 always chooses one
+    chosen = trainer.strategy.broadcast(path)
+    assert chosen is not None  # rank 0 always chooses one
     return Path(chosen)
 
 

@@ -16,11 +16,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import lightning.pytorch as pl
 import torch
 from torch import nn
 
 from lightning_gradmask._distributed import check_strategy
+from lightning_gradmask._namespaces import lightning_classes
 from lightning_gradmask.callbacks._constraints import PRIORITY_PROXIMAL, constraints_for
 from lightning_gradmask.regularization import (
     check_strength,
@@ -179,7 +179,7 @@ class MaskedL1Mixin:
         step = getattr(cls, "training_step", None)
         if not isinstance(step, types.FunctionType) or getattr(step, _WRAPPED, False):
             return
-        if step is getattr(pl.LightningModule, "training_step", None):
+        if any(step is getattr(base, "training_step", None) for base in lightning_classes("", "LightningModule")):
             return  # the default, which only warns; wrapping it would make Lightning think it is overridden
         setattr(cls, "training_step", _wrap_training_step(step))
 

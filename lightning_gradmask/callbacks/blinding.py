@@ -7,12 +7,12 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
+from lightning_gradmask._namespaces import Callback
 from lightning_gradmask.blinding import (
     BlindingPlan,
     ColumnSpecError,

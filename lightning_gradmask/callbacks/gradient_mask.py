@@ -8,11 +8,11 @@ from typing import Any, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
+from lightning_gradmask._namespaces import Callback
 from lightning_gradmask.callbacks._constraints import constraints_for
 from lightning_gradmask.specs import MaskSpecError, resolve_masks
 

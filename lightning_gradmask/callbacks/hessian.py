@@ -12,13 +12,12 @@ from typing import Any, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader
 
 from lightning_gradmask._distributed import all_reduce_mean, check_strategy
+from lightning_gradmask._namespaces import Callback, lightning_classes
 from lightning_gradmask.callbacks._constraints import constraints_for
 from lightning_gradmask.curvature import (
     STATS,
@@ -296,7 +295,7 @@ class HessianMonitor(Callback):
         figure.tight_layout()
         figure.savefig(path, dpi=100)
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
+            if isinstance(logger, lightning_classes("loggers", "TensorBoardLogger")):
                 logger.experiment.add_figure("hessian/density", figure, global_step=trainer.global_step, close=False)
         plt.close(figure)
         rank_zero_info(f"HessianMonitor: spectral density drawn to {path}")

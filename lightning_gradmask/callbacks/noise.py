@@ -16,10 +16,10 @@ from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
+from lightning_gradmask._namespaces import Callback
 from lightning_gradmask.callbacks._constraints import constraints_for
 from lightning_gradmask.noise import StdSchedule, make_schedule, noise_like
 from lightning_gradmask.specs import REGEX_PREFIX, MaskSpecError, match_parameters

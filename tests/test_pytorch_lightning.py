@@ -1,0 +1,110 @@
+"""The standalone ``pytorch_lightning`` namespace: every callback and the mixin in its real ``Trainer.fit``."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_gradmask import (
+    GradientMask,
+    GradientNoise,
+    HessianMonitor,
+    MaskedL1Mixin,
+    SensitiveColumnBlinding,
+    WeightNoise,
+)
+
+from utils import loader, snapshot
+
+pl = pytest.importorskip("pytorch_lightning")
+
+
+class PLRegressor(pl.LightningModule):
+    """The tests' tiny regressor, built on ``pytorch_lightning.LightningModule``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.05)
+
+
+class PLL1Regressor(MaskedL1Mixin, PLRegressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_masked_l1("net.0.weight", strength=0.5, proximal=True)
+
+
+def pl_trainer(**overrides: Any) -> Any:
+    settings: dict[str, Any] = dict(
+        default_root_dir=tempfile.mkdtemp(prefix="gradmask-test-"),
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    settings.update(overrides)
+    return pl.Trainer(**settings)
+
+
+def test_callbacks_are_callbacks_of_both_namespaces() -> None:
+    import lightning.pytorch as lp
+
+    for callback in (GradientMask({"net.0.weight": True}), HessianMonitor(loss_fn=lambda m, b: m(b).sum())):
+        assert isinstance(callback, lp.Callback) and isinstance(callback, pl.Callback)
+
+
+def test_gradient_mask_keeps_frozen_entries_exact_and_resumes_under_pytorch_lightning() -> None:
+    frozen = torch.zeros(8, 6, dtype=torch.bool)
+    frozen[:, :3] = True
+    spec = {"net.0.weight": ~frozen, "net.2.bias": False}
+    model = PLRegressor()
+    before = snapshot(model)
+    directory = tempfile.mkdtemp(prefix="gradmask-test-")
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=directory, save_last=True)
+    pl_trainer(callbacks=[GradientMask(spec), checkpoint], enable_checkpointing=True).fit(model, loader())
+    after = snapshot(model)
+    assert torch.equal(after["net.0.weight"][frozen], before["net.0.weight"][frozen])
+    assert torch.equal(after["net.2.bias"], before["net.2.bias"])
+    assert not torch.equal(after["net.0.weight"][~frozen], before["net.0.weight"][~frozen])
+
+    resumed = PLRegressor()
+    callbacks = [GradientMask(spec), pl.callbacks.ModelCheckpoint(dirpath=tempfile.mkdtemp(prefix="gradmask-"))]
+    pl_trainer(callbacks=callbacks, max_epochs=3, enable_checkpointing=True).fit(
+        resumed, loader(), ckpt_path=checkpoint.last_model_path
+    )
+    assert torch.equal(snapshot(resumed)["net.0.weight"][frozen], before["net.0.weight"][frozen])
+
+
+def test_blinding_noise_and_hessian_monitor_under_pytorch_lightning() -> None:
+    model = PLRegressor()
+    before = snapshot(model)
+    monitor = HessianMonitor(loss_fn=lambda module, batch: F.mse_loss(module(batch[0]), batch[1]), stats=("trace",))
+    callbacks = [SensitiveColumnBlinding([0, 1]), GradientNoise(std=0.1), WeightNoise(std=0.01), monitor]
+    pl_trainer(callbacks=callbacks).fit(model, loader())
+    assert torch.equal(model.net[0].weight[:, :2], torch.zeros(8, 2))
+    assert not torch.equal(model.net[2].weight, before["net.2.weight"])
+    assert monitor.latest is not None and torch.isfinite(torch.as_tensor(monitor.latest.trace))
+
+
+def test_masked_l1_mixin_on_a_pytorch_lightning_module() -> None:
+    model = PLL1Regressor()
+    pl_trainer(max_epochs=3).fit(model, loader())
+    assert float((model.net[0].weight == 0).float().mean()) > 0.5  # the proximal step ran

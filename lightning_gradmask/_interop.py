@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_gradmask._namespaces import lightning_classes
+from lightning_gradmask._namespaces import lightning_classes, trainer_callbacks
 
 __all__ = ["warn_if_averaged_inexactly", "warn_if_pruned"]
 
@@ -22,7 +22,7 @@ __all__ = ["warn_if_averaged_inexactly", "warn_if_pruned"]
 def warn_if_averaged_inexactly(trainer: pl.Trainer, owner: str) -> None:
     """Warn when an ``EMAWeightAveraging`` callback would round frozen entries."""
     ema = lightning_classes("callbacks", "EMAWeightAveraging")
-    if ema and any(isinstance(callback, ema) for callback in trainer.callbacks):
+    if ema and any(isinstance(callback, ema) for callback in trainer_callbacks(trainer)):
         rank_zero_warn(
             f"{owner}: EMAWeightAveraging averages every entry as `decay * avg + (1 - decay) * current`, which "
             "in floating point is not exactly the value of an entry that never changes; the averaged weights "
@@ -43,7 +43,7 @@ def warn_if_pruned(trainer: pl.Trainer, pl_module: pl.LightningModule, frozen: I
         return
     names = {id(module): name for name, module in pl_module.named_modules()}
     frozen = set(frozen)
-    for callback in trainer.callbacks:
+    for callback in trainer_callbacks(trainer):
         if not isinstance(callback, pruning):
             continue
         pruned = {

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as _lightning_pytorch
 
-__all__ = ["Callback", "lightning_classes", "namespaces"]
+__all__ = ["Callback", "lightning_classes", "namespaces", "trainer_callbacks"]
 
 
 def _import_standalone() -> object | None:
@@ -58,6 +58,11 @@ def lightning_classes(module: str, name: str) -> tuple[type, ...]:
         if isinstance(cls, type):
             found.append(cls)
     return tuple(found)
+
+
+def trainer_callbacks(trainer: object) -> list[Any]:
+    """``trainer.callbacks`` of a Trainer of either namespace (an attribute the Trainer sets at run time)."""
+    return list(getattr(trainer, "callbacks", None) or [])
 
 
 if TYPE_CHECKING:

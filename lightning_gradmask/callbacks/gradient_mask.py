@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
-from lightning_gradmask._namespaces import Callback
+from lightning_gradmask._namespaces import Callback, trainer_callbacks
 from lightning_gradmask.callbacks._constraints import constraints_for
 from lightning_gradmask.specs import MaskSpecError, resolve_masks
 
@@ -183,7 +183,7 @@ class GradientMask(Callback):
         if self.state_key in states or self._legacy_state_key in states:
             return
         saved = [key for key in states if key.startswith(f"{type(self).__qualname__}{{")]
-        if len(saved) == 1 and sum(isinstance(cb, GradientMask) for cb in trainer.callbacks) == 1:
+        if len(saved) == 1 and sum(isinstance(cb, GradientMask) for cb in trainer_callbacks(trainer)) == 1:
             self.load_state_dict(states[saved[0]])
 
     def _warn_if_changed(self) -> None:

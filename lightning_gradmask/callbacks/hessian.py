@@ -287,7 +287,7 @@ class HessianMonitor(Callback):
             )
             return
         figure, axes = plt.subplots(figsize=(5, 3.2))
-        axes.plot(result.density_grid.cpu().numpy(), result.density.cpu().numpy())
+        axes.plot(result.density_grid.cpu().numpy(), result.density.cpu().numpy())  # type: ignore[union-attr]  # the density stat is present when this runs
         axes.set_yscale("log")
         axes.set_xlabel("eigenvalue")
         axes.set_ylabel("density")
@@ -296,7 +296,7 @@ class HessianMonitor(Callback):
         figure.savefig(path, dpi=100)
         for logger in trainer.loggers:
             if isinstance(logger, lightning_classes("loggers", "TensorBoardLogger")):
-                logger.experiment.add_figure("hessian/density", figure, global_step=trainer.global_step, close=False)
+                logger.experiment.add_figure("hessian/density", figure, global_step=trainer.global_step, close=False)  # type: ignore[attr-defined]  # a TensorBoardLogger has experiment
         plt.close(figure)
         rank_zero_info(f"HessianMonitor: spectral density drawn to {path}")
 

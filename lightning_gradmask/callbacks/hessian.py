@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import lightning.pytorch as pl
 import torch
@@ -101,7 +101,7 @@ class HessianMonitor(Callback):
     def __init__(
         self,
         loss_fn: Union[str, LossFn, None] = None,
-        stats: Sequence[str] = ("trace", "eigenvalues"),
+        stats: Sequence[Literal["trace", "eigenvalues", "diagonal", "density"]] = ("trace", "eigenvalues"),
         top_k: int = 1,
         every_n_epochs: int = 1,
         num_batches: int = 1,

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradmask import GradientMask, MaskedL1Mixin
 
-# a deprecation notice raised inside Lightning itself (its pytree helper on torch >= 2.10), not about this example
+# a deprecation notice raised inside Lightning itself (its pytree helper on recent torch), not about this example
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 

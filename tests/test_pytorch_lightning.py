@@ -19,7 +19,7 @@ from lightning_gradmask import (
     WeightNoise,
 )
 
-from utils import loader, snapshot
+from utils import REPO_ROOT, loader, run_script, snapshot
 
 pl = pytest.importorskip("pytorch_lightning")
 
@@ -47,6 +47,10 @@ class PLL1Regressor(MaskedL1Mixin, PLRegressor):
     def __init__(self) -> None:
         super().__init__()
         self.register_masked_l1("net.0.weight", strength=0.5, proximal=True)
+
+
+TRAINABLE = torch.zeros(8, 6, dtype=torch.bool)
+TRAINABLE[:, :3] = True
 
 
 def pl_trainer(**overrides: Any) -> Any:
@@ -108,3 +112,14 @@ def test_masked_l1_mixin_on_a_pytorch_lightning_module() -> None:
     model = PLL1Regressor()
     pl_trainer(max_epochs=3).fit(model, loader())
     assert float((model.net[0].weight == 0).float().mean()) > 0.5  # the proximal step ran
+
+
+def test_ddp_run_of_the_pytorch_lightning_trainer(tmp_path):
+    run_script(REPO_ROOT / "tests" / "ddp" / "pytorch_lightning_ddp.py", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for name in ranks[0]["final"]:
+        assert torch.equal(ranks[0]["final"][name], ranks[1]["final"][name]), name  # the ranks agree
+    final, initial = ranks[0]["final"], ranks[0]["initial"]
+    assert torch.equal(final["net.0.weight"][~TRAINABLE], initial["net.0.weight"][~TRAINABLE])
+    assert torch.equal(final["net.2.bias"], initial["net.2.bias"])
+    assert not torch.equal(final["net.0.weight"][TRAINABLE], initial["net.0.weight"][TRAINABLE])

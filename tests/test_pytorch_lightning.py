@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,6 +76,7 @@ def test_callbacks_are_callbacks_of_both_namespaces() -> None:
         assert isinstance(callback, lp.Callback) and isinstance(callback, pl.Callback)
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed run has no ModelCheckpoint
 def test_gradient_mask_keeps_frozen_entries_exact_and_resumes_under_pytorch_lightning() -> None:
     frozen = torch.zeros(8, 6, dtype=torch.bool)
     frozen[:, :3] = True
@@ -90,10 +92,7 @@ def test_gradient_mask_keeps_frozen_entries_exact_and_resumes_under_pytorch_ligh
     assert not torch.equal(after["net.0.weight"][~frozen], before["net.0.weight"][~frozen])
 
     resumed = PLRegressor()
-    callbacks = [GradientMask(spec), pl.callbacks.ModelCheckpoint(dirpath=tempfile.mkdtemp(prefix="gradmask-"))]
-    pl_trainer(callbacks=callbacks, max_epochs=3, enable_checkpointing=True).fit(
-        resumed, loader(), ckpt_path=checkpoint.last_model_path
-    )
+    pl_trainer(callbacks=[GradientMask(spec)], max_epochs=3).fit(resumed, loader(), ckpt_path=checkpoint.last_model_path)
     assert torch.equal(snapshot(resumed)["net.0.weight"][frozen], before["net.0.weight"][frozen])
 
 
@@ -123,3 +122,18 @@ def test_ddp_run_of_the_pytorch_lightning_trainer(tmp_path):
     assert torch.equal(final["net.0.weight"][~TRAINABLE], initial["net.0.weight"][~TRAINABLE])
     assert torch.equal(final["net.2.bias"], initial["net.2.bias"])
     assert not torch.equal(final["net.0.weight"][TRAINABLE], initial["net.0.weight"][TRAINABLE])
+
+
+def test_without_pytorch_lightning_the_callbacks_are_lightning_callbacks():
+    code = (
+        "import sys; sys.modules['pytorch_lightning'] = None  # as if not installed\n"
+        "import lightning.pytorch as lp\n"
+        "from lightning_gradmask import GradientMask\n"
+        "from lightning_gradmask._namespaces import lightning_classes\n"
+        "assert [c.__module__.split('.')[0] for c in GradientMask.__mro__ if c.__name__ == 'Callback'] == "
+        "['lightning_gradmask', 'lightning']\n"
+        "assert lightning_classes('strategies', 'DDPStrategy') == (lp.strategies.DDPStrategy,)\n"
+    )
+    script = Path(tempfile.mkdtemp(prefix="gradmask-test-")) / "no_pytorch_lightning.py"
+    script.write_text(code)
+    run_script(script)

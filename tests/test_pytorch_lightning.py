@@ -137,3 +137,23 @@ def test_without_pytorch_lightning_the_callbacks_are_lightning_callbacks():
     script = Path(tempfile.mkdtemp(prefix="gradmask-test-")) / "no_pytorch_lightning.py"
     script.write_text(code)
     run_script(script)
+
+
+def test_pytorch_lightning_cli_accepts_the_callbacks_from_a_config(tmp_path):
+    from pytorch_lightning.cli import LightningCLI
+
+    config = {
+        "trainer": {
+            "accelerator": "cpu", "max_epochs": 1, "logger": False, "enable_checkpointing": False,
+            "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+            "callbacks": [
+                {"class_path": "lightning_gradmask.GradientMask", "init_args": {"trainable": {"net.2.bias": False}}},
+                {"class_path": "lightning_gradmask.GradientNoise", "init_args": {"std": 0.01}},
+            ],
+        }
+    }  # fmt: skip
+    cli = LightningCLI(PLRegressor, run=False, args=config, save_config_callback=None)
+    assert [type(cb).__name__ for cb in cli.trainer.callbacks][:2] == ["GradientMask", "GradientNoise"]
+    bias = cli.model.net[2].bias.detach().clone()
+    cli.trainer.fit(cli.model, loader())
+    assert torch.equal(cli.model.net[2].bias, bias)

@@ -116,7 +116,7 @@ class HessianMonitor(Callback):
     ) -> None:
         if loss_fn is not None and not callable(loss_fn) and not isinstance(loss_fn, str):
             raise TypeError(f"HessianMonitor(loss_fn=...) must be a callable or a method name, got {type(loss_fn).__name__}")
-        stats = (stats,) if isinstance(stats, str) else tuple(stats)
+        stats = (stats,) if isinstance(stats, str) else tuple(stats)  # type: ignore[assignment]  # a single name is accepted too
         unknown = [s for s in stats if s not in STATS]
         if unknown or not stats:
             raise ValueError(f"HessianMonitor(stats=...): unknown statistics {unknown}; choose from {list(STATS)}")

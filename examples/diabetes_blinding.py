@@ -308,7 +308,8 @@ def cli_main(args: Optional[list[str]] = None) -> DiabetesCLI:
 def main(argv: list[str]) -> None:
     if argv and (argv[0] in CLI_COMMANDS or argv[0] in {"--print_config", "--config"}):
         torch.set_num_threads(1)
-        cli_main(argv)
+        # from the command line LightningCLI reads sys.argv itself (args= is for calls from Python)
+        cli_main(None if argv == sys.argv[1:] else argv)
     else:
         report(parse_args(argv))
 

@@ -4,7 +4,8 @@ Plain run (prints a report)::
 
     python examples/frozen_edges.py
 
-As a LightningCLI command; each callback has a config in ``examples/configs/``::
+As a LightningCLI command; each callback has a config in ``examples/configs/``, and every run ends
+with a summary (final metrics, frozen entries checked bit for bit, where the logs are)::
 
     python examples/frozen_edges.py fit --config examples/configs/gradient_mask.yaml
     python examples/frozen_edges.py fit --config examples/configs/masked_l1.yaml
@@ -15,6 +16,7 @@ As a LightningCLI command; each callback has a config in ``examples/configs/``::
 from __future__ import annotations
 
 import sys
+import warnings
 
 import lightning as L
 import torch
@@ -24,6 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradmask import GradientMask, MaskedL1Mixin
+
+# a deprecation notice raised inside Lightning itself (its pytree helper on recent torch), not about this example
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 class EdgeMLP(MaskedL1Mixin, L.LightningModule):
@@ -107,8 +112,32 @@ def report() -> None:
     print(f"  final training loss                           : {trainer.callback_metrics['train_loss']:.4f}")
 
 
+class EdgeCLI(LightningCLI):
+    """``fit`` as configured, then a summary of what each gradmask callback did."""
+
+    def before_fit(self) -> None:
+        self._start = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        print("\nfit summary")
+        for name, value in sorted(self.trainer.callback_metrics.items()):
+            print(f"  {name:<38}: {float(value):.6g}")
+        params = dict(self.model.named_parameters())
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, GradientMask):
+                for name, trainable in callback.masks.items():
+                    frozen = ~trainable.to(params[name].device)
+                    same = torch.equal(params[name].detach()[frozen], self._start[name][frozen])
+                    print(f"  GradientMask {name}: {int(frozen.sum())} of {frozen.numel()} entries frozen, "
+                          f"bit-identical to their start: {same}")
+        for logger in self.trainer.loggers:
+            print(f"  logs: {logger.log_dir}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1:
-        LightningCLI(EdgeMLP, SyntheticRegression, seed_everything_default=0)
+        EdgeCLI(EdgeMLP, SyntheticRegression, seed_everything_default=0)
     else:
         report()

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import Strategy
+
+from lightning_gradmask._namespaces import lightning_classes
 
 __all__ = [
     "UnsupportedStrategyError",
@@ -31,7 +33,7 @@ def check_strategy(trainer: pl.Trainer, owner: str) -> None:
     """Refuse strategies whose parameters or gradients are sharded or hidden.
 
     Supported: single device, and the DDP family (``ddp``, ``ddp_spawn``, ``ddp_fork``,
-    ``ddp_notebook``).
+    ``ddp_notebook``), from ``lightning.pytorch`` or ``pytorch_lightning``.
 
     Raises:
         UnsupportedStrategyError: for FSDP, DeepSpeed, model-parallel and any other strategy.
@@ -39,7 +41,8 @@ def check_strategy(trainer: pl.Trainer, owner: str) -> None:
     strategy: Strategy = trainer.strategy
     name = type(strategy).__name__
     hidden = "DeepSpeed" in name or "FSDP" in name or "ModelParallel" in name
-    if hidden or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    supported = lightning_classes("strategies", "SingleDeviceStrategy") + lightning_classes("strategies", "DDPStrategy")
+    if hidden or not isinstance(strategy, supported):
         raise UnsupportedStrategyError(
             f"{owner} does not support the {name} strategy: it needs each parameter and its "
             "gradient whole on every process (FSDP shows flat shards, DeepSpeed keeps .grad empty). "

@@ -284,7 +284,7 @@ def sever_mask(module: nn.Module, columns: Iterable[int]) -> torch.Tensor:
     ``weight[:, c]`` for a Linear, ``weight[:, c, ...]`` for a Conv1d/Conv2d (``groups == 1``).
     """
     weight = module.weight
-    trainable = torch.ones(weight.shape, dtype=torch.bool)
+    trainable = torch.ones(weight.shape, dtype=torch.bool)  # type: ignore[arg-type]  # module.weight is a Tensor on the layers a plan accepts
     trainable[:, list(columns)] = False
     return trainable
 
@@ -575,7 +575,7 @@ def verify_independence(
         raise ValueError(f"unknown perturbation {unknown[0]!r}; choose from {', '.join(table)}")
     if "rows" in chosen and (dim == 0 or inputs.shape[0] < 2):
         chosen.remove("rows")
-    params = [p for p in model.parameters() if p.requires_grad] if check_gradients else []
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad] if check_gradients else []
     index = torch.tensor(indices, device=inputs.device)
     generator = torch.Generator().manual_seed(seed)
 

@@ -153,7 +153,7 @@ class FrozenEntries:
             if entry.all_frozen:
                 grad.zero_()
             elif grad.dtype == entry.param.dtype and grad.layout == torch.strided:
-                _bits(grad).bitwise_and_(entry.keep_bits)  # frozen bits -> 0, i.e. +0.0
+                _bits(grad).bitwise_and_(entry.keep_bits)  # type: ignore[arg-type]  # frozen bits -> 0, i.e. +0.0
             else:
                 grad.masked_fill_(entry.frozen, 0)
         if measure:
@@ -181,7 +181,7 @@ class FrozenEntries:
                 # entry and writes every bit of a frozen one back, inf/NaN/-0.0 included. It is also
                 # an order of magnitude faster on CPU than masked_fill_ or torch.where with a
                 # scattered mask (benchmarks/README.md).
-                _bits(data).bitwise_and_(entry.keep_bits).bitwise_or_(_bits(entry.snapshot))
+                _bits(data).bitwise_and_(entry.keep_bits).bitwise_or_(_bits(entry.snapshot))  # type: ignore[arg-type]  # keep_bits is set for every entry that is not all frozen
 
     @torch.no_grad()
     def zero_frozen_(self) -> None:

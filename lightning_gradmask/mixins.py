@@ -16,11 +16,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import lightning.pytorch as pl
 import torch
 from torch import nn
 
 from lightning_gradmask._distributed import check_strategy
+from lightning_gradmask._namespaces import lightning_classes
 from lightning_gradmask.callbacks._constraints import PRIORITY_PROXIMAL, constraints_for
 from lightning_gradmask.regularization import (
     check_strength,
@@ -125,7 +125,7 @@ class _State:
             def proximal_step(optimizer: torch.optim.Optimizer, param_ids: set[int]) -> None:
                 owner = module_ref()
                 if owner is not None:
-                    owner._masked_l1_proximal_step(optimizer)
+                    owner._masked_l1_proximal_step(optimizer)  # type: ignore[operator]  # the owner is a MaskedL1Mixin module
 
             self._post_step = proximal_step
         return self._post_step
@@ -179,7 +179,7 @@ class MaskedL1Mixin:
         step = getattr(cls, "training_step", None)
         if not isinstance(step, types.FunctionType) or getattr(step, _WRAPPED, False):
             return
-        if step is getattr(pl.LightningModule, "training_step", None):
+        if any(step is getattr(base, "training_step", None) for base in lightning_classes("", "LightningModule")):
             return  # the default, which only warns; wrapping it would make Lightning think it is overridden
         setattr(cls, "training_step", _wrap_training_step(step))
 
@@ -267,12 +267,12 @@ class MaskedL1Mixin:
         for index, term in enumerate(state.terms):
             if term.proximal:
                 continue
-            param = self.get_parameter(term.name)
+            param = self.get_parameter(term.name)  # type: ignore[attr-defined]  # the mixin is always mixed into a LightningModule
             params.append(param)
             masks.append(state.mask_on(index, param.device))
             strengths.append(term.strength)
         if not params:
-            first = next(self.parameters(), None)
+            first = next(self.parameters(), None)  # type: ignore[attr-defined]  # the mixin is always mixed into a LightningModule
             return torch.zeros((), device=None if first is None else first.device)
         return masked_l1_penalty(params, masks, strengths)
 
@@ -289,8 +289,8 @@ class MaskedL1Mixin:
         check_strategy(trainer, "MaskedL1Mixin")
         state = _state_of(self)
         if state.supports:
-            hub = constraints_for(self)
-            hub.add_post_step(state, state.post_step(self), PRIORITY_PROXIMAL)
+            hub = constraints_for(self)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
+            hub.add_post_step(state, state.post_step(self), PRIORITY_PROXIMAL)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
             hub.attach(trainer.optimizers)
 
     def _masked_l1_finish(self, output: Any) -> Any:
@@ -311,11 +311,11 @@ class MaskedL1Mixin:
                 with torch.no_grad():
                     penalty = self.masked_l1_penalty()
             if logging:
-                self.log("masked_l1/penalty", penalty.detach(), on_step=True, on_epoch=False)
+                self.log("masked_l1/penalty", penalty.detach(), on_step=True, on_epoch=False)  # type: ignore[attr-defined]  # the mixin is always mixed into a LightningModule
         if logging and state.supports:
-            params = [self.get_parameter(name) for name in state.supports]
+            params = [self.get_parameter(name) for name in state.supports]  # type: ignore[attr-defined]  # the mixin is always mixed into a LightningModule
             supports = [state.support_on(name, param.device) for name, param in zip(state.supports, params)]
-            self.log("masked_l1/zero_fraction", masked_zero_fraction(params, supports), on_step=True, on_epoch=False)
+            self.log("masked_l1/zero_fraction", masked_zero_fraction(params, supports), on_step=True, on_epoch=False)  # type: ignore[attr-defined]  # the mixin is always mixed into a LightningModule
         return output
 
     @torch.no_grad()
@@ -332,8 +332,8 @@ class MaskedL1Mixin:
         for index, term in enumerate(state.terms):
             if not term.proximal or term.strength == 0:
                 continue
-            param = self.get_parameter(term.name)
-            group = group_of.get(id(param))
+            param = self.get_parameter(term.name)  # type: ignore[attr-defined]  # the mixin is always mixed into a LightningModule
+            group = group_of.get(id(param))  # type: ignore[assignment]  # the group exists for every stepped parameter
             if group is None or param.grad is None:
                 continue
             if "lr" not in group:

@@ -183,7 +183,7 @@ class AnnealedStd(StdSchedule):
             raise NoiseStdError(f"gamma must be a finite real number >= 0; got {gamma!r}")
         if float(gamma) < 0:
             raise NoiseStdError(f"gamma is negative ({float(gamma):g}); the annealed std would grow with the step")
-        self.gamma = float(gamma)
+        self.gamma: float = float(gamma)
 
     def value(self, step: int) -> float:
         return math.sqrt(self.eta / (1.0 + step) ** self.gamma)
@@ -250,5 +250,5 @@ def make_schedule(
     if callable(std) and not isinstance(std, torch.Tensor):
         return CallableStd(std, where=where)
     if isinstance(std, (numbers.Real, torch.Tensor)):
-        return ConstantStd(std, where=where)  # type: ignore[arg-type]
+        return ConstantStd(std, where=where)
     raise TypeError(f"{where} must be a number or a callable step -> std; got {type(std).__name__} {std!r}")

@@ -175,7 +175,7 @@ def test_model_is_not_reparametrized(tmp_path):
     assert torch.equal(clone.net[0].weight, model.net[0].weight)
 
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    assert torch.equal(state["callbacks"]["GradientMask"]["masks"]["net.0.weight"], EDGES)
+    assert torch.equal(state["callbacks"][GradientMask(SPEC).state_key]["masks"]["net.0.weight"], EDGES)
     plain = TinyRegressor(seed=1)
     plain.load_state_dict(state["state_dict"])  # strict: the keys are the plain model's
     assert torch.equal(plain.net[0].weight, model.net[0].weight)

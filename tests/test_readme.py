@@ -15,3 +15,4 @@ def test_readme_python_snippets_run_in_order(tmp_path, monkeypatch):
             exec(compile(block, f"README.md python block {index + 1}", "exec"), namespace)
         except Exception as err:  # pragma: no cover - the message says which block broke
             raise AssertionError(f"README python block {index + 1} failed: {err!r}\n{block}") from err
+    assert not list(tmp_path.iterdir()), "the README's snippets should leave no files in the working directory"

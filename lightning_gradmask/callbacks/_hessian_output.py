@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_gradmask._namespaces import lightning_classes
 from lightning_gradmask.curvature import HessianStatistics
 
 __all__ = ["density_figure", "logger_step", "run_directory", "send_figure"]
@@ -28,11 +28,11 @@ def run_directory(trainer: pl.Trainer) -> Path:
     """
     path: str | None = None
     if trainer.is_global_zero:
-        logger = trainer.loggers[0] if trainer.loggers else None
+        logger: Any = trainer.loggers[0] if trainer.loggers else None  # of either Lightning namespace
         root = Path(trainer.default_root_dir) / "hessian"
-        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        if isinstance(logger, lightning_classes("loggers", "TensorBoardLogger") + lightning_classes("loggers", "CSVLogger")):
             path = str(Path(str(logger.log_dir)) / "hessian")
-        elif isinstance(logger, MLFlowLogger):
+        elif isinstance(logger, lightning_classes("loggers", "MLFlowLogger")):
             path = str(root / str(logger.run_id))
         elif logger is not None and logger.version is not None:
             path = str(root / f"{type(logger).__name__}-{logger.version}")
@@ -96,11 +96,12 @@ def send_figure(trainer: pl.Trainer, figure: Any, path: Path, key: str, step: in
     Weights & Biases: ``log_image``. Any other logger: the file only.
     """
     figure.savefig(path, dpi=100)
-    for logger in trainer.loggers:
+    loggers: list[Any] = list(trainer.loggers)  # of either Lightning namespace
+    for logger in loggers:
         try:
-            if isinstance(logger, TensorBoardLogger):
+            if isinstance(logger, lightning_classes("loggers", "TensorBoardLogger")):
                 logger.experiment.add_figure(key, figure, global_step=step, close=False)
-            elif isinstance(logger, MLFlowLogger):
+            elif isinstance(logger, lightning_classes("loggers", "MLFlowLogger")):
                 logger.experiment.log_figure(logger.run_id, figure, f"hessian/{path.name}")
             elif type(logger).__name__ == "WandbLogger":
                 logger.log_image(key=key, images=[str(path)], step=step)  # type: ignore[attr-defined]

@@ -7,12 +7,12 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
+from lightning_gradmask._namespaces import Callback
 from lightning_gradmask.blinding import (
     BlindingPlan,
     ColumnSpecError,
@@ -213,7 +213,7 @@ class SensitiveColumnBlinding(Callback):
             # frozen values at the first optimizer step, so they are captured as 0
             self._own.zero_frozen_()
         else:
-            weight = self._plan.module.weight.detach()
+            weight = self._plan.module.weight.detach()  # type: ignore[operator]  # nn.Module.__getattr__ types weight as Tensor | Module
             self._initial = weight.masked_select(~self._plan.trainable.to(weight.device)).clone()
         constraints_for(pl_module).attach(trainer.optimizers)
 
@@ -255,7 +255,7 @@ class SensitiveColumnBlinding(Callback):
     def weight_deviation(self) -> float:
         """Largest ``|blinded weight - required value|`` (0 in ``sever``, initial in ``grad``); 0.0 expected."""
         plan = self.plan
-        weight = plan.module.weight.detach()
+        weight = plan.module.weight.detach()  # type: ignore[operator]  # nn.Module.__getattr__ types weight as Tensor | Module
         blinded = weight.masked_select(~plan.trainable.to(weight.device))
         if blinded.numel() == 0:
             return 0.0
@@ -284,7 +284,7 @@ class SensitiveColumnBlinding(Callback):
     # ------------------------------------------------------------------ internals
     def _frozen_entries(self) -> FrozenEntries:
         plan = self.plan
-        return FrozenEntries({plan.weight_name: (plan.module.weight, plan.trainable)})
+        return FrozenEntries({plan.weight_name: (plan.module.weight, plan.trainable)})  # type: ignore[dict-item]  # nn.Module.__getattr__ types weight as Tensor | Module
 
     def _install_fill(self) -> None:
         plan = self.plan

@@ -8,11 +8,12 @@ from typing import Any, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
+from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
+from lightning_gradmask._namespaces import Callback, trainer_callbacks
 from lightning_gradmask.callbacks._constraints import constraints_for
 from lightning_gradmask.specs import MaskSpecError, resolve_masks
 
@@ -106,6 +107,12 @@ class GradientMask(Callback):
             raise RuntimeError("GradientMask.masks is available once the Trainer has called setup")
         return self._masks
 
+    @property
+    def state_key(self) -> str:
+        # several GradientMask callbacks may share a Trainer, each with its own checkpoint entry
+        spec = sorted(self.trainable) if isinstance(self.trainable, Mapping) else os.fspath(self.trainable)
+        return self._generate_state_key(trainable=spec)
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -120,10 +127,12 @@ class GradientMask(Callback):
         total = sum(m.numel() for m in masks.values())
         self._frozen_fraction = frozen / total if total else 0.0
         constraints_for(pl_module).set_masks(self, masks)
+        warn_if_averaged_inexactly(trainer, "GradientMask")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         constraints_for(pl_module).attach(trainer.optimizers)
         self._training = True
+        warn_if_pruned(trainer, pl_module, [n for n, mask in self.masks.items() if not mask.all()], "GradientMask")
         slow = _unfused_adam_on_frozen_cpu_entries(trainer.optimizers, pl_module, self.masks)
         frozen = sum(slow.values())
         if frozen >= SPEED_HINT_MIN_FROZEN:
@@ -165,6 +174,17 @@ class GradientMask(Callback):
         self._loaded_masks = dict(state_dict["masks"])
         if self._masks is not None:
             self._warn_if_changed()
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # a changed spec changes the state_key: with one GradientMask on each side, still compare the masks
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states or self._legacy_state_key in states:
+            return
+        saved = [key for key in states if key.startswith(f"{type(self).__qualname__}{{")]
+        if len(saved) == 1 and sum(isinstance(cb, GradientMask) for cb in trainer_callbacks(trainer)) == 1:
+            self.load_state_dict(states[saved[0]])
 
     def _warn_if_changed(self) -> None:
         assert self._masks is not None and self._loaded_masks is not None

@@ -12,18 +12,17 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from lightning_gradmask._distributed import all_reduce_mean, check_strategy
+from lightning_gradmask._namespaces import Callback, lightning_classes
 from lightning_gradmask.callbacks._constraints import constraints_for
 from lightning_gradmask.callbacks._hessian_budget import OverheadBudget
 from lightning_gradmask.callbacks._hessian_output import density_figure, logger_step, run_directory, send_figure
@@ -41,6 +40,7 @@ from lightning_gradmask.specs import match_parameters
 __all__ = ["HessianMonitor"]
 
 LossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
+StatName = Literal["trace", "eigenvalues", "diagonal", "density"]
 
 _SET_BY_MONITOR = ("operator", "stats", "top_k", "budget", "seed", "trace_products", "lanczos_v0", "return_eigenvectors")
 _HALF = (torch.float16, torch.bfloat16)
@@ -140,7 +140,7 @@ class HessianMonitor(Callback):
     def __init__(
         self,
         loss_fn: Union[str, LossFn, None] = None,
-        stats: Union[str, Sequence[str]] = ("trace", "eigenvalues"),
+        stats: Union[StatName, Sequence[StatName]] = ("trace", "eigenvalues"),
         top_k: int = 1,
         every_n_epochs: int | None = None,
         num_batches: int = 1,
@@ -383,7 +383,7 @@ class HessianMonitor(Callback):
         """The math attention kernel (it has a second derivative) and, for ``*-true`` precision, the
         Trainer's default dtype. Mixed precision: no autocast, the Hessian of the float32 model."""
         plugin = trainer.precision_plugin
-        dtype = contextlib.nullcontext() if isinstance(plugin, MixedPrecision) else plugin.forward_context()
+        dtype = contextlib.nullcontext() if isinstance(plugin, lightning_classes("plugins.precision", "MixedPrecision")) else plugin.forward_context()
         with sdpa_kernel(SDPBackend.MATH), dtype:
             yield
 

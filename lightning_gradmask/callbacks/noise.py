@@ -16,10 +16,10 @@ from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
+from lightning_gradmask._namespaces import Callback
 from lightning_gradmask.callbacks._constraints import constraints_for
 from lightning_gradmask.noise import StdSchedule, make_schedule, noise_like
 from lightning_gradmask.specs import REGEX_PREFIX, MaskSpecError, match_parameters
@@ -443,7 +443,7 @@ class WeightNoise(_SeededNoise):
         seen: set[int] = set()
         for mname, module in matched:
             for pname in self.parameters:
-                param = module._parameters.get(pname)
+                param = module._parameters.get(pname)  # type: ignore[attr-defined]  # matched holds nn.Modules
                 if param is None or id(param) in seen:
                     continue
                 seen.add(id(param))
@@ -451,7 +451,7 @@ class WeightNoise(_SeededNoise):
                     raise ValueError(f"WeightNoise: parameter {table.canonical(param)!r} is not floating point")
                 names.append(table.canonical(param))
         if not names:
-            available = sorted({p for _, m in matched for p, v in m._parameters.items() if v is not None})
+            available = sorted({p for _, m in matched for p, v in m._parameters.items() if v is not None})  # type: ignore[attr-defined]  # matched holds nn.Modules
             raise ValueError(
                 f"WeightNoise(parameters={list(self.parameters)!r}): none of the {len(matched)} {kinds} module(s) "
                 f"has such a parameter (they have: {', '.join(available) or 'none'})"
@@ -546,7 +546,7 @@ def _seed_tensor(seed: int) -> torch.Tensor:
 
 
 def _refuse_same_seed(trainer: pl.Trainer, owner: Callback) -> None:
-    for other in trainer.callbacks:
+    for other in trainer.callbacks:  # type: ignore[attr-defined]  # Trainer sets callbacks at run time
         if other is not owner and type(other) is type(owner) and other.seed == owner.seed:  # type: ignore[attr-defined]
             raise ValueError(
                 f"two {type(owner).__name__} callbacks use seed={owner.seed}: they would draw the same "  # type: ignore[attr-defined]

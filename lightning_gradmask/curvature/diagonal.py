@@ -96,7 +96,7 @@ def _linear_candidates(op: HessianOperator) -> tuple[dict[int, tuple[nn.Linear, 
         for pname, p in mod._parameters.items():
             if p is not None:
                 owners.setdefault(id(p), []).append((mod, pname))
-    for k, (name, p) in enumerate(zip(op.names, op.params)):
+    for k, (name, p) in enumerate(zip(op.names, op.params)):  # type: ignore[assignment]  # a name reused for another type
         own = owners.get(id(p), [])
         if len(own) != 1:
             notes[name] = "parameter is shared by several modules" if own else "parameter not found in the module"
@@ -358,8 +358,8 @@ def _layerwise(
                 )
             n_products += 1
             big = max(float(h.abs().max()) for h in hv)
-            for h, sel in zip(hv, keep):
-                off = h.reshape(-1, h.shape[-1])[~sel]
+            for h, sel in zip(hv, keep):  # type: ignore[assignment]  # a name reused for another type
+                off = h.reshape(-1, h.shape[-1])[~sel]  # type: ignore[attr-defined]  # a name reused for another type
                 if off.numel() and float(off.abs().max()) > 1e-6 * big:
                     coupled = True
             if coupled:
@@ -383,8 +383,8 @@ def _layerwise(
                 onehot = torch.zeros(c1 - c0, rows_y, out, dtype=y.dtype, device=y.device)
                 onehot[idx, :, c0 + idx] = 1.0
                 with op.autograd_context():
-                    h = _batched_grad(g, y, onehot.reshape(c1 - c0, *y.shape))
-                d[:, c0:c1] = h.reshape(c1 - c0, rows_y, out)[idx, :, c0 + idx].T.to(torch.float64)
+                    h = _batched_grad(g, y, onehot.reshape(c1 - c0, *y.shape))  # type: ignore[assignment]  # a name reused for another type
+                d[:, c0:c1] = h.reshape(c1 - c0, rows_y, out)[idx, :, c0 + idx].T.to(torch.float64)  # type: ignore[attr-defined]  # a name reused for another type
                 n_products += c1 - c0
             acc_w[mid] += d.T @ records[mid].x[0].square()
             acc_b[mid] += d.sum(dim=0)
@@ -404,7 +404,7 @@ def _layerwise(
             continue
         for k in params_of[mid]:
             full = acc_w[mid] if cands[k][1] == "weight" else acc_b[mid]
-            idx = op._index[k]
+            idx = op._index[k]  # type: ignore[assignment]  # a name reused for another type
             flat = full.reshape(-1)
             diag_parts[k] = flat if idx is None else flat.index_select(0, idx.to(flat.device))
             fast.add(k)

@@ -120,7 +120,7 @@ def _normalize_params(params: ParamsLike) -> tuple[list[str], list[Tensor]]:
     if isinstance(params, Mapping):
         items = list(params.items())
     else:
-        items = list(params)
+        items = list(params)  # type: ignore[arg-type]  # a Mapping's items are (name, tensor) pairs
     names: list[str] = []
     tensors: list[Tensor] = []
     for i, item in enumerate(items):

@@ -316,7 +316,7 @@ def hessian_statistics(
 
     if "density" in stats:
         before = operator.num_products
-        dens = spectral_density(
+        dens = spectral_density(  # type: ignore[assignment]  # dens is a SpectralDensity here
             operator,
             num_runs=density_runs,
             num_steps=density_steps,
@@ -324,8 +324,8 @@ def hessian_statistics(
             sigma=density_sigma,
             seed=subseed(seed, 3),
         )
-        res.density_grid, res.density, res.density_sigma = dens.grid, dens.density, dens.sigma
-        res.density_nodes, res.density_weights = dens.nodes, dens.weights
+        res.density_grid, res.density, res.density_sigma = dens.grid, dens.density, dens.sigma  # type: ignore[attr-defined]  # dens is a SpectralDensity here
+        res.density_nodes, res.density_weights = dens.nodes, dens.weights  # type: ignore[attr-defined]  # dens is a SpectralDensity here
         res.products["density"] = operator.num_products - before
         res.exact["density"] = False
 

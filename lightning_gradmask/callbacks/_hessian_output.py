@@ -30,9 +30,9 @@ def run_directory(trainer: pl.Trainer) -> Path:
     if trainer.is_global_zero:
         logger: Any = trainer.loggers[0] if trainer.loggers else None  # of either Lightning namespace
         root = Path(trainer.default_root_dir) / "hessian"
-        if isinstance(logger, lightning_classes("loggers", "TensorBoardLogger") + lightning_classes("loggers", "CSVLogger")):
+        if _is_logger(logger, "TensorBoardLogger", "CSVLogger"):
             path = str(Path(str(logger.log_dir)) / "hessian")
-        elif isinstance(logger, lightning_classes("loggers", "MLFlowLogger")):
+        elif _is_logger(logger, "MLFlowLogger"):
             path = str(root / str(logger.run_id))
         elif logger is not None and logger.version is not None:
             path = str(root / f"{type(logger).__name__}-{logger.version}")
@@ -99,11 +99,16 @@ def send_figure(trainer: pl.Trainer, figure: Any, path: Path, key: str, step: in
     loggers: list[Any] = list(trainer.loggers)  # of either Lightning namespace
     for logger in loggers:
         try:
-            if isinstance(logger, lightning_classes("loggers", "TensorBoardLogger")):
+            if _is_logger(logger, "TensorBoardLogger"):
                 logger.experiment.add_figure(key, figure, global_step=step, close=False)
-            elif isinstance(logger, lightning_classes("loggers", "MLFlowLogger")):
+            elif _is_logger(logger, "MLFlowLogger"):
                 logger.experiment.log_figure(logger.run_id, figure, f"hessian/{path.name}")
             elif type(logger).__name__ == "WandbLogger":
-                logger.log_image(key=key, images=[str(path)], step=step)  # type: ignore[attr-defined]
+                logger.log_image(key=key, images=[str(path)], step=step)
         except Exception as err:  # a logger's own failure must not end the run
             rank_zero_warn(f"HessianMonitor: could not send the figure to {type(logger).__name__}: {err}")
+
+
+def _is_logger(logger: Any, *names: str) -> bool:
+    """Whether ``logger`` is one of Lightning's loggers ``names``, of either namespace."""
+    return any(isinstance(logger, lightning_classes("loggers", name)) for name in names)

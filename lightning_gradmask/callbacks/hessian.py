@@ -210,6 +210,17 @@ class HessianMonitor(Callback):
         self._directory: Path | None = None
 
     # ------------------------------------------------------------------ setup-time checks
+    @property
+    def state_key(self) -> str:
+        # several monitors may share a Trainer (say the trace every epoch, the top eigenvalue every 100 steps)
+        return self._generate_state_key(
+            stats=self.stats,
+            every_n_epochs=self.every_n_epochs,
+            every_n_steps=self.every_n_steps,
+            parameters=self.parameters,
+            seed=self.seed,
+        )
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return

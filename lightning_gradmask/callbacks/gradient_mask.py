@@ -150,6 +150,14 @@ class GradientMask(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._release(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls on_exception, not teardown, after a failed fit: a later fit must not find
+        # these masks on the module (another GradientMask, or GradientNoise alone, would apply them)
+        self._release(pl_module)
+
+    def _release(self, pl_module: pl.LightningModule) -> None:
         constraints_for(pl_module).remove(self)
         self._training = False
 

@@ -36,10 +36,30 @@ class _SeededNoise(Callback):
     seed: int
     targets: Optional[list[str]]
     _draws: int
+    _twin: int = 0
+
+    #: every live noise callback, to tell apart instances built with the same seed and targets
+    _live: "weakref.WeakSet[_SeededNoise]" = weakref.WeakSet()
+
+    def _register(self) -> None:
+        """Call at the end of ``__init__``: number this instance among live ones of the same configuration.
+
+        Lightning refuses two stateful callbacks with the same ``state_key`` when the Trainer is built,
+        with a RuntimeError that says nothing about noise. Twins (same type, seed and targets) get
+        distinct keys, so that ``setup`` can refuse them with the documented ``ValueError`` instead.
+        """
+        twins = [other for other in _SeededNoise._live if type(other) is type(self) and other._config() == self._config()]
+        self._twin = max((other._twin for other in twins), default=-1) + 1
+        _SeededNoise._live.add(self)
+
+    def _config(self) -> tuple[int, Optional[tuple[str, ...]]]:
+        return self.seed, None if self.targets is None else tuple(self.targets)
 
     @property
     def state_key(self) -> str:
         # several instances may share a Trainer (different seeds or targets)
+        if self._twin:
+            return self._generate_state_key(seed=self.seed, targets=self.targets, twin=self._twin)
         return self._generate_state_key(seed=self.seed, targets=self.targets)
 
     def state_dict(self) -> dict[str, Any]:
@@ -139,6 +159,7 @@ class GradientNoise(_SeededNoise):
         self._live_offsets: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._last_std: float | None = None
         self._draws = 0
+        self._register()
 
     # ------------------------------------------------------------------ public read-only state
     @property
@@ -204,6 +225,9 @@ class GradientNoise(_SeededNoise):
         if stage == "fit":
             self._live_targets = []
             self._live_offsets = []
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
 
 
 class WeightNoise(_SeededNoise):
@@ -292,6 +316,7 @@ class WeightNoise(_SeededNoise):
         self._hook: Any = None
         self._last_std: float | None = None
         self._draws = 0
+        self._register()
 
     # ------------------------------------------------------------------ public read-only state
     @property
@@ -367,7 +392,8 @@ class WeightNoise(_SeededNoise):
         self._restore()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore()
+        # Lightning calls on_exception, not teardown, after a failed fit: leave the module as it was
+        self.teardown(trainer, pl_module, "fit")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # the state_dict hook already wrote clean values; this also covers a state_dict built elsewhere
@@ -402,9 +428,7 @@ class WeightNoise(_SeededNoise):
             if self.relative:
                 noise.mul_(clean.abs())
             for alias in aliases:
-                mask = frozen.frozen_mask(alias)
-                if mask is not None:
-                    noise.masked_fill_(mask, 0)
+                frozen.zero_frozen_in_(alias, noise)
             self._perturbed.append((param, clean))
             data.add_(noise)
         self._draws += 1

@@ -23,6 +23,7 @@ Usage::
     python benchmarks/gradient_mask_benchmark.py --profile      # + where GradientMask's time goes
     python benchmarks/gradient_mask_benchmark.py --fused        # AdamW(fused=True)
     python benchmarks/gradient_mask_benchmark.py --mechanism    # restore / mask kernels only, 15 s
+    python benchmarks/gradient_mask_benchmark.py --memory --rounds 3   # peak RSS per masked entry, 1 min
     python benchmarks/gradient_mask_benchmark.py --steps 60 --rounds 4 --width 1024 --threads 2
 
 ``--threads`` defaults to 1: on a shared 2-core machine a two-thread kernel waits for its slower
@@ -483,6 +484,81 @@ def optimizer_side(case: Frozen, reps: int) -> None:
             print(f"  {label:50s} {statistics.median(runs) * 1e3:7.2f} ms")
 
 
+# ---------------------------------------------------------------------------- memory
+MEMORY_VARIANTS = ("plain", "gradient_mask", "gradient_mask_no_stats")
+
+
+class SingleLinear(L.LightningModule):
+    """One ``Linear(rows, cols, bias=False)`` trained with plain SGD (no optimizer state)."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(cols, rows, bias=False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.layer(batch[0]).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def memory_child(variant: str, entries: int) -> None:
+    """One fit in this (fresh) process; prints the peak RSS in KiB above the built model and spec."""
+    import resource
+    import tempfile
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    rows = 2000
+    cols = entries // rows
+    model = SingleLinear(rows, cols)
+    g = torch.Generator().manual_seed(1)
+    trainable = torch.empty(rows, cols, dtype=torch.bool)
+    for row in range(0, rows, 100):  # row blocks: no full-size float temporary before the baseline
+        trainable[row : row + 100] = torch.rand(100, cols, generator=g) >= 0.01
+    spec = {"layer.weight": trainable}  # 1% frozen, every entry masked
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, cols)), batch_size=8)
+    gc_warm = torch.randn(8, cols)  # noqa: F841 - touch the allocator before the baseline
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    callbacks = {
+        "plain": [],
+        "gradient_mask": [GradientMask(spec)],
+        "gradient_mask_no_stats": [GradientMask(spec, log_stats=False)],
+    }[variant]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=4, logger=CSVLogger(tempfile.mkdtemp()), log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )
+    trainer.fit(model, data)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"PEAK_KIB {peak - base}")
+
+
+def memory_benchmark(args: argparse.Namespace) -> None:
+    """Peak RSS of a short fit per variant, each in a fresh subprocess, repeated; bytes per masked entry."""
+    import subprocess
+    import sys
+
+    entries = args.memory_entries
+    print(f"Linear with {entries / 1e6:.0f}M float32 weights, every entry masked (1% frozen), SGD, 4 steps, "
+          f"logging every step; {args.rounds} fresh processes per variant")
+    peaks: dict[str, list[int]] = {v: [] for v in MEMORY_VARIANTS}
+    for r in range(args.rounds):
+        for variant in round_order(r, MEMORY_VARIANTS):
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", variant, "--memory-entries", str(entries)],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            peaks[variant].append(int(out.split("PEAK_KIB")[-1].split()[0]))
+    plain = statistics.median(peaks["plain"])
+    print("variant                  peak RSS above the model, MiB (median)   extra bytes per masked entry")
+    for variant, values in peaks.items():
+        med = statistics.median(values)
+        extra = (med - plain) * 1024 / entries
+        print(f"{variant:24s} {med / 1024:10.1f}   runs: {' '.join(f'{v / 1024:.0f}' for v in values)}   {extra:6.2f}")
+
+
 # ---------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -499,12 +575,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="also break GradientMask's cost down")
     parser.add_argument("--mechanism", action="store_true", help="only the kernel micro-benchmark")
     parser.add_argument("--mechanism-reps", type=int, default=30, help="calls per kernel (default 30)")
+    parser.add_argument("--memory", action="store_true", help="only peak RSS per masked entry (subprocesses)")
+    parser.add_argument("--memory-entries", type=int, default=20_000_000, help="masked entries (default 20M)")
+    parser.add_argument("--memory-child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore")
+        memory_child(args.memory_child, args.memory_entries)
+        return
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
@@ -516,7 +600,9 @@ def main(argv: list[str] | None = None) -> None:
         f"load average before: {load()}"
     )
     start = time.perf_counter()
-    if args.mechanism:
+    if args.memory:
+        memory_benchmark(args)
+    elif args.mechanism:
         mechanism_benchmark(args)
     else:
         train_benchmark(args)

@@ -41,10 +41,13 @@ __all__ = ["FrozenEntries", "combine_trainable"]
 
 
 def combine_trainable(masks: Iterable[torch.Tensor]) -> torch.Tensor:
-    """An entry is trainable only if every mask lets it train (logical AND of ``bool`` masks)."""
+    """An entry is trainable only if every mask lets it train (logical AND of ``bool`` masks).
+
+    A single mask is returned as it is (no copy); several give a new tensor.
+    """
     combined: torch.Tensor | None = None
     for mask in masks:
-        combined = mask.clone() if combined is None else combined.logical_and(mask.to(combined.device))
+        combined = mask if combined is None else combined.logical_and(mask.to(combined.device))
     if combined is None:
         raise ValueError("combine_trainable needs at least one mask")
     return combined
@@ -159,7 +162,7 @@ class FrozenEntries:
                 assert entry.keep is not None
                 # snapshot bits * (1 - keep): frozen bits stay, trainable ones become 0 (+0.0)
                 bits = _bits(entry.snapshot)
-                bits.sub_(bits * entry.keep)
+                torch.addcmul(bits, bits, entry.keep, value=-1, out=bits)  # one pass, no temporary
                 entry.param_bits = _bits(data)
                 entry.snapshot_bits = bits
         self._last_selection = None

@@ -116,7 +116,7 @@ class GradientMask(Callback):
         self._masks = masks
         if self._loaded_masks is not None:
             self._warn_if_changed()
-        frozen = sum(int((~m).sum()) for m in masks.values())
+        frozen = sum(m.numel() - int(m.sum()) for m in masks.values())  # no temporary mask
         total = sum(m.numel() for m in masks.values())
         self._frozen_fraction = frozen / total if total else 0.0
         constraints_for(pl_module).set_masks(self, masks)
@@ -198,7 +198,7 @@ def _unfused_adam_on_frozen_cpu_entries(
     zero gradients at their frozen entries (no L2 weight decay adding to them), in
     ``named_parameters()`` order."""
     frozen = {
-        id(param): (name, int((~masks[name]).sum()))
+        id(param): (name, masks[name].numel() - int(masks[name].sum()))
         for name, param in module.named_parameters()
         if name in masks and param.device.type == "cpu"
     }

@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask.callbacks._constraints import constraints_for
-from lightning_gradmask.noise import StdSchedule, make_schedule, noise_like
+from lightning_gradmask.noise import StdSchedule, draw_dtype, draw_noise_, make_schedule, noise_like, noise_seeds
 from lightning_gradmask.specs import REGEX_PREFIX, MaskSpecError, match_parameters
 
 __all__ = ["GradientNoise", "WeightNoise"]
@@ -157,6 +157,9 @@ class GradientNoise(_SeededNoise):
         self._offsets: dict[str, torch.Tensor] = {}  # CPU, resolved at setup
         self._live_targets: list[tuple[int, torch.Tensor]] = []
         self._live_offsets: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._draw_buffers: dict[int, torch.Tensor] = {}  # id(param) -> CPU draw buffer
+        self._generator = torch.Generator(device="cpu")
+        self._stepped: tuple[tuple[int, ...], set[int]] | None = None
         self._last_std: float | None = None
         self._draws = 0
         self._register()
@@ -200,18 +203,11 @@ class GradientNoise(_SeededNoise):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        stepped = self._stepped_ids(optimizer)
         if self.schedule is not None:
             std = self.schedule(step)
             if std > 0:
-                for index, param in self._live_targets:
-                    grad = param.grad
-                    if grad is None or id(param) not in stepped:
-                        continue
-                    if grad.is_sparse:
-                        raise RuntimeError("GradientNoise does not support sparse gradients (nn.Embedding(sparse=True))")
-                    noise = noise_like(grad, self.seed, step, index, stream=GRADIENT_STREAM)
-                    grad.add_(noise.mul_(std))
+                self._add_noise(step, std, stepped)
             self._last_std = std
             pl_module.log("gradient_noise/std", std, on_step=True, on_epoch=False)
         for param, value in self._live_offsets:
@@ -225,6 +221,48 @@ class GradientNoise(_SeededNoise):
         if stage == "fit":
             self._live_targets = []
             self._live_offsets = []
+            self._draw_buffers = {}
+            self._stepped = None
+
+    @torch.no_grad()
+    def _add_noise(self, step: int, std: float, stepped: set[int]) -> None:
+        """``grad += std * noise_like(grad, seed, step, index)`` for every target, bit for bit, but with
+        one generator, one hash prefix and grouped multiply/add kernels for all of them."""
+        chosen = []
+        for index, param in self._live_targets:
+            grad = param.grad
+            if grad is None or id(param) not in stepped:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("GradientNoise does not support sparse gradients (nn.Embedding(sparse=True))")
+            chosen.append((index, param, grad))
+        if not chosen:
+            return
+        seeds = noise_seeds(self.seed, step, [index for index, _, _ in chosen], stream=GRADIENT_STREAM)
+        draws = [self._draw_buffer(param, grad) for _, param, grad in chosen]
+        draw_noise_(draws, seeds, self._generator)
+        noises = [
+            draw if draw.dtype == grad.dtype and draw.device == grad.device else draw.to(device=grad.device, dtype=grad.dtype)
+            for draw, (_, _, grad) in zip(draws, chosen)
+        ]
+        torch._foreach_mul_(noises, std)
+        torch._foreach_add_([grad for _, _, grad in chosen], noises)
+
+    def _draw_buffer(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor of ``grad``'s shape in its draw dtype, reused from step to step."""
+        dtype = draw_dtype(grad.dtype)
+        buffer = self._draw_buffers.get(id(param))
+        if buffer is None or buffer.shape != grad.shape or buffer.dtype != dtype:
+            buffer = torch.empty(tuple(grad.shape), dtype=dtype)
+            self._draw_buffers[id(param)] = buffer
+        return buffer
+
+    def _stepped_ids(self, optimizer: torch.optim.Optimizer) -> set[int]:
+        """Ids of ``optimizer``'s parameters, rebuilt only when its parameter groups change."""
+        layout = (id(optimizer),) + tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+        if self._stepped is None or self._stepped[0] != layout:
+            self._stepped = (layout, {id(p) for group in optimizer.param_groups for p in group["params"]})
+        return self._stepped[1]
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")

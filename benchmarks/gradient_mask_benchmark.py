@@ -24,6 +24,7 @@ Usage::
     python benchmarks/gradient_mask_benchmark.py --fused        # AdamW(fused=True)
     python benchmarks/gradient_mask_benchmark.py --mechanism    # restore / mask kernels only, 15 s
     python benchmarks/gradient_mask_benchmark.py --memory --rounds 3   # peak RSS per masked entry, 1 min
+    python benchmarks/gradient_mask_benchmark.py --blocks 1000 --rounds 4   # 2,000 small tensors: mask, noise
     python benchmarks/gradient_mask_benchmark.py --steps 60 --rounds 4 --width 1024 --threads 2
 
 ``--threads`` defaults to 1: on a shared 2-core machine a two-thread kernel waits for its slower
@@ -484,6 +485,59 @@ def optimizer_side(case: Frozen, reps: int) -> None:
             print(f"  {label:50s} {statistics.median(runs) * 1e3:7.2f} ms")
 
 
+# ---------------------------------------------------------------------------- many small tensors
+BLOCK_VARIANTS = ("plain", "gradient_mask", "gradient_noise")
+
+
+class Blocks(L.LightningModule):
+    """``count`` x (Linear(16, 16) + Tanh): 2 tensors a block; SGD with momentum."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(count)])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.net(batch[0]).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
+
+
+def blocks_fit(variant: str, args: argparse.Namespace) -> StepTimer:
+    from lightning_gradmask.callbacks.noise import GradientNoise
+
+    model = Blocks(args.blocks)
+    callbacks: list[Callback] = []
+    if variant == "gradient_mask":
+        callbacks = [GradientMask(trainable=weight_masks(model, 0.5))]
+    elif variant == "gradient_noise":
+        callbacks = [GradientNoise(std=1e-4)]
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, max_epochs=-1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[timer, *callbacks],
+    )
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(8 * args.batch_size, 16)), batch_size=args.batch_size
+    )
+    trainer.fit(model, data)
+    del timer.wall[: args.warmup], timer.cpu[: args.warmup]
+    return timer
+
+
+def blocks_benchmark(args: argparse.Namespace) -> None:
+    print(f"{args.blocks} x Linear(16, 16) blocks ({2 * args.blocks} tensors), half of every weight frozen, "
+          f"SGD momentum; batch {args.batch_size}; {args.rounds} rounds x ({args.warmup} + {args.steps}) steps")
+    runs: dict[str, list[StepTimer]] = {v: [] for v in BLOCK_VARIANTS}
+    for r in range(args.rounds):
+        for variant in round_order(r, BLOCK_VARIANTS):
+            runs[variant].append(blocks_fit(variant, args))
+    for clock in ("wall", "cpu"):
+        report(runs, clock)
+
+
 # ---------------------------------------------------------------------------- memory
 MEMORY_VARIANTS = ("plain", "gradient_mask", "gradient_mask_no_stats")
 
@@ -575,6 +629,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="also break GradientMask's cost down")
     parser.add_argument("--mechanism", action="store_true", help="only the kernel micro-benchmark")
     parser.add_argument("--mechanism-reps", type=int, default=30, help="calls per kernel (default 30)")
+    parser.add_argument("--blocks", type=int, default=0, help="only the many-small-tensors case: N Linear(16, 16)")
     parser.add_argument("--memory", action="store_true", help="only peak RSS per masked entry (subprocesses)")
     parser.add_argument("--memory-entries", type=int, default=20_000_000, help="masked entries (default 20M)")
     parser.add_argument("--memory-child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
@@ -600,7 +655,9 @@ def main(argv: list[str] | None = None) -> None:
         f"load average before: {load()}"
     )
     start = time.perf_counter()
-    if args.memory:
+    if args.blocks:
+        blocks_benchmark(args)
+    elif args.memory:
         memory_benchmark(args)
     elif args.mechanism:
         mechanism_benchmark(args)

@@ -22,6 +22,7 @@ Usage::
     python benchmarks/gradient_mask_benchmark.py                # train steps, 1-2 minutes
     python benchmarks/gradient_mask_benchmark.py --profile      # + where GradientMask's time goes
     python benchmarks/gradient_mask_benchmark.py --fused        # AdamW(fused=True)
+    python benchmarks/gradient_mask_benchmark.py --optimizer sgd   # SGD momentum + weight decay
     python benchmarks/gradient_mask_benchmark.py --mechanism    # restore / mask kernels only, 15 s
     python benchmarks/gradient_mask_benchmark.py --memory --rounds 3   # peak RSS per masked entry, 1 min
     python benchmarks/gradient_mask_benchmark.py --blocks 1000 --rounds 4   # 2,000 small tensors: mask, noise
@@ -64,9 +65,12 @@ VARIANTS = ("plain", "gradient_mask", "prune")
 class MLP(L.LightningModule):
     """``depth`` x (Linear(width, width) + ReLU), then Linear(width, classes); AdamW, cross-entropy."""
 
-    def __init__(self, width: int, depth: int, classes: int = 10, seed: int = 0, fused: bool = False) -> None:
+    def __init__(
+        self, width: int, depth: int, classes: int = 10, seed: int = 0, fused: bool = False, optimizer: str = "adamw"
+    ) -> None:
         super().__init__()
         self.fused = fused
+        self.optimizer = optimizer
         torch.manual_seed(seed)
         layers: list[nn.Module] = []
         for _ in range(depth):
@@ -82,6 +86,8 @@ class MLP(L.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=self.fused or None)
 
 
@@ -134,7 +140,7 @@ class StepTimer(Callback):
 
 
 def build(variant: str, args: argparse.Namespace) -> tuple[MLP, list[Callback]]:
-    model = MLP(args.width, args.depth, seed=args.seed, fused=args.fused)
+    model = MLP(args.width, args.depth, seed=args.seed, fused=args.fused, optimizer=args.optimizer)
     masks = weight_masks(model, args.frozen_fraction)
     if variant == "plain":
         return model, []
@@ -194,11 +200,12 @@ def train_benchmark(args: argparse.Namespace) -> None:
     frozen = sum(int((~m).sum()) for m in masks.values())
     print(
         f"MLP width {args.width}, depth {args.depth}: {params / 1e6:.2f}M parameters, "
-        f"{frozen / 1e6:.2f}M weight entries frozen; AdamW{'(fused=True)' if args.fused else ''}; "
+        f"{frozen / 1e6:.2f}M weight entries frozen; "
+        f"{'SGD(momentum=0.9, weight_decay=1e-4)' if args.optimizer == 'sgd' else 'AdamW' + ('(fused=True)' if args.fused else '')}; "
         f"batch {args.batch_size}; {args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed) "
         "steps per variant"
     )
-    variants = VARIANTS
+    variants = VARIANTS if not args.skip_prune else VARIANTS[:2]
     runs: dict[str, list[StepTimer]] = {v: [] for v in variants}
     for r in range(args.rounds):
         for variant in round_order(r, variants):
@@ -626,6 +633,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fused", action="store_true", help="AdamW(fused=True) instead of the default AdamW")
+    parser.add_argument(
+        "--optimizer", choices=("adamw", "sgd"), default="adamw", help="adamw (default) or sgd (momentum 0.9, decay 1e-4)"
+    )
+    parser.add_argument("--skip-prune", action="store_true", help="time only plain and gradient_mask")
     parser.add_argument("--profile", action="store_true", help="also break GradientMask's cost down")
     parser.add_argument("--mechanism", action="store_true", help="only the kernel micro-benchmark")
     parser.add_argument("--mechanism-reps", type=int, default=30, help="calls per kernel (default 30)")

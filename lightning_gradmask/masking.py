@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -116,7 +117,9 @@ class FrozenEntries:
                 int_dtype = _INT_OF_SIZE[param.element_size()]
                 entry.keep = trainable.to(device=param.device, dtype=int_dtype)
             self._entries[name] = entry
-        self._last_selection: tuple[object, list[_Entry]] | None = None
+        self._last_selection: tuple[object, Any] | None = None
+        self._captured = not self._entries
+        self._grouped: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -149,7 +152,8 @@ class FrozenEntries:
 
     @property
     def captured(self) -> bool:
-        return all(e.snapshot is not None for e in self._entries.values())
+        """Whether :meth:`capture_` has run (checked before every optimizer step: a flag, not a scan)."""
+        return self._captured
 
     # ------------------------------------------------------------------ the mechanism
     @torch.no_grad()
@@ -166,6 +170,7 @@ class FrozenEntries:
                 entry.param_bits = _bits(data)
                 entry.snapshot_bits = bits
         self._last_selection = None
+        self._captured = True
 
     @torch.no_grad()
     def zero_frozen_in_(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -194,6 +199,8 @@ class FrozenEntries:
                 slice into one small buffer (no copy of the frozen gradients); leave off on steps
                 that do not log it.
         """
+        if not measure and self._mask_grouped():
+            return None
         removed_sq: torch.Tensor | None = None
         grouped: list[torch.Tensor] = []
         keeps: list[torch.Tensor] = []
@@ -228,35 +235,56 @@ class FrozenEntries:
                 just stepped). The selection is remembered for the set object last passed, so a
                 caller that passes the same set every step pays for it once.
         """
-        entries = self._select(params)
-        small_bits: list[torch.Tensor] = []
-        small_keep: list[torch.Tensor] = []
-        small_snap: list[torch.Tensor] = []
-        for entry in entries:
-            if entry.snapshot is None:
-                raise RuntimeError(
-                    f"restore_ called before capture_ for parameter {self._name_of(entry)!r}"
-                )
-            if entry.all_frozen:
-                entry.param.detach().copy_(entry.snapshot)
+        whole, small, large = self._restore_plan(params)
+        for param, snapshot in whole:
+            param.detach().copy_(snapshot)
+        # Integer arithmetic, not float: w * keep + snapshot keeps every bit of a trainable entry
+        # and writes every bit of a frozen one back, inf/NaN/-0.0 included (at each position one
+        # of the two terms is 0). It is also an order of magnitude faster on CPU than masked_fill_
+        # or torch.where with a scattered mask (benchmarks/README.md).
+        params_, bits, keeps, snapshots = small
+        if bits:
+            if any(b.data_ptr() != p.data_ptr() for b, p in zip(bits, params_)):
+                self._rebind(params)  # a parameter's memory was replaced (param.data = ...)
+                return self.restore_(params)
+            torch._foreach_mul_(bits, keeps)
+            torch._foreach_add_(bits, snapshots)
+        for param, bits_one, keep, snapshot_bits in large:
+            if bits_one.data_ptr() != param.data_ptr():
+                self._rebind(params)
+                return self.restore_(params)
+            torch.addcmul(snapshot_bits, bits_one, keep, out=bits_one)  # one pass over the bytes
+        return None
+
+    def _restore_plan(self, params: set[int] | None) -> Any:
+        last = self._last_selection
+        if last is not None and last[0] is params:
+            return last[1]
+        whole, large = [], []
+        small: tuple[list[torch.Tensor], ...] = ([], [], [], [])
+        for name, entry in self._entries.items():
+            if params is not None and id(entry.param) not in params:
                 continue
-            bits = entry.param_bits
-            assert bits is not None and entry.keep is not None and entry.snapshot_bits is not None
-            if bits.data_ptr() != entry.param.data_ptr():  # the parameter's memory was replaced
-                bits = entry.param_bits = _bits(entry.param.detach())
-            # Integer arithmetic, not float: w * keep + snapshot keeps every bit of a trainable entry
-            # and writes every bit of a frozen one back, inf/NaN/-0.0 included (at each position one
-            # of the two terms is 0). It is also an order of magnitude faster on CPU than
-            # masked_fill_ or torch.where with a scattered mask (benchmarks/README.md).
-            if bits.numel() <= _GROUPED_MAX_NUMEL:
-                small_bits.append(bits)
-                small_keep.append(entry.keep)
-                small_snap.append(entry.snapshot_bits)
+            if entry.snapshot is None:
+                raise RuntimeError(f"restore_ called before capture_ for parameter {name!r}")
+            if entry.all_frozen:
+                whole.append((entry.param, entry.snapshot))
+                continue
+            item = (entry.param, entry.param_bits, entry.keep, entry.snapshot_bits)
+            if entry.param.numel() <= _GROUPED_MAX_NUMEL:
+                for column, value in zip(small, item):
+                    column.append(value)
             else:
-                torch.addcmul(entry.snapshot_bits, bits, entry.keep, out=bits)
-        if small_bits:
-            torch._foreach_mul_(small_bits, small_keep)
-            torch._foreach_add_(small_bits, small_snap)
+                large.append(item)
+        plan = (whole, small, large)
+        self._last_selection = (params, plan)
+        return plan
+
+    def _rebind(self, params: set[int] | None) -> None:
+        for entry in self._entries.values():
+            if entry.param_bits is not None:
+                entry.param_bits = _bits(entry.param.detach())
+        self._last_selection = None
 
     @torch.no_grad()
     def zero_frozen_(self) -> None:
@@ -266,18 +294,35 @@ class FrozenEntries:
         self._last_selection = None
 
     # ------------------------------------------------------------------ internals
-    def _select(self, params: set[int] | None) -> list[_Entry]:
-        if params is None:
-            return list(self._entries.values())
-        last = self._last_selection
-        if last is not None and last[0] is params:
-            return last[1]
-        selected = [entry for entry in self._entries.values() if id(entry.param) in params]
-        self._last_selection = (params, selected)
-        return selected
+    def _mask_grouped(self) -> bool:
+        """The common case in one grouped kernel: dense gradients of the parameters' width.
 
-    def _name_of(self, entry: _Entry) -> str:
-        return next(name for name, other in self._entries.items() if other is entry)
+        Returns ``False`` (having changed nothing that matters: masking is idempotent) when some
+        gradient does not fit, for the per-parameter path to handle.
+        """
+        if self._grouped is None:
+            partial = [e for e in self._entries.values() if not e.all_frozen]
+            self._grouped = (
+                [e.param for e in partial],
+                [e.keep for e in partial],  # type: ignore[misc]
+                [e.param for e in self._entries.values() if e.all_frozen],
+            )
+        params, keeps, whole = self._grouped
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            pairs = [(g, k) for g, k in zip(grads, keeps) if g is not None]
+            grads, keeps = [g for g, _ in pairs], [k for _, k in pairs]
+        if any(g.layout != torch.strided for g in grads):
+            return False
+        try:
+            # integer multiply by 1/0 on the gradient's bits: every bit kept, or +0.0
+            torch._foreach_mul_([g.view(k.dtype) for g, k in zip(grads, keeps)], keeps)
+        except RuntimeError:  # a gradient of another width than its parameter: shapes differ
+            return False
+        for param in whole:
+            if param.grad is not None:
+                param.grad.zero_()
+        return True
 
 
 def _frozen_square_sum(grad: torch.Tensor, entry: _Entry) -> torch.Tensor:

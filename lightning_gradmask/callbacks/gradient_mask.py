@@ -130,8 +130,8 @@ class GradientMask(Callback):
             rank_zero_warn(
                 f"GradientMask: {frozen:,} frozen entries on CPU (in {', '.join(repr(n) for n in slow)}) are "
                 "stepped by Adam/AdamW without `fused=True`. Their zero gradients keep a zero second moment, "
-                "and the non-fused kernels' `sqrt` is several times slower on scattered zeros (1.47x a plain "
-                "step measured, against 1.04x with `fused=True`; see benchmarks/README.md). Pass "
+                "and the non-fused kernels' `sqrt` is several times slower on scattered zeros (1.47x to 1.66x a "
+                "plain step measured, against 1.04x to 1.21x with `fused=True`; see benchmarks/README.md). Pass "
                 "`fused=True` to the optimizer for speed; results are exact either way.",
                 category=PossibleUserWarning,
             )

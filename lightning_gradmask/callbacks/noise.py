@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask.callbacks._constraints import constraints_for
-from lightning_gradmask.noise import StdSchedule, draw_dtype, draw_noise_, make_schedule, noise_like, noise_seeds
+from lightning_gradmask.noise import StdSchedule, draw_dtype, draw_noise_, make_schedule, noise_seeds
 from lightning_gradmask.specs import REGEX_PREFIX, MaskSpecError, match_parameters
 
 __all__ = ["GradientNoise", "WeightNoise"]
@@ -61,6 +61,27 @@ class _SeededNoise(Callback):
         if self._twin:
             return self._generate_state_key(seed=self.seed, targets=self.targets, twin=self._twin)
         return self._generate_state_key(seed=self.seed, targets=self.targets)
+
+    def _draw(self, step: int, like: list[tuple[int, torch.Tensor, torch.Tensor]], stream: str) -> list[torch.Tensor]:
+        """``noise_like(tensor, seed, step, index, stream=stream)`` for every ``(index, param, tensor)``,
+        bit for bit, with one reseeded generator, one hash prefix and CPU buffers reused across steps.
+
+        A returned tensor may be the reused buffer itself: use it before the next draw.
+        """
+        seeds = noise_seeds(self.seed, step, [index for index, _, _ in like], stream=stream)
+        draws = []
+        for _, param, tensor in like:
+            dtype = draw_dtype(tensor.dtype)
+            buffer = self._draw_buffers.get(id(param))
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != dtype:
+                buffer = torch.empty(tuple(tensor.shape), dtype=dtype)
+                self._draw_buffers[id(param)] = buffer
+            draws.append(buffer)
+        draw_noise_(draws, seeds, self._generator)
+        return [
+            draw if draw.dtype == t.dtype and draw.device == t.device else draw.to(device=t.device, dtype=t.dtype)
+            for draw, (_, _, t) in zip(draws, like)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         # the step index comes from trainer.global_step, which the checkpoint's loop state restores
@@ -238,24 +259,9 @@ class GradientNoise(_SeededNoise):
             chosen.append((index, param, grad))
         if not chosen:
             return
-        seeds = noise_seeds(self.seed, step, [index for index, _, _ in chosen], stream=GRADIENT_STREAM)
-        draws = [self._draw_buffer(param, grad) for _, param, grad in chosen]
-        draw_noise_(draws, seeds, self._generator)
-        noises = [
-            draw if draw.dtype == grad.dtype and draw.device == grad.device else draw.to(device=grad.device, dtype=grad.dtype)
-            for draw, (_, _, grad) in zip(draws, chosen)
-        ]
+        noises = self._draw(step, [(index, param, grad) for index, param, grad in chosen], GRADIENT_STREAM)
         torch._foreach_mul_(noises, std)
         torch._foreach_add_([grad for _, _, grad in chosen], noises)
-
-    def _draw_buffer(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """A CPU tensor of ``grad``'s shape in its draw dtype, reused from step to step."""
-        dtype = draw_dtype(grad.dtype)
-        buffer = self._draw_buffers.get(id(param))
-        if buffer is None or buffer.shape != grad.shape or buffer.dtype != dtype:
-            buffer = torch.empty(tuple(grad.shape), dtype=dtype)
-            self._draw_buffers[id(param)] = buffer
-        return buffer
 
     def _stepped_ids(self, optimizer: torch.optim.Optimizer) -> set[int]:
         """Ids of ``optimizer``'s parameters, rebuilt only when its parameter groups change."""
@@ -352,6 +358,8 @@ class WeightNoise(_SeededNoise):
         self._clean: dict[str, torch.Tensor] = {}
         self._perturbed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, clean copy)
         self._hook: Any = None
+        self._draw_buffers: dict[int, torch.Tensor] = {}  # id(param) -> CPU draw buffer
+        self._generator = torch.Generator(device="cpu")
         self._last_std: float | None = None
         self._draws = 0
         self._register()
@@ -448,33 +456,43 @@ class WeightNoise(_SeededNoise):
             self._hook = None
         self._live = []
         self._clean = {}
+        self._draw_buffers = {}
 
     # ------------------------------------------------------------------ the mechanism
     @torch.no_grad()
     def _perturb(self, pl_module: pl.LightningModule, step: int, std: float) -> None:
+        # the same arithmetic as noise_like(...).mul_(std) [.mul_(|clean|)] then data.add_(noise),
+        # bit for bit, in grouped kernels
         frozen = constraints_for(pl_module).frozen
-        for name, index, aliases, param in self._live:
-            if not param.requires_grad:
-                continue
+        chosen = [(name, index, aliases, param) for name, index, aliases, param in self._live if param.requires_grad]
+        if not chosen:
+            self._draws += 1
+            return
+        datas, cleans = [], []
+        for name, _, _, param in chosen:
             data = param.detach()
             clean = self._clean.get(name)
             if clean is None or clean.shape != data.shape or clean.dtype != data.dtype or clean.device != data.device:
                 clean = torch.empty_like(data, memory_format=torch.preserve_format)
                 self._clean[name] = clean
-            clean.copy_(data)
-            noise = noise_like(data, self.seed, step, index, stream=WEIGHT_STREAM).mul_(std)
-            if self.relative:
-                noise.mul_(clean.abs())
+            datas.append(data)
+            cleans.append(clean)
+        torch._foreach_copy_(cleans, datas)
+        noises = self._draw(step, [(index, param, data) for (_, index, _, param), data in zip(chosen, datas)], WEIGHT_STREAM)
+        torch._foreach_mul_(noises, std)
+        if self.relative:
+            torch._foreach_mul_(noises, torch._foreach_abs(cleans))
+        for (_, _, aliases, _), noise in zip(chosen, noises):
             for alias in aliases:
                 frozen.zero_frozen_in_(alias, noise)
-            self._perturbed.append((param, clean))
-            data.add_(noise)
+        self._perturbed.extend((param, clean) for (_, _, _, param), clean in zip(chosen, cleans))
+        torch._foreach_add_(datas, noises)
         self._draws += 1
 
     @torch.no_grad()
     def _restore(self) -> None:
-        for param, clean in self._perturbed:
-            param.detach().copy_(clean)
+        if self._perturbed:
+            torch._foreach_copy_([param.detach() for param, _ in self._perturbed], [clean for _, clean in self._perturbed])
         self._perturbed = []
 
     def _clean_state_dict(self, module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:

@@ -225,18 +225,22 @@ class GradientNoise(_SeededNoise):
     ) -> None:
         step = trainer.global_step
         stepped = self._stepped_ids(optimizer)
+        changed = False
         if self.schedule is not None:
             std = self.schedule(step)
             if std > 0:
-                self._add_noise(step, std, stepped)
+                changed = self._add_noise(step, std, stepped)
             self._last_std = std
             pl_module.log("gradient_noise/std", std, on_step=True, on_epoch=False)
         for param, value in self._live_offsets:
             if param.grad is not None and id(param) in stepped:
                 param.grad.add_(value)
+                changed = True
         self._draws += 1
-        # frozen entries (GradientMask, blinding) never receive noise, whatever the callback order
-        constraints_for(pl_module).frozen.mask_gradients_()
+        if changed:
+            # frozen entries (GradientMask, blinding) never receive noise, whatever the callback order;
+            # with nothing added, the gradients are still masked from on_after_backward
+            constraints_for(pl_module).frozen.mask_gradients_()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -246,7 +250,7 @@ class GradientNoise(_SeededNoise):
             self._stepped = None
 
     @torch.no_grad()
-    def _add_noise(self, step: int, std: float, stepped: set[int]) -> None:
+    def _add_noise(self, step: int, std: float, stepped: set[int]) -> bool:
         """``grad += std * noise_like(grad, seed, step, index)`` for every target, bit for bit, but with
         one generator, one hash prefix and grouped multiply/add kernels for all of them."""
         chosen = []
@@ -258,10 +262,11 @@ class GradientNoise(_SeededNoise):
                 raise RuntimeError("GradientNoise does not support sparse gradients (nn.Embedding(sparse=True))")
             chosen.append((index, param, grad))
         if not chosen:
-            return
+            return False
         noises = self._draw(step, [(index, param, grad) for index, param, grad in chosen], GRADIENT_STREAM)
         torch._foreach_mul_(noises, std)
         torch._foreach_add_([grad for _, _, grad in chosen], noises)
+        return True
 
     def _stepped_ids(self, optimizer: torch.optim.Optimizer) -> set[int]:
         """Ids of ``optimizer``'s parameters, rebuilt only when its parameter groups change."""

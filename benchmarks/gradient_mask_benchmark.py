@@ -22,7 +22,10 @@ Usage::
     python benchmarks/gradient_mask_benchmark.py                # train steps, 1-2 minutes
     python benchmarks/gradient_mask_benchmark.py --profile      # + where GradientMask's time goes
     python benchmarks/gradient_mask_benchmark.py --fused        # AdamW(fused=True)
+    python benchmarks/gradient_mask_benchmark.py --optimizer sgd   # SGD momentum + weight decay
     python benchmarks/gradient_mask_benchmark.py --mechanism    # restore / mask kernels only, 15 s
+    python benchmarks/gradient_mask_benchmark.py --memory --rounds 3   # peak RSS per masked entry, 1 min
+    python benchmarks/gradient_mask_benchmark.py --blocks 1000 --rounds 4   # 2,000 small tensors: mask, noise
     python benchmarks/gradient_mask_benchmark.py --steps 60 --rounds 4 --width 1024 --threads 2
 
 ``--threads`` defaults to 1: on a shared 2-core machine a two-thread kernel waits for its slower
@@ -62,9 +65,12 @@ VARIANTS = ("plain", "gradient_mask", "prune")
 class MLP(L.LightningModule):
     """``depth`` x (Linear(width, width) + ReLU), then Linear(width, classes); AdamW, cross-entropy."""
 
-    def __init__(self, width: int, depth: int, classes: int = 10, seed: int = 0, fused: bool = False) -> None:
+    def __init__(
+        self, width: int, depth: int, classes: int = 10, seed: int = 0, fused: bool = False, optimizer: str = "adamw"
+    ) -> None:
         super().__init__()
         self.fused = fused
+        self.optimizer = optimizer
         torch.manual_seed(seed)
         layers: list[nn.Module] = []
         for _ in range(depth):
@@ -80,6 +86,8 @@ class MLP(L.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=self.fused or None)
 
 
@@ -132,7 +140,7 @@ class StepTimer(Callback):
 
 
 def build(variant: str, args: argparse.Namespace) -> tuple[MLP, list[Callback]]:
-    model = MLP(args.width, args.depth, seed=args.seed, fused=args.fused)
+    model = MLP(args.width, args.depth, seed=args.seed, fused=args.fused, optimizer=args.optimizer)
     masks = weight_masks(model, args.frozen_fraction)
     if variant == "plain":
         return model, []
@@ -192,11 +200,12 @@ def train_benchmark(args: argparse.Namespace) -> None:
     frozen = sum(int((~m).sum()) for m in masks.values())
     print(
         f"MLP width {args.width}, depth {args.depth}: {params / 1e6:.2f}M parameters, "
-        f"{frozen / 1e6:.2f}M weight entries frozen; AdamW{'(fused=True)' if args.fused else ''}; "
+        f"{frozen / 1e6:.2f}M weight entries frozen; "
+        f"{'SGD(momentum=0.9, weight_decay=1e-4)' if args.optimizer == 'sgd' else 'AdamW' + ('(fused=True)' if args.fused else '')}; "
         f"batch {args.batch_size}; {args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed) "
         "steps per variant"
     )
-    variants = VARIANTS
+    variants = VARIANTS if not args.skip_prune else VARIANTS[:2]
     runs: dict[str, list[StepTimer]] = {v: [] for v in variants}
     for r in range(args.rounds):
         for variant in round_order(r, variants):
@@ -483,6 +492,134 @@ def optimizer_side(case: Frozen, reps: int) -> None:
             print(f"  {label:50s} {statistics.median(runs) * 1e3:7.2f} ms")
 
 
+# ---------------------------------------------------------------------------- many small tensors
+BLOCK_VARIANTS = ("plain", "gradient_mask", "gradient_noise")
+
+
+class Blocks(L.LightningModule):
+    """``count`` x (Linear(16, 16) + Tanh): 2 tensors a block; SGD with momentum."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(count)])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.net(batch[0]).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
+
+
+def blocks_fit(variant: str, args: argparse.Namespace) -> StepTimer:
+    from lightning_gradmask.callbacks.noise import GradientNoise
+
+    model = Blocks(args.blocks)
+    callbacks: list[Callback] = []
+    if variant == "gradient_mask":
+        callbacks = [GradientMask(trainable=weight_masks(model, 0.5))]
+    elif variant == "gradient_noise":
+        callbacks = [GradientNoise(std=1e-4)]
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, max_epochs=-1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[timer, *callbacks],
+    )
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(8 * args.batch_size, 16)), batch_size=args.batch_size
+    )
+    trainer.fit(model, data)
+    del timer.wall[: args.warmup], timer.cpu[: args.warmup]
+    return timer
+
+
+def blocks_benchmark(args: argparse.Namespace) -> None:
+    print(f"{args.blocks} x Linear(16, 16) blocks ({2 * args.blocks} tensors), half of every weight frozen, "
+          f"SGD momentum; batch {args.batch_size}; {args.rounds} rounds x ({args.warmup} + {args.steps}) steps")
+    runs: dict[str, list[StepTimer]] = {v: [] for v in BLOCK_VARIANTS}
+    for r in range(args.rounds):
+        for variant in round_order(r, BLOCK_VARIANTS):
+            runs[variant].append(blocks_fit(variant, args))
+    for clock in ("wall", "cpu"):
+        report(runs, clock)
+
+
+# ---------------------------------------------------------------------------- memory
+MEMORY_VARIANTS = ("plain", "gradient_mask", "gradient_mask_no_stats")
+
+
+class SingleLinear(L.LightningModule):
+    """One ``Linear(rows, cols, bias=False)`` trained with plain SGD (no optimizer state)."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(cols, rows, bias=False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.layer(batch[0]).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def memory_child(variant: str, entries: int) -> None:
+    """One fit in this (fresh) process; prints the peak RSS in KiB above the built model and spec."""
+    import resource
+    import tempfile
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    rows = 2000
+    cols = entries // rows
+    model = SingleLinear(rows, cols)
+    g = torch.Generator().manual_seed(1)
+    trainable = torch.empty(rows, cols, dtype=torch.bool)
+    for row in range(0, rows, 100):  # row blocks: no full-size float temporary before the baseline
+        trainable[row : row + 100] = torch.rand(100, cols, generator=g) >= 0.01
+    spec = {"layer.weight": trainable}  # 1% frozen, every entry masked
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, cols)), batch_size=8)
+    gc_warm = torch.randn(8, cols)  # noqa: F841 - touch the allocator before the baseline
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    callbacks = {
+        "plain": [],
+        "gradient_mask": [GradientMask(spec)],
+        "gradient_mask_no_stats": [GradientMask(spec, log_stats=False)],
+    }[variant]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=4, logger=CSVLogger(tempfile.mkdtemp()), log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )
+    trainer.fit(model, data)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"PEAK_KIB {peak - base}")
+
+
+def memory_benchmark(args: argparse.Namespace) -> None:
+    """Peak RSS of a short fit per variant, each in a fresh subprocess, repeated; bytes per masked entry."""
+    import subprocess
+    import sys
+
+    entries = args.memory_entries
+    print(f"Linear with {entries / 1e6:.0f}M float32 weights, every entry masked (1% frozen), SGD, 4 steps, "
+          f"logging every step; {args.rounds} fresh processes per variant")
+    peaks: dict[str, list[int]] = {v: [] for v in MEMORY_VARIANTS}
+    for r in range(args.rounds):
+        for variant in round_order(r, MEMORY_VARIANTS):
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", variant, "--memory-entries", str(entries)],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            peaks[variant].append(int(out.split("PEAK_KIB")[-1].split()[0]))
+    plain = statistics.median(peaks["plain"])
+    print("variant                  peak RSS above the model, MiB (median)   extra bytes per masked entry")
+    for variant, values in peaks.items():
+        med = statistics.median(values)
+        extra = (med - plain) * 1024 / entries
+        print(f"{variant:24s} {med / 1024:10.1f}   runs: {' '.join(f'{v / 1024:.0f}' for v in values)}   {extra:6.2f}")
+
+
 # ---------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -496,15 +633,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fused", action="store_true", help="AdamW(fused=True) instead of the default AdamW")
+    parser.add_argument(
+        "--optimizer", choices=("adamw", "sgd"), default="adamw", help="adamw (default) or sgd (momentum 0.9, decay 1e-4)"
+    )
+    parser.add_argument("--skip-prune", action="store_true", help="time only plain and gradient_mask")
     parser.add_argument("--profile", action="store_true", help="also break GradientMask's cost down")
     parser.add_argument("--mechanism", action="store_true", help="only the kernel micro-benchmark")
     parser.add_argument("--mechanism-reps", type=int, default=30, help="calls per kernel (default 30)")
+    parser.add_argument("--blocks", type=int, default=0, help="only the many-small-tensors case: N Linear(16, 16)")
+    parser.add_argument("--memory", action="store_true", help="only peak RSS per masked entry (subprocesses)")
+    parser.add_argument("--memory-entries", type=int, default=20_000_000, help="masked entries (default 20M)")
+    parser.add_argument("--memory-child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore")
+        memory_child(args.memory_child, args.memory_entries)
+        return
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
@@ -516,7 +666,11 @@ def main(argv: list[str] | None = None) -> None:
         f"load average before: {load()}"
     )
     start = time.perf_counter()
-    if args.mechanism:
+    if args.blocks:
+        blocks_benchmark(args)
+    elif args.memory:
+        memory_benchmark(args)
+    elif args.mechanism:
         mechanism_benchmark(args)
     else:
         train_benchmark(args)

@@ -55,6 +55,7 @@ __all__ = [
     "ColumnSpec",
     "ColumnSpecError",
     "IndependenceReport",
+    "check_feature_names",
     "InputFill",
     "PerturbationCheck",
     "column_mask",
@@ -206,6 +207,7 @@ def resolve_columns(
         >>> resolve_columns(["sex", 0], 4, ["age", "sex", "bmi", "bp"])
         (0, 1)
     """
+    check_feature_names(feature_names)
     items = _as_items(columns)
     if not items:
         raise ColumnSpecError("columns is empty: name at least one column to blind")
@@ -253,6 +255,25 @@ def resolve_columns(
             f"all {size} columns of {where} would be blinded; the model could read nothing from its input"
         )
     return tuple(sorted(resolved))
+
+
+def check_feature_names(feature_names: Any, *, parameter: str = "feature_names") -> None:
+    """Refuse ``feature_names`` that is not a sequence of names (a plain string would be split into letters).
+
+    Raises:
+        ColumnSpecError: a string, or something that is not a list/tuple of names.
+    """
+    if feature_names is None:
+        return
+    if isinstance(feature_names, (str, bytes)):
+        raise ColumnSpecError(
+            f"{parameter} must be a list of column names, one per input column; got the string "
+            f"{feature_names!r} (write [{feature_names!r}] if it is a single name)"
+        )
+    if isinstance(feature_names, torch.Tensor) or not isinstance(feature_names, Iterable):
+        raise ColumnSpecError(
+            f"{parameter} must be a list of column names, one per input column; got {type(feature_names).__name__}"
+        )
 
 
 def _as_items(columns: Any) -> list[Any]:

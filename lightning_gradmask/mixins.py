@@ -74,6 +74,8 @@ class _State:
         self.depth = 0
         self._on_device: dict[tuple[Any, ...], Optional[torch.Tensor]] = {}
         self._post_step: Optional[Callable[[torch.optim.Optimizer, set[int]], None]] = None
+        # (optimizer layout, {id(param): group}); holds the groups, which the optimizer owns anyway
+        self._groups: Optional[tuple[tuple[Any, ...], dict[int, dict[str, Any]]]] = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"terms": self.terms, "supports": self.supports}
@@ -116,6 +118,16 @@ class _State:
             support = self.supports[name]
             self._on_device[key] = None if support is None else support.to(device)
         return self._on_device[key]
+
+    def groups_of(self, optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+        """``{id(param): its parameter group}``, rebuilt only when the optimizer's groups change."""
+        layout = (id(optimizer),) + tuple((id(g), id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+        cached = self._groups
+        if cached is not None and cached[0] == layout:
+            return cached[1]
+        group_of = {id(param): group for group in optimizer.param_groups for param in group["params"]}
+        self._groups = (layout, group_of)
+        return group_of
 
     def post_step(self, module: nn.Module) -> Callable[[torch.optim.Optimizer, set[int]], None]:
         """The hub's post-step function; it holds the module weakly (the hub is keyed by it)."""
@@ -324,16 +336,13 @@ class MaskedL1Mixin:
 
         A parameter the optimizer skipped (its ``grad`` is ``None``) is skipped here too.
         """
-        group_of: dict[int, dict[str, Any]] = {}
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                group_of[id(param)] = group
         state = _state_of(self)
+        group_of = state.groups_of(optimizer)
         for index, term in enumerate(state.terms):
             if not term.proximal or term.strength == 0:
                 continue
             param = self.get_parameter(term.name)  # type: ignore[attr-defined]  # the mixin is always mixed into a LightningModule
-            group = group_of.get(id(param))  # type: ignore[assignment]  # the group exists for every stepped parameter
+            group = group_of.get(id(param))
             if group is None or param.grad is None:
                 continue
             if "lr" not in group:

@@ -46,9 +46,12 @@ __all__ = [
     "StdValue",
     "check_std",
     "make_schedule",
+    "draw_dtype",
+    "draw_noise_",
     "noise_generator",
     "noise_like",
     "noise_seed",
+    "noise_seeds",
 ]
 
 StdValue = Union[float, Callable[[int], Any]]
@@ -76,6 +79,37 @@ def noise_seed(seed: int, step: int, index: int, *, stream: str = "") -> int:
             raise TypeError(f"noise {label} must be an integer, got {type(value).__name__} {value!r}")
     text = f"lightning_gradmask.noise|{stream}|{int(seed)}|{int(step)}|{int(index)}"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def noise_seeds(seed: int, step: int, indices: list[int], *, stream: str = "") -> list[int]:
+    """:func:`noise_seed` for many parameter indices at once (the same numbers, hashed faster)."""
+    noise_seed(seed, step, 0, stream=stream)  # the same argument checks
+    prefix = hashlib.blake2b(f"lightning_gradmask.noise|{stream}|{int(seed)}|{int(step)}|".encode(), digest_size=8)
+    seeds = []
+    for index in indices:
+        digest = prefix.copy()
+        digest.update(str(int(index)).encode())
+        seeds.append(int.from_bytes(digest.digest(), "big"))
+    return seeds
+
+
+def draw_noise_(out: list[torch.Tensor], seeds: list[int], generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Fill CPU tensors with standard normal noise, ``out[k]`` from a generator seeded with ``seeds[k]``.
+
+    ``out[k]`` then holds exactly what ``torch.randn(out[k].shape, generator=...)`` draws, which is
+    what :func:`noise_like` draws before moving the noise (``out`` in the draw dtype: ``float32``
+    for ``float16``/``bfloat16`` parameters). One generator is reseeded for every tensor.
+    """
+    generator = generator if generator is not None else torch.Generator(device="cpu")
+    for tensor, value in zip(out, seeds):
+        generator.manual_seed(value)
+        torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype, out=tensor)
+    return out
+
+
+def draw_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype noise for a tensor of ``dtype`` is drawn in (``float32`` for 16-bit floats)."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 def noise_generator(seed: int, step: int, index: int, *, stream: str = "") -> torch.Generator:

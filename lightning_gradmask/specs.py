@@ -9,8 +9,10 @@ Accepted mask values, per key:
 
 * a dense tensor of the parameter's shape: ``bool``, or numbers that are all 0
   or 1 (or any finite real numbers where per-entry weights are allowed),
-* a ``torch.sparse_coo_tensor`` of the parameter's shape: its stored nonzero
-  entries are selected,
+* a ``torch.sparse_coo_tensor`` of the parameter's shape: the entries at its stored
+  indices are selected, unless the value stored there is an explicit 0 / ``False``
+  (an index stored twice is selected when either value is nonzero; values are never
+  summed, and a negative or out-of-range index is an error),
 * a list of index tuples (coordinates of the selected entries); for a 1-D
   parameter plain integers are accepted too,
 * a Python ``bool``, broadcast to the whole parameter,
@@ -169,6 +171,12 @@ def mask_from_value(
             (or non-finite numbers), coordinates out of range, or an unsupported type.
     """
     where = f"mask for parameter {name!r}" + (f" (spec key {key!r})" if key is not None and key != name else "")
+    if isinstance(param, nn.parameter.UninitializedParameter):
+        raise MaskSpecError(
+            f"{where}: the parameter is not initialized yet (a lazy module such as nn.LazyLinear), so it has "
+            "no shape to mask; run one forward pass with a dummy batch before Trainer.fit (for example at "
+            "the end of __init__), or build the layer with its sizes (nn.Linear(in_features, out_features))"
+        )
     shape = tuple(param.shape)
     if callable(value) and not isinstance(value, torch.Tensor):
         try:
@@ -259,6 +267,7 @@ def _check_shape(where: str, got: tuple[int, ...], expected: tuple[int, ...]) ->
 
 def _from_dense(value: torch.Tensor, where: str, shape: tuple[int, ...], allow_real: bool) -> torch.Tensor:
     _check_shape(where, tuple(value.shape), shape)
+    _check_not_meta(value, where)
     value = value.detach().to("cpu")
     if value.dtype == torch.bool:
         return value.clone()
@@ -280,13 +289,25 @@ def _from_dense(value: torch.Tensor, where: str, shape: tuple[int, ...], allow_r
 
 
 def _from_sparse(value: torch.Tensor, where: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The stored indices count, not the coalesced sum: an entry is selected when any value stored
+    for it is nonzero (``coalesce()`` would sum a stored 1 and a stored -1 to 0 and drop the entry)."""
     _check_shape(where, tuple(value.shape), shape)
-    value = value.detach().to("cpu").coalesce()
-    indices, values = value.indices(), value.values()
-    if values.dim() != 1:
+    _check_not_meta(value, where)
+    value = value.detach().to("cpu")
+    indices, values = value._indices(), value._values()
+    if values.dim() != 1 or indices.shape[0] != len(shape):
         raise MaskSpecError(f"{where}: hybrid sparse tensors are not supported")
     if values.is_floating_point() and not bool(torch.isfinite(values).all()):
         raise MaskSpecError(f"{where}: the sparse mask stores non-finite values")
+    if indices.numel():
+        sizes = torch.tensor(shape, dtype=indices.dtype).unsqueeze(1)
+        bad = ((indices < 0) | (indices >= sizes)).any(dim=0).nonzero()
+        if bad.numel():
+            index = tuple(int(i) for i in indices[:, int(bad[0])].tolist())
+            raise MaskSpecError(
+                f"{where}: the sparse mask stores index {index}, out of range for parameter shape {list(shape)}"
+                f"{' (negative indices do not count from the end)' if min(index) < 0 else ''}"
+            )
     keep = values.ne(0)
     mask = torch.zeros(shape, dtype=torch.bool)
     if len(shape) == 0:
@@ -294,6 +315,14 @@ def _from_sparse(value: torch.Tensor, where: str, shape: tuple[int, ...]) -> tor
     else:
         mask[tuple(indices[:, keep])] = True
     return mask
+
+
+def _check_not_meta(value: torch.Tensor, where: str) -> None:
+    if value.device.type == "meta":
+        raise MaskSpecError(
+            f"{where}: the mask is on the 'meta' device and holds no values; build it on the CPU "
+            "(or any real device), e.g. with torch.ones(shape, dtype=torch.bool)"
+        )
 
 
 def _from_coordinates(value: list | tuple, where: str, shape: tuple[int, ...]) -> torch.Tensor:

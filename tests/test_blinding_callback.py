@@ -253,6 +253,26 @@ def test_bad_input_raises_at_setup_and_leaves_the_model_untouched(kwargs, messag
     assert constraints_for(model).trainable_masks() == {}
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(columns=None), r"columns=\.\.\.\) is required"),
+        (dict(columns=1.5), r"must be a name, an index or a list of them; got float"),
+        (dict(columns=["a"], feature_names="abcdef"), r"feature_names=\.\.\.\) must be a list of column names.*'abcdef'"),
+    ],
+)
+def test_missing_columns_and_feature_names_as_one_string_fail_at_construction(kwargs, message):
+    with pytest.raises(ColumnSpecError, match=message):
+        SensitiveColumnBlinding(**kwargs)
+
+
+def test_pure_resolution_refuses_feature_names_as_one_string():
+    from lightning_gradmask.blinding import resolve_columns
+
+    with pytest.raises(ColumnSpecError, match=r"feature_names must be a list of column names.*'abc'"):
+        resolve_columns(["a"], 3, "abc")
+
+
 def test_grouped_convolution_is_refused_at_setup():
     model = GroupedConv()
     with pytest.raises(ColumnSpecError, match=r"grouped convolution \(groups=2\)"):

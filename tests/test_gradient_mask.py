@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gradmask import GradientMask, MaskSpecError, UnsupportedStrategyError
+from lightning_gradmask.callbacks._constraints import constraints_for
 
 from utils import REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer
 
@@ -286,3 +287,25 @@ def test_ddp_ranks_end_identical_with_exact_frozen_entries(tmp_path, strategy):
 def test_ddp_refuses_masks_that_differ_between_ranks(tmp_path):
     with pytest.raises(AssertionError, match="GradientMask masks differ between processes"):
         run_script(REPO_ROOT / "tests" / "ddp" / "gradient_mask_ddp.py", "ddp", str(tmp_path), "--differing-masks")
+
+
+def test_memory_held_per_masked_entry_is_the_documented_nine_bytes():
+    # docs/gradient_mask.md: bool mask (1 byte) + integer keep pattern (4) + snapshot (4) per float32 entry;
+    # peak RSS is measured by `benchmarks/gradient_mask_benchmark.py --memory`
+    model = TinyRegressor()
+    mask = GradientMask({"net.0.weight": torch.arange(48).reshape(8, 6) % 3 == 0})
+    held: dict[int, int] = {}
+
+    class Count(Callback):
+        def on_train_end(self, trainer, pl_module):
+            hub = constraints_for(pl_module)
+            tensors = list(mask.masks.values()) + list(hub.trainable_masks().values())
+            for entry in hub.frozen._entries.values():
+                tensors += [t for t in (entry.keep, entry.snapshot, entry.param_bits, entry.snapshot_bits) if t is not None]
+            for t in tensors:
+                storage = t.untyped_storage()
+                if storage.data_ptr() != pl_module.net[0].weight.data_ptr():  # views of the weight itself
+                    held[storage.data_ptr()] = storage.nbytes()
+
+    trainer(callbacks=[mask, Count()], max_epochs=1).fit(model, loader())
+    assert sum(held.values()) == 48 * 9

@@ -60,3 +60,19 @@ def test_restore_before_capture_and_bad_masks_are_errors():
         FrozenEntries({"p": (param, torch.tensor([1, 0]))})
     with pytest.raises(ValueError, match="has shape \\[3\\], parameter has \\[2\\]"):
         FrozenEntries({"p": (param, torch.ones(3, dtype=torch.bool))})
+
+
+@pytest.mark.parametrize("numel", [6, 70_000])  # the grouped path and the one-pass path
+def test_restore_follows_a_parameter_whose_memory_was_replaced(numel):
+    param = torch.nn.Parameter(torch.randn(numel))
+    trainable = torch.arange(numel) % 2 == 0
+    frozen = FrozenEntries({"p": (param, trainable)})
+    frozen.capture_()
+    start = param.detach().clone()
+    frozen.restore_()  # builds and caches the plan on the old memory
+    param.data = param.data.clone()  # e.g. a move or a cast done in place of the tensor
+    with torch.no_grad():
+        param.add_(1.0)
+    frozen.restore_()
+    assert torch.equal(param.detach()[~trainable], start[~trainable])
+    assert torch.equal(param.detach()[trainable], start[trainable] + 1.0)

@@ -81,3 +81,15 @@ def test_a_callable_going_bad_names_the_step():
         make_schedule(std=lambda t: 1 / t)(0)
     with pytest.raises(NoiseStdError, match="step 3 must be a real number"):
         check_std(torch.ones(2), step=3)
+
+
+def test_grouped_draws_are_bit_identical_to_noise_like():
+    from lightning_gradmask.noise import draw_dtype, draw_noise_, noise_seeds
+
+    params = [torch.zeros(3, 4), torch.zeros(5, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.bfloat16), torch.zeros(())]
+    indices = [0, 7, 3, 12]
+    seeds = noise_seeds(5, 9, indices, stream="gradient")
+    assert seeds == [noise_seed(5, 9, i, stream="gradient") for i in indices]
+    draws = draw_noise_([torch.empty(p.shape, dtype=draw_dtype(p.dtype)) for p in params], seeds)
+    for param, index, draw in zip(params, indices, draws):
+        assert torch.equal(draw.to(param.dtype), noise_like(param, 5, 9, index, stream="gradient"))

@@ -415,6 +415,14 @@ def test_two_noise_callbacks_with_the_same_seed_are_refused():
         trainer(callbacks=[GradientNoise(std=0.1), GradientNoise(eta=0.1, targets="net.0.weight")]).fit(TinyRegressor(), loader())
 
 
+@pytest.mark.parametrize("kind", [GradientNoise, WeightNoise])
+def test_two_noise_callbacks_with_the_same_seed_and_targets_get_the_documented_error(kind):
+    # same seed and targets: Lightning would refuse the equal state keys with a RuntimeError first
+    callbacks = [kind(std=0.1, seed=4), kind(std=0.2, seed=4)]
+    with pytest.raises(ValueError, match=f"two {kind.__name__} callbacks use seed=4"):
+        trainer(callbacks=callbacks).fit(TinyRegressor(), loader())
+
+
 def test_modules_as_class_paths_and_targets_narrowing():
     callback = WeightNoise(std=0.1, modules=["torch.nn.Linear", "Conv2d"], targets="re:net\\.2\\..*")
     trainer(callbacks=[callback], max_steps=1).fit(TinyRegressor(), loader())

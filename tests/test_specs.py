@@ -52,6 +52,43 @@ def test_sparse_zero_values_are_not_selected(net):
     assert mask.sum() == 1 and mask[0, 1]
 
 
+def test_sparse_stored_indices_count_and_duplicates_are_not_summed_away(net):
+    # index (0, 1) stored twice, with 1 and -1: coalesce() would sum them to 0 and freeze it
+    sparse = torch.sparse_coo_tensor([[0, 0, 1, 1], [1, 1, 2, 0]], [1.0, -1.0, 0.0, 3.0], (2, 3))
+    assert not sparse.is_coalesced()
+    mask = resolve_masks({"0.weight": sparse}, net)["0.weight"]
+    assert mask.tolist() == [[False, True, False], [True, False, False]]  # explicit 0 at (1, 2) not selected
+    both_zero = torch.sparse_coo_tensor([[0, 0], [1, 1]], [0.0, False], (2, 3))
+    assert not resolve_masks({"0.weight": both_zero}, net)["0.weight"].any()
+    as_bool = torch.sparse_coo_tensor([[1], [2]], torch.tensor([True]), (2, 3))
+    assert resolve_masks({"0.weight": as_bool}, net)["0.weight"].tolist() == [[False] * 3, [False, False, True]]
+
+
+@pytest.mark.parametrize("index, words", [((0, -1), "negative"), ((2, 0), "out of range")])
+def test_sparse_indices_outside_the_shape_name_parameter_index_and_shape(net, index, words):
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, index[0]], [0, index[1]]]), [1.0, 1.0], (2, 3), check_invariants=False)
+    with pytest.raises(MaskSpecError, match=re.escape("'0.weight'")) as caught:
+        resolve_masks({"0.weight": sparse}, net)
+    message = str(caught.value)
+    assert f"index {index}" in message and "[2, 3]" in message and words in message
+
+
+def test_lazy_parameters_and_meta_masks_say_what_to_do():
+    lazy = nn.Sequential(nn.LazyLinear(2))
+    with pytest.raises(MaskSpecError, match=r"'0.weight'.*not initialized yet.*dummy batch.*nn.Linear"):
+        resolve_masks({"0.weight": False}, lazy)
+    with pytest.raises(MaskSpecError, match=r"'0.weight'.*not initialized yet"):
+        resolve_masks({"re:0\\..*": True}, lazy)
+    lazy(torch.zeros(1, 3))  # a dummy forward initializes it: then it resolves
+    assert resolve_masks({"0.weight": False}, lazy)["0.weight"].shape == (2, 3)
+    eager = nn.Linear(3, 2)
+    for meta in (torch.ones(2, 3, dtype=torch.bool, device="meta"), torch.sparse_coo_tensor(torch.zeros(2, 1, dtype=torch.long), torch.ones(1), (2, 3), device="meta")):
+        with pytest.raises(MaskSpecError, match=r"'weight'.*'meta' device.*build it on the CPU"):
+            resolve_masks({"weight": meta}, eager)
+    with pytest.raises(MaskSpecError, match=r"'meta' device"):
+        resolve_masks({"weight": lambda name, p: torch.ones(2, 3, device="meta")}, eager)
+
+
 def test_resolving_does_not_touch_the_module_or_share_memory(net):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     dense = torch.ones(2, 3, dtype=torch.bool)

@@ -57,8 +57,11 @@ class ParameterConstraints:
         self._masks: dict[Any, dict[str, torch.Tensor]] = {}
         self._post_step: dict[Any, tuple[int, PostStepFn]] = {}
         self._frozen: FrozenEntries | None = None
-        self._handles: list[Any] = []
-        self._hooked: list[torch.optim.Optimizer] = []
+        # (weak reference to a hooked optimizer, its hook handles)
+        self._hooked: list[tuple[weakref.ref[torch.optim.Optimizer], tuple[Any, ...]]] = []
+        self._stepped: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[tuple[Any, ...], set[int]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # ------------------------------------------------------------------ registration
     def set_masks(self, owner: Any, trainable: dict[str, torch.Tensor]) -> None:
@@ -101,21 +104,32 @@ class ParameterConstraints:
 
     # ------------------------------------------------------------------ optimizer hooks
     def attach(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        """Install the step hooks on ``optimizers`` (raw torch optimizers); idempotent."""
+        """Install the step hooks on ``optimizers`` (raw torch optimizers); idempotent.
+
+        Optimizers are held weakly: a finished fit's optimizers (and their state) are freed with
+        their Trainer even while this hub lives on with the module.
+        """
+        self._forget_dead_optimizers()
         for optimizer in optimizers:
-            if any(optimizer is hooked for hooked in self._hooked):
+            if any(ref() is optimizer for ref, _ in self._hooked):
                 continue
-            self._hooked.append(optimizer)
-            self._handles.append(optimizer.register_step_pre_hook(self._before_step))
-            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+            handles = (
+                optimizer.register_step_pre_hook(self._before_step),
+                optimizer.register_step_post_hook(self._after_step),
+            )
+            self._hooked.append((weakref.ref(optimizer), handles))
 
     def detach(self) -> None:
         """Remove the step hooks and forget the captured values."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for _, handles in self._hooked:
+            for handle in handles:
+                handle.remove()
         self._hooked.clear()
+        self._stepped.clear()
         self._frozen = None
+
+    def _forget_dead_optimizers(self) -> None:
+        self._hooked = [(ref, handles) for ref, handles in self._hooked if ref() is not None]
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         frozen = self.frozen
@@ -123,11 +137,21 @@ class ParameterConstraints:
             frozen.capture_()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # read every step: callbacks such as BackboneFinetuning add parameter groups mid-run
-        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        ids = self._stepped_ids(optimizer)
         for _, fn in sorted(self._post_step.values(), key=lambda item: item[0]):
             fn(optimizer, ids)
         self.frozen.restore_(ids)
+
+    def _stepped_ids(self, optimizer: torch.optim.Optimizer) -> set[int]:
+        """Ids of ``optimizer``'s parameters, rebuilt only when its parameter groups change
+        (callbacks such as BackboneFinetuning add groups mid-run)."""
+        layout = tuple((id(group["params"]), len(group["params"])) for group in optimizer.param_groups)
+        cached = self._stepped.get(optimizer)
+        if cached is not None and cached[0] == layout:
+            return cached[1]
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self._stepped[optimizer] = (layout, ids)
+        return ids
 
     def _module(self) -> nn.Module:
         module = self._module_ref()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -17,6 +17,7 @@ from lightning_gradmask.blinding import (
     BlindingPlan,
     ColumnSpecError,
     InputFill,
+    check_feature_names,
     column_mask,
     install_input_fill,
     plan_blinding,
@@ -119,8 +120,19 @@ class SensitiveColumnBlinding(Callback):
             raise ColumnSpecError(f"SensitiveColumnBlinding(mode={mode!r}): mode must be 'sever' or 'grad'")
         if layer is not None and not isinstance(layer, str):
             raise ColumnSpecError(f"SensitiveColumnBlinding(layer=...) must be a module name or None, got {layer!r}")
+        if columns is None:
+            raise ColumnSpecError(
+                "SensitiveColumnBlinding(columns=...) is required: the names or indices of the input columns "
+                "to blind, e.g. columns=['sex'] with feature_names, or columns=[1]"
+            )
         if isinstance(columns, (str, int)):
             columns = [columns]
+        elif not isinstance(columns, Iterable):
+            raise ColumnSpecError(
+                f"SensitiveColumnBlinding(columns=...) must be a name, an index or a list of them; "
+                f"got {type(columns).__name__} {columns!r}"
+            )
+        check_feature_names(feature_names, parameter="SensitiveColumnBlinding(feature_names=...)")
         # numpy/torch scalars become plain Python values (they appear in the checkpoint's state key)
         self.columns = [c.item() if hasattr(c, "item") and not isinstance(c, (str, int)) else c for c in columns]
         self.feature_names = None if feature_names is None else [str(n) for n in feature_names]

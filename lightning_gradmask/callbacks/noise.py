@@ -21,7 +21,7 @@ from torch import nn
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._namespaces import Callback
 from lightning_gradmask.callbacks._constraints import constraints_for
-from lightning_gradmask.noise import StdSchedule, make_schedule, noise_like
+from lightning_gradmask.noise import StdSchedule, draw_dtype, draw_noise_, make_schedule, noise_seeds
 from lightning_gradmask.specs import REGEX_PREFIX, MaskSpecError, match_parameters
 
 __all__ = ["GradientNoise", "WeightNoise"]
@@ -36,11 +36,54 @@ class _SeededNoise(Callback):
     seed: int
     targets: Optional[list[str]]
     _draws: int
+    _twin: int = 0
+    _draw_buffers: dict[int, torch.Tensor]  # id(param) -> CPU draw buffer, reused across steps
+    _generator: torch.Generator
+
+    #: every live noise callback, to tell apart instances built with the same seed and targets
+    _instances: "weakref.WeakSet[_SeededNoise]" = weakref.WeakSet()
+
+    def _register(self) -> None:
+        """Call at the end of ``__init__``: number this instance among live ones of the same configuration.
+
+        Lightning refuses two stateful callbacks with the same ``state_key`` when the Trainer is built,
+        with a RuntimeError that says nothing about noise. Twins (same type, seed and targets) get
+        distinct keys, so that ``setup`` can refuse them with the documented ``ValueError`` instead.
+        """
+        twins = [other for other in _SeededNoise._instances if type(other) is type(self) and other._config() == self._config()]
+        self._twin = max((other._twin for other in twins), default=-1) + 1
+        _SeededNoise._instances.add(self)
+
+    def _config(self) -> tuple[int, Optional[tuple[str, ...]]]:
+        return self.seed, None if self.targets is None else tuple(self.targets)
 
     @property
     def state_key(self) -> str:
         # several instances may share a Trainer (different seeds or targets)
+        if self._twin:
+            return self._generate_state_key(seed=self.seed, targets=self.targets, twin=self._twin)
         return self._generate_state_key(seed=self.seed, targets=self.targets)
+
+    def _draw(self, step: int, like: list[tuple[int, torch.Tensor, torch.Tensor]], stream: str) -> list[torch.Tensor]:
+        """``noise_like(tensor, seed, step, index, stream=stream)`` for every ``(index, param, tensor)``,
+        bit for bit, with one reseeded generator, one hash prefix and CPU buffers reused across steps.
+
+        A returned tensor may be the reused buffer itself: use it before the next draw.
+        """
+        seeds = noise_seeds(self.seed, step, [index for index, _, _ in like], stream=stream)
+        draws = []
+        for _, param, tensor in like:
+            dtype = draw_dtype(tensor.dtype)
+            buffer = self._draw_buffers.get(id(param))
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != dtype:
+                buffer = torch.empty(tuple(tensor.shape), dtype=dtype)
+                self._draw_buffers[id(param)] = buffer
+            draws.append(buffer)
+        draw_noise_(draws, seeds, self._generator)
+        return [
+            draw if draw.dtype == t.dtype and draw.device == t.device else draw.to(device=t.device, dtype=t.dtype)
+            for draw, (_, _, t) in zip(draws, like)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         # the step index comes from trainer.global_step, which the checkpoint's loop state restores
@@ -137,8 +180,12 @@ class GradientNoise(_SeededNoise):
         self._offsets: dict[str, torch.Tensor] = {}  # CPU, resolved at setup
         self._live_targets: list[tuple[int, torch.Tensor]] = []
         self._live_offsets: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._draw_buffers: dict[int, torch.Tensor] = {}  # id(param) -> CPU draw buffer
+        self._generator = torch.Generator(device="cpu")
+        self._stepped: tuple[tuple[Any, ...], set[int]] | None = None
         self._last_std: float | None = None
         self._draws = 0
+        self._register()
 
     # ------------------------------------------------------------------ public read-only state
     @property
@@ -179,31 +226,59 @@ class GradientNoise(_SeededNoise):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        stepped = self._stepped_ids(optimizer)
+        changed = False
         if self.schedule is not None:
             std = self.schedule(step)
             if std > 0:
-                for index, param in self._live_targets:
-                    grad = param.grad
-                    if grad is None or id(param) not in stepped:
-                        continue
-                    if grad.is_sparse:
-                        raise RuntimeError("GradientNoise does not support sparse gradients (nn.Embedding(sparse=True))")
-                    noise = noise_like(grad, self.seed, step, index, stream=GRADIENT_STREAM)
-                    grad.add_(noise.mul_(std))
+                changed = self._add_noise(step, std, stepped)
             self._last_std = std
             pl_module.log("gradient_noise/std", std, on_step=True, on_epoch=False)
         for param, value in self._live_offsets:
             if param.grad is not None and id(param) in stepped:
                 param.grad.add_(value)
+                changed = True
         self._draws += 1
-        # frozen entries (GradientMask, blinding) never receive noise, whatever the callback order
-        constraints_for(pl_module).frozen.mask_gradients_()
+        if changed:
+            # frozen entries (GradientMask, blinding) never receive noise, whatever the callback order;
+            # with nothing added, the gradients are still masked from on_after_backward
+            constraints_for(pl_module).frozen.mask_gradients_()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._live_targets = []
             self._live_offsets = []
+            self._draw_buffers = {}
+            self._stepped = None
+
+    @torch.no_grad()
+    def _add_noise(self, step: int, std: float, stepped: set[int]) -> bool:
+        """``grad += std * noise_like(grad, seed, step, index)`` for every target, bit for bit, but with
+        one generator, one hash prefix and grouped multiply/add kernels for all of them."""
+        chosen = []
+        for index, param in self._live_targets:
+            grad = param.grad
+            if grad is None or id(param) not in stepped:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("GradientNoise does not support sparse gradients (nn.Embedding(sparse=True))")
+            chosen.append((index, param, grad))
+        if not chosen:
+            return False
+        noises = self._draw(step, [(index, param, grad) for index, param, grad in chosen], GRADIENT_STREAM)
+        torch._foreach_mul_(noises, std)
+        torch._foreach_add_([grad for _, _, grad in chosen], noises)
+        return True
+
+    def _stepped_ids(self, optimizer: torch.optim.Optimizer) -> set[int]:
+        """Ids of ``optimizer``'s parameters, rebuilt only when its parameter groups change."""
+        layout = (id(optimizer),) + tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+        if self._stepped is None or self._stepped[0] != layout:
+            self._stepped = (layout, {id(p) for group in optimizer.param_groups for p in group["params"]})
+        return self._stepped[1]
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
 
 
 class WeightNoise(_SeededNoise):
@@ -290,8 +365,11 @@ class WeightNoise(_SeededNoise):
         self._clean: dict[str, torch.Tensor] = {}
         self._perturbed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, clean copy)
         self._hook: Any = None
+        self._draw_buffers: dict[int, torch.Tensor] = {}  # id(param) -> CPU draw buffer
+        self._generator = torch.Generator(device="cpu")
         self._last_std: float | None = None
         self._draws = 0
+        self._register()
 
     # ------------------------------------------------------------------ public read-only state
     @property
@@ -367,7 +445,8 @@ class WeightNoise(_SeededNoise):
         self._restore()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore()
+        # Lightning calls on_exception, not teardown, after a failed fit: leave the module as it was
+        self.teardown(trainer, pl_module, "fit")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # the state_dict hook already wrote clean values; this also covers a state_dict built elsewhere
@@ -384,35 +463,43 @@ class WeightNoise(_SeededNoise):
             self._hook = None
         self._live = []
         self._clean = {}
+        self._draw_buffers = {}
 
     # ------------------------------------------------------------------ the mechanism
     @torch.no_grad()
     def _perturb(self, pl_module: pl.LightningModule, step: int, std: float) -> None:
+        # the same arithmetic as noise_like(...).mul_(std) [.mul_(|clean|)] then data.add_(noise),
+        # bit for bit, in grouped kernels
         frozen = constraints_for(pl_module).frozen
-        for name, index, aliases, param in self._live:
-            if not param.requires_grad:
-                continue
+        chosen = [(name, index, aliases, param) for name, index, aliases, param in self._live if param.requires_grad]
+        if not chosen:
+            self._draws += 1
+            return
+        datas, cleans = [], []
+        for name, _, _, param in chosen:
             data = param.detach()
             clean = self._clean.get(name)
             if clean is None or clean.shape != data.shape or clean.dtype != data.dtype or clean.device != data.device:
                 clean = torch.empty_like(data, memory_format=torch.preserve_format)
                 self._clean[name] = clean
-            clean.copy_(data)
-            noise = noise_like(data, self.seed, step, index, stream=WEIGHT_STREAM).mul_(std)
-            if self.relative:
-                noise.mul_(clean.abs())
+            datas.append(data)
+            cleans.append(clean)
+        torch._foreach_copy_(cleans, datas)
+        noises = self._draw(step, [(index, param, data) for (_, index, _, param), data in zip(chosen, datas)], WEIGHT_STREAM)
+        torch._foreach_mul_(noises, std)
+        if self.relative:
+            torch._foreach_mul_(noises, torch._foreach_abs(cleans))
+        for (_, _, aliases, _), noise in zip(chosen, noises):
             for alias in aliases:
-                mask = frozen.frozen_mask(alias)
-                if mask is not None:
-                    noise.masked_fill_(mask, 0)
-            self._perturbed.append((param, clean))
-            data.add_(noise)
+                frozen.zero_frozen_in_(alias, noise)
+        self._perturbed.extend((param, clean) for (_, _, _, param), clean in zip(chosen, cleans))
+        torch._foreach_add_(datas, noises)
         self._draws += 1
 
     @torch.no_grad()
     def _restore(self) -> None:
-        for param, clean in self._perturbed:
-            param.detach().copy_(clean)
+        if self._perturbed:
+            torch._foreach_copy_([param.detach() for param, _ in self._perturbed], [clean for _, clean in self._perturbed])
         self._perturbed = []
 
     def _clean_state_dict(self, module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:

@@ -28,7 +28,7 @@ from lightning_gradmask.curvature._random import subseed
 from lightning_gradmask.curvature.density import broaden, spectral_density
 from lightning_gradmask.curvature.diagonal import _diag_by_products, exact_diagonal
 from lightning_gradmask.curvature.exact import dense_hessian, exact_statistics
-from lightning_gradmask.curvature.lanczos import lanczos
+from lightning_gradmask.curvature.lanczos import default_max_iter, lanczos
 from lightning_gradmask.curvature.operator import HessianOperator, LinearOperator
 from lightning_gradmask.curvature.trace import estimate_trace
 
@@ -196,7 +196,7 @@ def hessian_statistics(
     dim = int(operator.dim)
     if top_k < 1 or top_k > dim:
         raise ValueError(f"top_k must be in [1, {dim}]")
-    max_iter = lanczos_max_iter if lanczos_max_iter is not None else min(dim, max(2 * top_k + 40, 60))
+    max_iter = lanczos_max_iter if lanczos_max_iter is not None else default_max_iter(dim, top_k)
     if budget is None:
         budget = _planned_products(stats, trace_products, max_iter, diagonal_products, density_runs, density_steps)
     res = HessianStatistics(dim=dim, loss=getattr(operator, "loss", None))

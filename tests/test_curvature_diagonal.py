@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_gradmask.curvature import HessianOperator, estimate_diagonal, exact_diagonal
+from lightning_gradmask.curvature import HessianOperator, estimate_diagonal, exact_diagonal, exact_diagonal_cost
 
 from reference import LossOf, cross_entropy_of, reference_hessian
 
@@ -168,3 +169,52 @@ def test_estimated_diagonal_has_stderr(method):
     # unbiased per entry: the mean error over entries, in units of stderr, is moderate
     z = ((est.diagonal - ref) / est.stderr.clamp_min(1e-12)).abs()
     assert float(z.median()) < 3.0
+
+
+class TinyTransformer(nn.Module):
+    """One encoder block (attention + feed-forward, LayerNorms) and a head on the mean token."""
+
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.block = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernels have no double backward
+            h = self.block(x if self.batch_first else x.transpose(0, 1))
+        return self.head((h if self.batch_first else h.transpose(0, 1)).mean(dim=1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_linear_maps_are_exact_per_layer(batch_first):
+    torch.manual_seed(0)
+    model = TinyTransformer(batch_first).double().eval()
+    x, y = inputs(5, 4, 8)
+    ref = reference_diagonal(model, ce_of(x, y))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    res = exact_diagonal(op)
+    linear = [n for n in op.names if "norm" not in n]
+    assert all(res.methods[n] == "layerwise" for n in linear), {n: res.notes.get(n) for n in linear}
+    assert all(res.methods[n] == "products" for n in op.names if "norm" in n)
+    # attention and the mean over tokens couple the tokens of a sequence, never two sequences;
+    # the head sees one row per sequence
+    assert all(res.groupings[n].endswith("5x4") for n in linear if n.startswith("block."))
+    assert res.groupings["head.weight"] == "rows"
+    assert_rel(res.diagonal, ref, 1e-10)
+    norms = sum(op.sizes[k] for k, n in enumerate(op.names) if "norm" in n)
+    assert res.num_products < 0.6 * op.dim and exact_diagonal_cost(op) >= res.num_products - norms
+
+
+def test_linear_layer_without_module_is_layerwise():
+    # the rule needs no module: a closure calling F.linear on bare tensors is enough
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    x, y = inputs(7, 4)
+    op = HessianOperator(lambda: F.cross_entropy(F.linear(torch.tanh(x), w, b), y), {"w": w, "b": b})
+    res = exact_diagonal(op)
+    assert res.methods == {"w": "layerwise", "b": "layerwise"}
+    h = torch.func.hessian(lambda w_, b_: F.cross_entropy(F.linear(torch.tanh(x), w_, b_), y), argnums=(0, 1))(w, b)
+    torch.testing.assert_close(res.per_parameter["w"], torch.diagonal(h[0][0].reshape(12, 12)).reshape(3, 4))
+    torch.testing.assert_close(res.per_parameter["b"], torch.diagonal(h[1][1]))

@@ -196,7 +196,9 @@ def test_transformer_linear_maps_are_exact_per_layer(batch_first):
     res = exact_diagonal(op)
     linear = [n for n in op.names if "norm" not in n]
     assert all(res.methods[n] == "layerwise" for n in linear), {n: res.notes.get(n) for n in linear}
-    assert all(res.methods[n] == "products" for n in op.names if "norm" in n)
+    # LayerNorm: the last one feeds only linear maps (exact by the piecewise-linear rule), the first
+    # one a second LayerNorm (one product per entry)
+    assert res.methods["block.norm2.weight"] == "piecewise" and res.methods["block.norm1.weight"] == "products"
     # attention and the mean over tokens couple the tokens of a sequence, never two sequences;
     # the head sees one row per sequence
     assert all(res.groupings[n].endswith("5x4") for n in linear if n.startswith("block."))
@@ -218,3 +220,53 @@ def test_linear_layer_without_module_is_layerwise():
     h = torch.func.hessian(lambda w_, b_: F.cross_entropy(F.linear(torch.tanh(x), w_, b_), y), argnums=(0, 1))(w, b)
     torch.testing.assert_close(res.per_parameter["w"], torch.diagonal(h[0][0].reshape(12, 12)).reshape(3, 4))
     torch.testing.assert_close(res.per_parameter["b"], torch.diagonal(h[1][1]))
+
+
+class ResidualCNN(nn.Module):
+    """Conv -> BatchNorm (eval) -> ReLU -> MaxPool, a residual conv block, and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2))
+        self.inner = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head((h + self.inner(h)).flatten(1))
+
+
+def test_piecewise_linear_cnn_with_batchnorm_and_residual_is_exact_without_per_entry_products():
+    torch.manual_seed(0)
+    model = ResidualCNN().double()
+    model.stem[1].running_mean.uniform_(-0.5, 0.5)
+    model.stem[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x, y = inputs(6, 2, 6, 6)
+    ref = reference_diagonal(model, ce_of(x, y))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    res = exact_diagonal(op)
+    assert res.methods["head.weight"] == "layerwise"
+    assert {res.methods[n] for n in op.names if not n.startswith("head.")} == {"piecewise"}
+    assert_rel(res.diagonal, ref, 1e-10)
+    assert res.num_products < 60 < op.dim  # about 2 * classes + checks, not one product per entry
+
+
+def test_piecewise_rule_refuses_smooth_activations_and_train_mode_batchnorm():
+    torch.manual_seed(0)
+    smooth = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2, 3))
+    smooth.double()
+    x, y = inputs(5, 1, 5, 5)
+    op = HessianOperator.from_module(smooth, lambda: F.cross_entropy(smooth(x), y))
+    res = exact_diagonal(op)
+    # the first conv feeds a tanh further on, the second a tanh directly: neither is piecewise linear
+    assert res.methods["0.weight"] == res.methods["2.weight"] == "products"
+    assert "not piecewise linear" in res.notes["0.weight"]
+    assert_rel(res.diagonal, reference_diagonal(smooth, ce_of(x, y)), 1e-10)
+    bn = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.ReLU(), nn.Flatten(), nn.Linear(18, 3)
+    ).double()
+    op = HessianOperator.from_module(bn, lambda: F.cross_entropy(bn(x), y), eval_mode=False)
+    res = exact_diagonal(op)
+    assert res.methods["0.weight"] == "products" and "samples coupled" in res.notes["0.weight"]
+    assert_rel(res.diagonal, reference_diagonal(bn, ce_of(x, y)), 1e-9)

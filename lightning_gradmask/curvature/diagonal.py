@@ -13,8 +13,13 @@ Exact (:func:`exact_diagonal`), two paths chosen per parameter:
   layer is checked on its own (call count, gradient rebuilt from ``(x, dL/dy)``, the grouping
   tested with ``ceil(log2(groups))`` products); see :mod:`lightning_gradmask.curvature.layerwise`.
   The per-layer path decisions are combined across processes with ``reduce``.
-* ``"products"`` (fallback, any module, e.g. convolutions, LayerNorm, embeddings, or a layer whose
-  checks failed): one product per selected entry, ``d(dL/dp[j]) / dp`` restricted to the
+* ``"piecewise"`` for every remaining parameter in which the network output is piecewise linear
+  (convolutions, BatchNorm in eval mode, anything followed only by ReLU, max-pooling, residual
+  additions and linear maps): there the diagonal equals the generalized Gauss-Newton diagonal,
+  computed exactly from ``C`` per-sample gradient passes for ``C`` outputs per sample; every
+  assumption is checked, see :mod:`lightning_gradmask.curvature.piecewise`.
+* ``"products"`` (fallback, any module, e.g. LayerNorm before another normalization, embeddings,
+  convolutions followed by tanh, or a layer whose checks failed): one product per selected entry, ``d(dL/dp[j]) / dp`` restricted to the
   parameter itself, keeping entry ``j`` (the textbook recipe), vmapped in chunks where that is
   faster (timed on the spot). :attr:`DiagonalResult.methods` and :attr:`DiagonalResult.notes` say
   which path each parameter took and why, :attr:`DiagonalResult.groupings` which row grouping.
@@ -47,6 +52,7 @@ from torch import Tensor
 from lightning_gradmask.curvature._random import Seed, as_generator
 from lightning_gradmask.curvature.layerwise import LayerwiseOutcome, layerwise_cost, layerwise_diagonal
 from lightning_gradmask.curvature.operator import HessianOperator, LinearOperator
+from lightning_gradmask.curvature.piecewise import PiecewiseOutcome, piecewise_diagonal
 from lightning_gradmask.curvature.trace import estimate_trace
 
 __all__ = ["DiagonalResult", "estimate_diagonal", "exact_diagonal", "exact_diagonal_cost"]
@@ -60,7 +66,7 @@ class DiagonalResult:
         diagonal: ``(dim,)`` float64.
         stderr: per-entry standard error (``None`` when exact).
         per_parameter: ``{name: tensor of the parameter's shape}``, NaN outside the mask.
-        methods: ``{name: "layerwise" | "products" | "xtrace" | "hutchinson" | ...}``.
+        methods: ``{name: "layerwise" | "piecewise" | "products" | "xtrace" | "hutchinson" | ...}``.
         notes: ``{name: why the fast path was not taken}``.
         num_products: Hessian-vector products spent (including the row-independence checks and the
             products with the Hessian w.r.t. layer outputs).
@@ -140,12 +146,19 @@ def exact_diagonal(
     diag_parts = dict(outcome.parts)
     notes = _owner_notes(op, set(diag_parts) | {op.names.index(n) for n in outcome.notes})
     notes.update(outcome.notes)
+    rest = [k for k in range(len(op.names)) if k not in diag_parts]
+    piecewise = piecewise_diagonal(op, rest) if method == "auto" and rest else PiecewiseOutcome()
+    diag_parts.update(piecewise.parts)
+    for name, why in piecewise.notes.items():
+        notes[name] = f"{notes[name]}; {why}" if name in notes else why
     if method != "auto":
         notes = {}
     methods: dict[str, str] = {}
     for k, name in enumerate(op.names):
-        if k in diag_parts:
+        if k in outcome.parts:
             methods[name] = "layerwise"
+        elif k in piecewise.parts:
+            methods[name] = "piecewise"
         elif skip_slow:
             methods[name] = "skipped"
             diag_parts[k] = torch.full((op.sizes[k],), float("nan"), dtype=torch.float64, device=op.device)
@@ -155,7 +168,7 @@ def exact_diagonal(
     flat = torch.cat([diag_parts[k].to(torch.float64) for k in range(len(op.names))])
     if op.reduce is not None:
         flat = op.reduce(flat)
-    op.num_products += outcome.num_products
+    op.num_products += outcome.num_products + piecewise.num_products
     return DiagonalResult(
         diagonal=flat,
         stderr=None,
@@ -163,7 +176,7 @@ def exact_diagonal(
         methods=methods,
         num_products=op.num_products - start,
         exact=True,
-        notes={n: v for n, v in notes.items() if methods.get(n) != "layerwise"},
+        notes={n: v for n, v in notes.items() if methods.get(n) == "products" or methods.get(n) == "skipped"},
         groupings={n: g for n, g in outcome.groupings.items() if methods.get(n) == "layerwise"},
     )
 

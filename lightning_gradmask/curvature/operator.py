@@ -124,8 +124,8 @@ class MatrixOperator:
 def _warn_batched(batched: bool | None) -> None:
     if batched is not None:
         warnings.warn(
-            "matmat(batched=...) is deprecated and ignored: vmapped products were slower per product "
-            "than a loop on CPU; matmat runs the loop",
+            "matmat(batched=...) is deprecated and ignored: vmapped products were mostly slower per "
+            "product than a loop on CPU; matmat runs the loop",
             FutureWarning,
             stacklevel=3,
         )
@@ -487,8 +487,9 @@ class HessianOperator:
 
         The products run one after the other and ``reduce`` is called once, on the ``(k, dim)``
         result (one collective under DDP instead of ``k``). ``batched`` is deprecated and ignored:
-        the vmapped backward (``is_grads_batched=True``) it used to select measured 1.2-1.6x *slower*
-        per product than this loop on CPU (MLP, CNN and transformer, ``benchmarks/README.md``).
+        the vmapped backward (``is_grads_batched=True``) it used to select measured 1.04-1.9x *slower*
+        per product than this loop on CPU for an MLP and a CNN, and only 15% faster on a small
+        transformer (``benchmarks/README.md``), not worth a second code path.
         """
         _warn_batched(batched)
         if v.ndim != 2 or v.shape[1] != self.dim:

@@ -215,11 +215,14 @@ def _accumulate(run: _Run, loss: Tensor, model: _Model, gen: torch.Generator) ->
     run.outcome.num_products += spent
     if not decoupled:
         return run.fail_all("the loss couples the samples' outputs")
-    for k in list(run.indices):
-        if not _linear_in(model.subset(_CHECK_SAMPLES), detached, op.names[k], gen):
-            run.fail(k, "the output is not piecewise linear in this parameter (tanh, LayerNorm, reuse, ...)")
-    if run.indices:
-        _ggn_diagonal(run, model, g_f, f)
+    try:
+        for k in list(run.indices):
+            if not _linear_in(model.subset(_CHECK_SAMPLES), detached, op.names[k], gen):
+                run.fail(k, "the output is not piecewise linear in this parameter (tanh, LayerNorm, reuse, ...)")
+        if run.indices:
+            _ggn_diagonal(run, model, g_f, f)
+    except (RuntimeError, ValueError) as err:  # torch.func cannot transform this forward
+        run.fail_all(f"torch.func could not transform the model ({type(err).__name__}: {str(err)[:120]})")
 
 
 def _reproduces(model: _Model, params: dict[str, Tensor], f: Tensor) -> bool:
@@ -258,18 +261,13 @@ _PASS_BYTES = 256 * 2**20  # per-sample gradients held at once
 
 def _agree_across_processes(run: _Run) -> None:
     """One collective so that every process takes the same path for every parameter."""
-    if run.op.reduce is None or not indices_or_none(run):
+    if run.op.reduce is None:
         return
-    everything = list(run.op.names)
-    flags = torch.tensor([1.0 if k in run.indices else 0.0 for k in range(len(everything))], dtype=torch.float64)
+    flags = torch.tensor([1.0 if k in run.indices else 0.0 for k in range(len(run.op.names))], dtype=torch.float64)
     flags = run.op.reduce(flags.to(run.op.device))
     for k in list(run.indices):
         if float(flags[k]) < 1.0 - 1e-9:
             run.fail(k, "fast path not applicable on another process")
-
-
-def indices_or_none(run: _Run) -> bool:
-    return bool(run.indices) or bool(run.outcome.notes)
 
 
 def piecewise_diagonal(op: HessianOperator, indices: list[int], seed: int = 2024) -> PiecewiseOutcome:

@@ -54,7 +54,7 @@ class HessianStatistics:
         eigenvalue_error_bounds: ``(top_k,)`` the usual sharper estimate ``min(r, r**2 / gap)``.
         diagonal: ``{name: float64 tensor of the parameter's shape}``, NaN outside the mask.
         diagonal_stderr: same layout, per-entry standard error (``None`` when exact).
-        diagonal_methods: ``{name: "layerwise" | "products" | "exact" | "xtrace" | "hutchinson"}``.
+        diagonal_methods: ``{name: "layerwise" | "piecewise" | "products" | "exact" | "xtrace" | "hutchinson"}``.
         density_grid, density: broadened spectral density (integrates to ~1).
         density_nodes, density_weights: raw quadrature (``(runs, steps)``), or the exact spectrum
             (one row, weights ``1/dim``).
@@ -158,7 +158,7 @@ def hessian_statistics(
         seed: one ``int``; every random draw derives from it (give the same value on every rank).
         trace_products: products for the trace estimate (the diagonal estimate shares them).
         trace_method: ``"auto"`` (default): on a :class:`HessianOperator`, the exact diagonal of
-            every Linear layer the layerwise rule accepts (cheap: about ``out_features`` products
+            every parameter the layerwise or piecewise rule of :func:`exact_diagonal` accepts (cheap: about ``out_features`` products
             w.r.t. the layer output), the remaining parameters exactly by one-hot products if they
             have at most ``trace_products`` entries (``diagonal_budget`` when the diagonal is
             wanted), and otherwise estimated with ``trace_products`` products restricted to them

@@ -126,15 +126,19 @@ def exact_diagonal(
     """The exact Hessian diagonal over the operator's selected entries.
 
     Args:
-        op: a :class:`HessianOperator` (built with ``from_module`` or ``module=`` for the fast path).
-        method: ``"auto"`` (layerwise where its checks pass, products elsewhere) or ``"products"``
-            (one product per entry everywhere: the slow reference).
-        chunk_size: rows per batched product in the layerwise path.
-        skip_slow: leave out the parameters the layerwise path cannot handle (their entries are NaN
-            and their method ``"skipped"``) instead of spending one product per entry on them.
+        op: a :class:`HessianOperator` (built with ``from_module`` for the piecewise rule, which
+            evaluates the module itself; the layerwise rule needs no module).
+        method: ``"auto"`` (layerwise where its checks pass, then piecewise where its checks pass,
+            products elsewhere) or ``"products"`` (one product per entry everywhere: the slow
+            reference).
+        chunk_size: output columns per vmapped product in the layerwise path (capped so that the
+            probes of one chunk take at most 256 MiB).
+        skip_slow: leave out the parameters the layerwise and piecewise rules cannot handle (their
+            entries are NaN and their method ``"skipped"``) instead of spending one product per
+            entry on them.
 
-    The result is reduced with ``op.reduce`` once (plus one reduce of the fast-path decision flags,
-    so every rank takes the same path).
+    The result is reduced with ``op.reduce`` once (plus one reduce of the decision flags per fast
+    rule that ran, so every rank takes the same path).
 
     Example::
 

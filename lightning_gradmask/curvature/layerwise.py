@@ -52,6 +52,7 @@ __all__ = ["LayerwiseOutcome", "layerwise_diagonal", "linear_layers"]
 
 _COUPLING_TOL = 1e-6
 _GRADIENT_TOL = 1e-4
+_PROBE_BYTES = 256 * 2**20  # probes (and their products) held at once: chunk_size is capped by this
 
 
 @dataclass
@@ -229,6 +230,7 @@ def _layer_diagonal(
     out = y.shape[-1]
     diag_w = torch.zeros(out, x.shape[1], dtype=torch.float64, device=x.device)
     diag_b = torch.zeros(out, dtype=torch.float64, device=x.device)
+    chunk_size = max(1, min(chunk_size, _PROBE_BYTES // max(1, y.numel() * y.element_size())))
     for c in range(grouping.size):
         rows_c = (grouping.position == c).nonzero().squeeze(1)
         paired = x * x[grouping.partner(c).to(x.device)]

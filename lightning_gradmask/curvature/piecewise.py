@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, jvp, vjp, vmap
 
 from lightning_gradmask.curvature._random import gaussian
 from lightning_gradmask.curvature.layerwise import _batched_grad, _close, _decoupled, _Grouping
@@ -108,13 +108,6 @@ class _Model:
         n = min(n, self.batch)
         return self._with_args(tuple(a[:n] if d == 0 else a for a, d in zip(self.call.args, self.in_dims)), n)
 
-    def repeated(self, times: int) -> _Model:
-        """The same model on ``times`` copies of the batch, stacked along dimension 0."""
-        if times == 1:
-            return self
-        args = tuple(torch.cat([a] * times) if d == 0 else a for a, d in zip(self.call.args, self.in_dims))
-        return self._with_args(args, self.batch * times)
-
     def batch_output(self, params: dict[str, Tensor]) -> Tensor:
         return functional_call(self.module, params, self.call.args, self.call.kwargs, strict=False)
 
@@ -126,12 +119,16 @@ class _Model:
         return vmap(self.sample_output, in_dims=(None, *self.in_dims))(params, *self.call.args)
 
     def per_sample_grads(self, params: dict[str, Tensor], u: Tensor) -> dict[str, Tensor]:
-        """``d(u_n . f_n) / dparams`` for every sample ``n`` (``u``: ``(N, C)``)."""
+        """``d(u_nj . f_n) / dparams`` for every sample ``n`` and cotangent ``j`` (``u``: ``(N, J, C)``).
 
-        def pseudo(p: dict[str, Tensor], u_n: Tensor, *sample: Any) -> Tensor:
-            return (self.sample_output(p, *sample).reshape(-1) * u_n).sum()
+        One forward per sample (vmapped), then ``J`` backward passes through it (vmapped too).
+        """
 
-        return vmap(grad(pseudo), in_dims=(None, 0, *self.in_dims))(params, u, *self.call.args)
+        def one_sample(p: dict[str, Tensor], u_n: Tensor, *sample: Any) -> dict[str, Tensor]:
+            _, pullback = vjp(lambda q: self.sample_output(q, *sample).reshape(-1), p)
+            return vmap(lambda cot: pullback(cot)[0])(u_n)
+
+        return vmap(one_sample, in_dims=(None, 0, *self.in_dims))(params, u, *self.call.args)
 
 
 def _linear_in(model: _Model, params: dict[str, Tensor], name: str, gen: torch.Generator) -> bool:
@@ -247,10 +244,9 @@ def _ggn_diagonal(run: _Run, model: _Model, g_f: Tensor, f: Tensor) -> None:
     numel = sum(p.numel() for p in params.values())
     per_pass = max(1, min(classes, _PASS_BYTES // max(1, n * numel * f.element_size())))
     for c0 in range(0, classes, per_pass):
-        cs = range(c0, min(classes, c0 + per_pass))
-        u = torch.cat([vecs[:, :, c] for c in cs]).to(f.dtype)  # (len(cs) * N, C): class-major
-        weight = torch.cat([lam[:, c] for c in cs]).to(f.dtype)
-        per_sample = model.repeated(len(cs)).per_sample_grads(params, u)
+        c1 = min(classes, c0 + per_pass)
+        per_sample = model.per_sample_grads(params, vecs[:, :, c0:c1].transpose(1, 2).to(f.dtype))  # (N, J, C)
+        weight = lam[:, c0:c1].to(f.dtype).reshape(-1)  # (N * J,)
         for k in run.indices:
             g = per_sample[op.names[k]].detach().reshape(weight.shape[0], -1)
             run.acc[k] = run.acc.get(k, 0.0) + (weight @ g.square()).to(torch.float64)  # type: ignore[operator]

@@ -120,7 +120,7 @@ def exact_diagonal(
     op: HessianOperator,
     *,
     method: Literal["auto", "products"] = "auto",
-    chunk_size: int = 64,
+    chunk_size: int = 16,
     skip_slow: bool = False,
 ) -> DiagonalResult:
     """The exact Hessian diagonal over the operator's selected entries.
@@ -132,7 +132,8 @@ def exact_diagonal(
             products elsewhere) or ``"products"`` (one product per entry everywhere: the slow
             reference).
         chunk_size: output columns per vmapped product in the layerwise path (capped so that the
-            probes of one chunk take at most 256 MiB).
+            probes of one chunk take at most 256 MiB). 16 was fastest or within 3% of it on an MLP,
+            a CNN head and a transformer block (64: 1.2-1.4x slower).
         skip_slow: leave out the parameters the layerwise and piecewise rules cannot handle (their
             entries are NaN and their method ``"skipped"``) instead of spending one product per
             entry on them.

@@ -383,7 +383,7 @@ def _first_valid_grouping(
     return None
 
 
-def layerwise_diagonal(op: HessianOperator, chunk_size: int = 64) -> LayerwiseOutcome:
+def layerwise_diagonal(op: HessianOperator, chunk_size: int = 16) -> LayerwiseOutcome:
     """The exact diagonal of every selected linear-map weight and bias whose checks pass.
 
     Returns local (not reduced) diagonals; the caller agrees on the path across processes and

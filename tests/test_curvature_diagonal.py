@@ -270,3 +270,17 @@ def test_piecewise_rule_refuses_smooth_activations_and_train_mode_batchnorm():
     res = exact_diagonal(op)
     assert res.methods["0.weight"] == "products" and "samples coupled" in res.notes["0.weight"]
     assert_rel(res.diagonal, reference_diagonal(bn, ce_of(x, y)), 1e-9)
+
+
+def test_piecewise_and_layerwise_rules_average_several_batches():
+    torch.manual_seed(0)
+    model = ResidualCNN().double().eval()
+    (x1, y1), (x2, y2) = inputs(4, 2, 6, 6), inputs(7, 2, 6, 6)
+    x2 = x2 * 0.5 + 0.1  # a different batch
+    ref = 0.5 * (reference_diagonal(model, ce_of(x1, y1)) + reference_diagonal(model, ce_of(x2, y2)))
+    op = HessianOperator.from_module(
+        model, [lambda: F.cross_entropy(model(x1), y1), lambda: F.cross_entropy(model(x2), y2)]
+    )
+    res = exact_diagonal(op)
+    assert set(res.methods.values()) == {"layerwise", "piecewise"}
+    assert_rel(res.diagonal, ref, 1e-10)

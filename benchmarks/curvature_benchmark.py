@@ -62,8 +62,43 @@ def mlp_5k() -> nn.Module:
     return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10))
 
 
-SHAPES = {"mlp_100k": (128,), "cnn_100k": (3, 16, 16), "mlp_5k": (32,)}
-BUILDERS: dict[str, Callable[[], nn.Module]] = {"mlp_100k": mlp_100k, "cnn_100k": cnn_100k, "mlp_5k": mlp_5k}
+class Transformer34k(nn.Module):
+    """One ``nn.TransformerEncoderLayer`` (d_model 64, 4 heads, feed-forward 128) and a head on the mean token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
+            return self.head(self.block(x).mean(dim=1))
+
+
+class ResidualBatchNormCNN(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> MaxPool, a residual Conv -> BatchNorm -> ReLU block, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2))
+        self.inner = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(h + self.inner(h))
+
+
+SHAPES = {"mlp_100k": (128,), "cnn_100k": (3, 16, 16), "mlp_5k": (32,), "transformer_34k": (8, 64), "cnn_bn_res": (3, 16, 16)}
+BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "mlp_100k": mlp_100k,
+    "cnn_100k": cnn_100k,
+    "mlp_5k": mlp_5k,
+    "transformer_34k": Transformer34k,
+    "cnn_bn_res": ResidualBatchNormCNN,
+}
 
 
 def problem(kind: str, state: str, batch: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -385,10 +420,232 @@ def diagonal_section(seeds: int) -> None:
             )
 
 
+# --------------------------------------------------------------------- peers: curvlinops, BackPACK, eigenthings
+# Installed for the benchmark only, without pulling a CUDA torch (see benchmarks/README.md):
+#   pip install --no-deps backpack-for-pytorch curvlinops-for-pytorch hessian-eigenthings unfoldNd einconv linear_operator
+#   pip install einops opt-einsum tqdm
+
+
+def _peer(name: str):  # noqa: ANN202
+    """The peer's module, or ``None`` (the column then reads "not installed")."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def reference_top(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    m64 = copy.deepcopy(model).double()
+    x64 = x.double()
+    op = HessianOperator.from_module(m64, lambda: F.cross_entropy(m64(x64), y))
+    res = lanczos(op, k=k, max_iter=400, tol=1e-11, seed=12345)
+    assert res.converged, "reference Lanczos did not converge"
+    return res.eigenvalues
+
+
+def _rel_error(values: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(((values.double().cpu() - ref).abs() / ref.abs()).max())
+
+
+def _ours_top(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, int, float, bool]:
+    op = operator(model, x, y)
+    res, t = timed(lambda: lanczos(op, k=k, seed=seed))
+    return res.eigenvalues, res.num_products, t, res.converged  # type: ignore[attr-defined]
+
+
+def _curvlinops_top(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, seed: int):  # noqa: ANN202
+    curvlinops = _peer("curvlinops")
+    if curvlinops is None:
+        return None
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator as ScipyOperator
+    from scipy.sparse.linalg import eigsh
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    h = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
+    inner = h.to_scipy()
+    count = [0]
+
+    def mv(v):  # noqa: ANN001, ANN202
+        count[0] += 1
+        return inner @ v
+
+    wrapped = ScipyOperator(inner.shape, matvec=mv, dtype=np.float32)
+    v0 = np.random.default_rng(seed).standard_normal(inner.shape[0]).astype(np.float32)
+    vals, t = timed(lambda: eigsh(wrapped, k=k, which="LA", tol=1e-4, v0=v0, return_eigenvectors=False))
+    return torch.from_numpy(np.sort(vals)[::-1].copy()), count[0], t  # type: ignore[arg-type]
+
+
+def _eigenthings_top(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, seed: int, steps: int):  # noqa: ANN202
+    """hessian-eigenthings' ``lanczos`` (a fixed number of steps, default ``2k``) given ``steps`` steps."""
+    he = _peer("hessian_eigenthings")
+    if he is None:
+        return None
+    op = he.HessianOperator(model, [(x, y)], he.supervised_loss(F.cross_entropy))
+    count = [0]
+    inner = op.matvec
+
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        count[0] += 1
+        return inner(v)
+
+    op.matvec = mv
+    res, t = timed(lambda: he.lanczos(op, k=k, max_iter=steps, reorthogonalize=True, which="LA", seed=seed))
+    vals = torch.sort(res.eigenvalues.double(), descending=True).values  # type: ignore[attr-defined]
+    return vals, count[0], t
+
+
+def _summary(rows: list[tuple[float, int, float]]) -> str:
+    errs = [r[0] for r in rows]
+    prods = [r[1] for r in rows]
+    secs = [r[2] for r in rows]
+    return (
+        f"{statistics.fmean(errs):.1e} / {max(errs):.1e} | {statistics.fmean(prods):.1f} (max {max(prods)}) "
+        f"| {statistics.fmean(secs):.3f}"
+    )
+
+
+def lanczos_section(seeds: int) -> None:
+    """Top-k over many seeds: ours against curvlinops + scipy ``eigsh`` and hessian-eigenthings ``lanczos``."""
+    print("\n### Top eigenvalues over seeds (reference: float64 Lanczos, tol 1e-11)\n")
+    print(
+        "| model | k | seeds | `lanczos` mean / max rel. error | HVPs | time (s) | converged | runs above 1e-4 "
+        "| curvlinops + eigsh(tol 1e-4) error | HVPs | time (s) | eigenthings lanczos, ours' HVPs: error | HVPs | time (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, state, batch, k in (
+        ("mlp_100k", "init", 256, 1),
+        ("transformer_34k", "init", 32, 1),
+        ("mlp_100k", "init", 256, 5),
+    ):
+        model, x, y = problem(kind, state, batch)
+        ref = reference_top(model, x, y, k)
+        n = seeds if k == 1 else max(10, seeds // 3)
+        ours, converged = [], 0
+        for seed in range(n):
+            vals, prods, t, conv = _ours_top(model, x, y, k, seed)
+            ours.append((_rel_error(vals, ref), prods, t))
+            converged += conv
+        peers = []
+        for run in (_curvlinops_top, _eigenthings_top):
+            rows = []
+            for seed in range(min(n, 5)):
+                extra = (ours[seed][1],) if run is _eigenthings_top else ()  # as many steps as ours took
+                got = run(model, x, y, k, seed, *extra)
+                if got is None:
+                    break
+                rows.append((_rel_error(got[0], ref), got[1], got[2]))
+            peers.append(_summary(rows) + f" ({len(rows)} seeds)" if rows else "not installed | - | -")
+        above = sum(r[0] > 1e-4 for r in ours)
+        print(f"| {kind} {state} | {k} | {n} | {_summary(ours)} | {converged}/{n} | {above} | {peers[0]} | {peers[1]} |")
+
+
+def _median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[object, float]]:
+    """Interleaved repeats, median time per function (and its last result)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    last: dict[str, object] = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            last[name], t = timed(fn)
+            times[name].append(t)
+    return {name: (last[name], statistics.median(times[name])) for name in fns}
+
+
+def _backpack_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    backpack = _peer("backpack")
+    if backpack is None:
+        return None
+    from backpack.extensions import DiagHessian
+
+    bm = backpack.extend(copy.deepcopy(model))
+    loss = backpack.extend(nn.CrossEntropyLoss())
+
+    def run() -> torch.Tensor:
+        bm.zero_grad()
+        with backpack.backpack(DiagHessian()):
+            loss(bm(x), y).backward()
+        return torch.cat([p.diag_h.reshape(-1) for p in bm.parameters()])
+
+    return run
+
+
+def exact_diagonal_section() -> None:
+    """Exact diagonal: ours vs BackPACK ``DiagHessian`` and vs 100 Hutchinson products; trace at 100 products."""
+    print("\n### Exact diagonal against BackPACK and Hutchinson (medians of 5 interleaved repeats)\n")
+    print(
+        "| model | params | `exact_diagonal` methods | products | time (s) | BackPACK DiagHessian (s) | ours / BackPACK "
+        "| max diff / max diag vs BackPACK | 100 Hutchinson products (s) | ours / Hutchinson | default trace rel. error |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    import warnings
+
+    for kind, state, batch in (("cnn_100k", "init", 128), ("cnn_bn_res", "trained", 128), ("transformer_34k", "init", 32)):
+        model, x, y = problem(kind, state, batch)
+        op = operator(model, x, y)
+        fns: dict[str, Callable[[], object]] = {
+            "ours": lambda: exact_diagonal(op),
+            "hutchinson": lambda: estimate_trace(op, 100, method="hutchinson", seed=0),
+        }
+        bp = _backpack_diagonal(model, x, y) if kind == "cnn_100k" else None
+        if bp is not None:
+            fns["backpack"] = bp
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = _median_times(fns, 5)
+        res, t_ours = got["ours"]
+        _, t_hutch = got["hutchinson"]
+        methods = ", ".join(sorted(set(res.methods.values())))  # type: ignore[attr-defined]
+        true = float(res.diagonal.sum())  # type: ignore[attr-defined]
+        stats = hessian_statistics(operator(model, x, y), ("trace",), seed=0)
+        trace_err = abs(stats.trace - true) / abs(true)  # type: ignore[operator]
+        if "backpack" in got:
+            theirs, t_bp = got["backpack"]
+            diff = float((res.diagonal - theirs.double()).abs().max() / res.diagonal.abs().max())  # type: ignore[attr-defined, union-attr]
+            bp_cols = f"{t_bp:.3f} | {t_ours / t_bp:.2f}x | {diff:.1e}"
+        elif kind == "cnn_bn_res":  # BackPACK has no BatchNorm or residual support: the product path instead
+            ref, t_ref = timed(lambda: exact_diagonal(operator(model, x, y), method="products").diagonal)
+            diff = float((res.diagonal - ref).abs().max() / ref.abs().max())  # type: ignore[attr-defined, union-attr]
+            bp_cols = f"none (no BatchNorm/residual support); one product per entry: {t_ref:.1f} | - | {diff:.1e} vs products"
+        else:
+            bp_cols = "none (no attention support) | - | -"
+        print(
+            f"| {kind} {state} | {op.dim} | {methods} | {res.num_products} | {t_ours:.3f} | {bp_cols} "  # type: ignore[attr-defined]
+            f"| {t_hutch:.3f} | {t_ours / t_hutch:.1f}x | {trace_err:.1e} ({stats.trace_method}) |"
+        )
+
+
+def matmat_section() -> None:
+    """Per-product cost of ``matmat`` (a loop) against a vmapped retained-graph backward."""
+    print("\n### `matmat` (10 rows): the loop it runs against a vmapped backward (`is_grads_batched`)\n")
+    print("| model | loop (s) | vmapped (s) | vmapped / loop |")
+    print("|---|---|---|---|")
+    for kind, state, batch in (("mlp_100k", "init", 256), ("cnn_100k", "init", 128), ("transformer_34k", "init", 32)):
+        model, x, y = problem(kind, state, batch)
+        op = operator(model, x, y)
+        rows = torch.randn(10, op.dim)
+        params = list(op.params)
+        grads = op._grads
+        assert grads is not None
+
+        def vmapped() -> object:
+            parts = [r.reshape(10, *p.shape) for r, p in zip(torch.split(rows, op.sizes, dim=1), params)]
+            return torch.autograd.grad(grads, params, grad_outputs=parts, retain_graph=True, is_grads_batched=True)
+
+        got = _median_times({"loop": lambda: op.matmat(rows), "vmapped": vmapped}, 15)
+        t_loop, t_vmap = got["loop"][1], got["vmapped"][1]
+        print(f"| {kind} | {t_loop:.4f} | {t_vmap:.4f} | {t_vmap / t_loop:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 seeds instead of 10")
-    parser.add_argument("--sections", default="hvp,eigen,trace,diagonal")
+    parser.add_argument(
+        "--sections",
+        default="hvp,eigen,trace,diagonal,lanczos30,peers",
+        help="comma-separated: hvp, eigen, trace, diagonal, lanczos30 (30 seeds, peers), peers (diagonal, matmat)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = 3 if args.quick else 10
@@ -418,6 +675,11 @@ def main() -> None:
             trace_section(label, model, x, y, seeds)
     if "diagonal" in sections:
         diagonal_section(seeds)
+    if "lanczos30" in sections:
+        lanczos_section(30)
+    if "peers" in sections:
+        exact_diagonal_section()
+        matmat_section()
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_gradmask.curvature import HessianOperator, estimate_diagonal, exact_diagonal
+from lightning_gradmask.curvature import HessianOperator, estimate_diagonal, exact_diagonal, exact_diagonal_cost
 
 from reference import LossOf, cross_entropy_of, reference_hessian
 
@@ -168,3 +169,118 @@ def test_estimated_diagonal_has_stderr(method):
     # unbiased per entry: the mean error over entries, in units of stderr, is moderate
     z = ((est.diagonal - ref) / est.stderr.clamp_min(1e-12)).abs()
     assert float(z.median()) < 3.0
+
+
+class TinyTransformer(nn.Module):
+    """One encoder block (attention + feed-forward, LayerNorms) and a head on the mean token."""
+
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.block = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernels have no double backward
+            h = self.block(x if self.batch_first else x.transpose(0, 1))
+        return self.head((h if self.batch_first else h.transpose(0, 1)).mean(dim=1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_linear_maps_are_exact_per_layer(batch_first):
+    torch.manual_seed(0)
+    model = TinyTransformer(batch_first).double().eval()
+    x, y = inputs(5, 4, 8)
+    ref = reference_diagonal(model, ce_of(x, y))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    res = exact_diagonal(op)
+    linear = [n for n in op.names if "norm" not in n]
+    assert all(res.methods[n] == "layerwise" for n in linear), {n: res.notes.get(n) for n in linear}
+    # LayerNorm: the last one feeds only linear maps (exact by the piecewise-linear rule), the first
+    # one a second LayerNorm (one product per entry)
+    assert res.methods["block.norm2.weight"] == "piecewise" and res.methods["block.norm1.weight"] == "products"
+    # attention and the mean over tokens couple the tokens of a sequence, never two sequences;
+    # the head sees one row per sequence
+    assert all(res.groupings[n].endswith("5x4") for n in linear if n.startswith("block."))
+    assert res.groupings["head.weight"] == "rows"
+    assert_rel(res.diagonal, ref, 1e-10)
+    norms = sum(op.sizes[k] for k, n in enumerate(op.names) if "norm" in n)
+    assert res.num_products < 0.6 * op.dim and exact_diagonal_cost(op) >= res.num_products - norms
+
+
+def test_linear_layer_without_module_is_layerwise():
+    # the rule needs no module: a closure calling F.linear on bare tensors is enough
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    x, y = inputs(7, 4)
+    op = HessianOperator(lambda: F.cross_entropy(F.linear(torch.tanh(x), w, b), y), {"w": w, "b": b})
+    res = exact_diagonal(op)
+    assert res.methods == {"w": "layerwise", "b": "layerwise"}
+    h = torch.func.hessian(lambda w_, b_: F.cross_entropy(F.linear(torch.tanh(x), w_, b_), y), argnums=(0, 1))(w, b)
+    torch.testing.assert_close(res.per_parameter["w"], torch.diagonal(h[0][0].reshape(12, 12)).reshape(3, 4))
+    torch.testing.assert_close(res.per_parameter["b"], torch.diagonal(h[1][1]))
+
+
+class ResidualCNN(nn.Module):
+    """Conv -> BatchNorm (eval) -> ReLU -> MaxPool, a residual conv block, and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2))
+        self.inner = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head((h + self.inner(h)).flatten(1))
+
+
+def test_piecewise_linear_cnn_with_batchnorm_and_residual_is_exact_without_per_entry_products():
+    torch.manual_seed(0)
+    model = ResidualCNN().double()
+    model.stem[1].running_mean.uniform_(-0.5, 0.5)
+    model.stem[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x, y = inputs(6, 2, 6, 6)
+    ref = reference_diagonal(model, ce_of(x, y))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    res = exact_diagonal(op)
+    assert res.methods["head.weight"] == "layerwise"
+    assert {res.methods[n] for n in op.names if not n.startswith("head.")} == {"piecewise"}
+    assert_rel(res.diagonal, ref, 1e-10)
+    assert res.num_products < 60 < op.dim  # about 2 * classes + checks, not one product per entry
+
+
+def test_piecewise_rule_refuses_smooth_activations_and_train_mode_batchnorm():
+    torch.manual_seed(0)
+    smooth = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2, 3))
+    smooth.double()
+    x, y = inputs(5, 1, 5, 5)
+    op = HessianOperator.from_module(smooth, lambda: F.cross_entropy(smooth(x), y))
+    res = exact_diagonal(op)
+    # the first conv feeds a tanh further on, the second a tanh directly: neither is piecewise linear
+    assert res.methods["0.weight"] == res.methods["2.weight"] == "products"
+    assert "not piecewise linear" in res.notes["0.weight"]
+    assert_rel(res.diagonal, reference_diagonal(smooth, ce_of(x, y)), 1e-10)
+    bn = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.ReLU(), nn.Flatten(), nn.Linear(18, 3)
+    ).double()
+    op = HessianOperator.from_module(bn, lambda: F.cross_entropy(bn(x), y), eval_mode=False)
+    res = exact_diagonal(op)
+    assert res.methods["0.weight"] == "products" and "samples coupled" in res.notes["0.weight"]
+    assert_rel(res.diagonal, reference_diagonal(bn, ce_of(x, y)), 1e-9)
+
+
+def test_piecewise_and_layerwise_rules_average_several_batches():
+    torch.manual_seed(0)
+    model = ResidualCNN().double().eval()
+    (x1, y1), (x2, y2) = inputs(4, 2, 6, 6), inputs(7, 2, 6, 6)
+    x2 = x2 * 0.5 + 0.1  # a different batch
+    ref = 0.5 * (reference_diagonal(model, ce_of(x1, y1)) + reference_diagonal(model, ce_of(x2, y2)))
+    op = HessianOperator.from_module(
+        model, [lambda: F.cross_entropy(model(x1), y1), lambda: F.cross_entropy(model(x2), y2)]
+    )
+    res = exact_diagonal(op)
+    assert set(res.methods.values()) == {"layerwise", "piecewise"}
+    assert_rel(res.diagonal, ref, 1e-10)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_gradmask.curvature import HessianOperator, MatrixOperator, lanczos
+from lightning_gradmask.curvature import HessianOperator, MatrixOperator, default_max_iter, lanczos
 
 from reference import cross_entropy_of, reference_hessian
 
@@ -96,3 +96,61 @@ def test_exhausting_the_space_is_exact():
     res = lanczos(MatrixOperator(a), k=4, seed=0, tol=1e-12)
     torch.testing.assert_close(res.eigenvalues, torch.tensor([3.0, 1.0, 0.5, -7.0], dtype=torch.float64))
     assert res.converged and res.num_products <= 4
+
+
+def clustered_matrix(n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """A spectrum with a tight top cluster (1, 0.99, 0.985, 0.98) above a bulk in [0, 0.9]."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    eig = torch.cat([torch.tensor([1.0, 0.99, 0.985, 0.98], dtype=torch.float64), torch.linspace(0, 0.9, n - 4)])
+    a = q @ torch.diag(eig.double()) @ q.T
+    return 0.5 * (a + a.T), q
+
+
+def test_eigenvalue_hidden_in_a_cluster_is_found():
+    # The start vector has only 5% of its weight along the eigenvector of 0.985: the other top values
+    # meet the tolerance long before 0.985 shows up; stopping then would report 0.98 as the third.
+    a, q = clustered_matrix()
+    weights = torch.ones(a.shape[0], dtype=torch.float64)
+    weights[2] = 0.05
+    res = lanczos(MatrixOperator(a), k=3, v0=q @ weights, seed=0)
+    assert res.converged and res.stop_reason == "converged"
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([1.0, 0.99, 0.985], dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_budget_running_out_is_reported():
+    op, _ = mlp_and_hessian()
+    res = lanczos(op, k=3, max_iter=5, tol=1e-10, seed=0)
+    assert not res.converged and res.stop_reason == "max_iter"
+    assert res.num_products == op.num_products == 5
+    exact = lanczos(MatrixOperator(torch.diag(torch.tensor([3.0, -7.0, 1.0], dtype=torch.float64))), k=2)
+    assert exact.converged and exact.stop_reason == "exhausted"
+
+
+def test_default_budget_is_generous_but_capped_by_dim():
+    assert default_max_iter(10_000, 1) == 100
+    assert default_max_iter(10_000, 5) == 190
+    assert default_max_iter(50, 5) == 50
+
+
+def test_warm_start_from_previous_eigenvectors():
+    op, h = mlp_and_hessian()
+    exact = torch.linalg.eigvalsh(h).flip(0)[:2]
+    cold = lanczos(op, k=2, tol=1e-8, seed=0, return_eigenvectors=True)
+    assert cold.eigenvectors is not None
+    warm = lanczos(op, k=2, tol=1e-8, seed=1, init=cold.eigenvectors)
+    torch.testing.assert_close(warm.eigenvalues, exact, rtol=1e-6, atol=0)
+    assert warm.converged and warm.num_products < cold.num_products
+    one = lanczos(op, k=1, tol=1e-8, seed=1, init=cold.eigenvectors[:, 0])  # a (dim,) vector works too
+    torch.testing.assert_close(one.eigenvalues, exact[:1], rtol=1e-6, atol=0)
+
+
+def test_bad_start_arguments_are_rejected():
+    op, _ = mlp_and_hessian()
+    with pytest.raises(ValueError, match=r"init must have shape"):
+        lanczos(op, init=torch.ones(op.dim + 1, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="zero or non-finite column"):
+        lanczos(op, init=torch.zeros(op.dim, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="either v0"):
+        lanczos(op, v0=torch.ones(op.dim), init=torch.ones(op.dim))
+    assert op.num_products == 0

@@ -31,7 +31,7 @@ from lightning_gradmask.curvature.diagonal import (
     exact_diagonal_cost,
 )
 from lightning_gradmask.curvature.exact import ExactStatistics, dense_hessian, exact_statistics
-from lightning_gradmask.curvature.lanczos import LanczosResult, lanczos
+from lightning_gradmask.curvature.lanczos import LanczosResult, default_max_iter, lanczos
 from lightning_gradmask.curvature.operator import (
     BlockOperator,
     HessianOperator,
@@ -56,6 +56,7 @@ __all__ = [
     "SpectralDensity",
     "TraceEstimate",
     "broaden",
+    "default_max_iter",
     "dense_hessian",
     "estimate_diagonal",
     "estimate_trace",

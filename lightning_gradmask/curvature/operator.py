@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal, Protocol, Union, runtime_checkable
 
@@ -107,13 +108,27 @@ class MatrixOperator:
         self.num_products += 1
         return self.matrix @ v.to(self.matrix.dtype)
 
-    def matmat(self, v: Tensor, *, batched: bool = True) -> Tensor:
-        """Products with the rows of ``v`` (shape ``(k, dim)``); counts ``k`` products."""
+    def matmat(self, v: Tensor, *, batched: bool | None = None) -> Tensor:
+        """Products with the rows of ``v`` (shape ``(k, dim)``), one matrix product; counts ``k`` products.
+
+        ``batched`` is deprecated and ignored (see :meth:`HessianOperator.matmat`).
+        """
+        _warn_batched(batched)
         self.num_products += int(v.shape[0])
         return v.to(self.matrix.dtype) @ self.matrix.T
 
     def split(self, flat: Tensor) -> dict[str, Tensor]:
         return dict(zip(self.names, torch.split(flat, self.sizes, dim=-1)))
+
+
+def _warn_batched(batched: bool | None) -> None:
+    if batched is not None:
+        warnings.warn(
+            "matmat(batched=...) is deprecated and ignored: vmapped products were mostly slower per "
+            "product than a loop on CPU; matmat runs the loop",
+            FutureWarning,
+            stacklevel=3,
+        )
 
 
 def _normalize_params(params: ParamsLike) -> tuple[list[str], list[Tensor]]:
@@ -436,21 +451,8 @@ class HessianOperator:
                 out.append(full.reshape(p.shape))
         return out
 
-    def _scatter_batched(self, v: Tensor) -> list[Tensor]:
-        out = []
-        k_rows = v.shape[0]
-        for k, (p, idx) in enumerate(zip(self.params, self._index)):
-            seg = v[:, self._offsets[k] : self._offsets[k + 1]].to(p.dtype)
-            if idx is None:
-                out.append(seg.reshape(k_rows, *p.shape))
-            else:
-                full = torch.zeros(k_rows, p.numel(), dtype=p.dtype, device=p.device)
-                full.index_copy_(1, idx, seg)
-                out.append(full.reshape(k_rows, *p.shape))
-        return out
-
     # ------------------------------------------------------------------ products
-    def _raw_products(self, vs: list[Tensor], batched: bool) -> list[Tensor]:
+    def _raw_products(self, vs: list[Tensor]) -> list[Tensor]:
         if self._grads is None:
             raise RuntimeError("the operator was released; build a new one")
         outputs = [self._grads[j] for j in range(len(self._outputs))]
@@ -465,7 +467,6 @@ class HessianOperator:
                 retain_graph=True,
                 allow_unused=True,
                 materialize_grads=True,
-                is_grads_batched=batched,
             )
         return list(hv)
 
@@ -481,35 +482,26 @@ class HessianOperator:
         if v.ndim != 1 or v.shape[0] != self.dim:
             raise ValueError(f"expected a vector of length {self.dim}, got shape {tuple(v.shape)}")
         v = v.to(device=self._device)
-        hv = self._raw_products(self._scatter(v), batched=False)
+        hv = self._raw_products(self._scatter(v))
         self.num_products += 1
         return self._finish(self.flatten(hv).to(self._dtype))
 
     __call__ = matvec
 
-    def matmat(self, v: Tensor, *, batched: bool = False) -> Tensor:
+    def matmat(self, v: Tensor, *, batched: bool | None = None) -> Tensor:
         """``H`` applied to every row of ``v`` (shape ``(k, dim)``); counts ``k`` products.
 
-        ``batched=True`` runs the ``k`` products as one vmapped backward
-        (``is_grads_batched=True``); it falls back to a loop where an operator has no batching rule.
-        Either way ``reduce`` is called once, on the ``(k, dim)`` result.
+        The products run one after the other and ``reduce`` is called once, on the ``(k, dim)``
+        result (one collective under DDP instead of ``k``). ``batched`` is deprecated and ignored:
+        the vmapped backward (``is_grads_batched=True``) it used to select measured 1.04-1.9x *slower*
+        per product than this loop on CPU for an MLP and a CNN, and only 15% faster on a small
+        transformer (``benchmarks/README.md``), not worth a second code path.
         """
+        _warn_batched(batched)
         if v.ndim != 2 or v.shape[1] != self.dim:
             raise ValueError(f"expected shape (k, {self.dim}), got {tuple(v.shape)}")
         v = v.to(device=self._device)
-        rows: Tensor
-        if batched and v.shape[0] > 1:
-            try:
-                hv = self._raw_products(self._scatter_batched(v), batched=True)
-                flat = []
-                for h, idx in zip(hv, self._index):
-                    h = h.reshape(v.shape[0], -1)
-                    flat.append(h if idx is None else h.index_select(1, idx))
-                rows = torch.cat(flat, dim=1).to(self._dtype)
-            except RuntimeError:
-                rows = torch.stack([self.flatten(self._raw_products(self._scatter(r), False)) for r in v])
-        else:
-            rows = torch.stack([self.flatten(self._raw_products(self._scatter(r), False)) for r in v])
+        rows = torch.stack([self.flatten(self._raw_products(self._scatter(r))) for r in v])
         self.num_products += int(v.shape[0])
         return self._finish(rows.to(self._dtype))
 

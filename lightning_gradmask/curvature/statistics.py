@@ -28,7 +28,7 @@ from lightning_gradmask.curvature._random import subseed
 from lightning_gradmask.curvature.density import broaden, spectral_density
 from lightning_gradmask.curvature.diagonal import _diag_by_products, exact_diagonal
 from lightning_gradmask.curvature.exact import dense_hessian, exact_statistics
-from lightning_gradmask.curvature.lanczos import lanczos
+from lightning_gradmask.curvature.lanczos import default_max_iter, lanczos
 from lightning_gradmask.curvature.operator import HessianOperator, LinearOperator
 from lightning_gradmask.curvature.trace import estimate_trace
 
@@ -56,7 +56,7 @@ class HessianStatistics:
             on the exact path): pass ``eigenvectors.sum(1)`` as ``lanczos_v0`` to warm-start the next call.
         diagonal: ``{name: float64 tensor of the parameter's shape}``, NaN outside the mask.
         diagonal_stderr: same layout, per-entry standard error (``None`` when exact).
-        diagonal_methods: ``{name: "layerwise" | "products" | "exact" | "xtrace" | "hutchinson"}``.
+        diagonal_methods: ``{name: "layerwise" | "piecewise" | "products" | "exact" | "xtrace" | "hutchinson"}``.
         density_grid, density: broadened spectral density (integrates to ~1).
         density_nodes, density_weights: raw quadrature (``(runs, steps)``), or the exact spectrum
             (one row, weights ``1/dim``).
@@ -189,7 +189,7 @@ def hessian_statistics(
         seed: one ``int``; every random draw derives from it (give the same value on every rank).
         trace_products: products for the trace estimate (the diagonal estimate shares them).
         trace_method: ``"auto"`` (default): on a :class:`HessianOperator`, the exact diagonal of
-            every Linear layer the layerwise rule accepts (cheap: about ``out_features`` products
+            every parameter the layerwise or piecewise rule of :func:`exact_diagonal` accepts (cheap: about ``out_features`` products
             w.r.t. the layer output), the remaining parameters exactly by one-hot products if they
             have at most ``trace_products`` entries (``diagonal_budget`` when the diagonal is
             wanted), and otherwise estimated with ``trace_products`` products restricted to them
@@ -231,7 +231,7 @@ def hessian_statistics(
     dim = int(operator.dim)
     if top_k < 1 or top_k > dim:
         raise ValueError(f"top_k must be in [1, {dim}]")
-    max_iter = lanczos_max_iter if lanczos_max_iter is not None else min(dim, max(2 * top_k + 40, 60))
+    max_iter = lanczos_max_iter if lanczos_max_iter is not None else default_max_iter(dim, top_k)
     if budget is None:
         budget = _planned_products(stats, trace_products, max_iter, diagonal_products, density_runs, density_steps)
     res = HessianStatistics(dim=dim, loss=getattr(operator, "loss", None))

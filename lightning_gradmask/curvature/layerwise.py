@@ -1,0 +1,438 @@
+"""The exact Hessian diagonal of every linear map ``y = x W^T + b``, one layer at a time.
+
+The loss depends on ``W`` only through ``y``, linearly, so with ``H_i[r', r] = d2L / dy_r'i dy_ri``::
+
+    d2L/dW_ij^2 = sum_{r, r'} x_rj x_r'j H_i[r', r]          d2L/db_i^2 = sum_{r, r'} H_i[r', r]
+
+Which rows ``r`` of ``y`` (samples, tokens) the rest of the network couples decides the cost.
+Rows fall into *groups* that never interact (``H_i[r', r] = 0`` across groups): every row alone
+(an MLP, a transformer's feed-forward layers, a head), or one group per sample whose tokens
+interact (the query/key/value and output projections of attention). With groups of ``S`` rows, row
+``r`` at position ``c`` in its group, one product with the Hessian w.r.t. ``y`` per output column
+``i`` and position ``c`` (all groups at once) gives ``H_i[r', partner_c(r')]`` for every row
+``r'``, where ``partner_c(r')`` is the row at position ``c`` in the group of ``r'``: ``S *
+out_features`` products in all, each a backward pass from ``y`` only.
+
+Nothing is assumed, everything is checked, per layer:
+
+* the layer is found by its weight: every call of ``torch.nn.functional.linear`` (what
+  ``nn.Linear`` and ``nn.MultiheadAttention`` use) whose weight or bias is a selected parameter is
+  recorded while the closure runs; a weight used in more than one call takes the generic path;
+* the gradient rebuilt from ``(x, dL/dy)`` must equal autograd's gradient of the parameter
+  (catches weights used elsewhere, tied weights, penalties inside the loss);
+* the grouping is tested with ``ceil(log2(groups))`` products: random vectors supported on the
+  rows whose group index has bit ``k`` clear must map to 0 (to 1e-6 relative) on the other rows.
+  Candidate groupings, cheapest first: every row alone, then groups of ``S`` consecutive or
+  strided rows for each batch-like size ``G`` seen among the recorded leading dimensions. A
+  grouping with more positions per group than the layer has inputs is not cheaper than one
+  product per entry and is not used.
+
+``torch.nn.functional.linear`` is replaced by a recording wrapper only while the closures run for
+this (in the calling thread's module namespace, restored afterwards); calls that bypass it (a
+matmul written by hand, a copy of ``F.linear`` imported under another name) are simply not seen and
+fail the gradient check, so their parameters take the generic path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_gradmask.curvature._random import gaussian
+from lightning_gradmask.curvature.operator import HessianOperator, _check_loss
+
+__all__ = ["LayerwiseOutcome", "layerwise_diagonal", "linear_layers"]
+
+_COUPLING_TOL = 1e-6
+_GRADIENT_TOL = 1e-4
+_PROBE_BYTES = 256 * 2**20  # probes (and their products) held at once: chunk_size is capped by this
+
+
+@dataclass
+class _Call:
+    """One recorded ``F.linear`` call."""
+
+    x: Tensor  # (rows, in) float64 input
+    y: Tensor  # the output, with its graph
+    lead: tuple[int, ...]  # leading shape of x / y
+
+
+@dataclass
+class _Layer:
+    """A weight (or a bias without a selected weight) and the op indices it owns."""
+
+    weight_index: int | None
+    bias_index: int | None
+    out_features: int
+    in_features: int
+    lead: tuple[int, ...] = ()  # leading shape of the input at the first recorded call
+    calls: list[_Call] = field(default_factory=list)
+
+    @property
+    def indices(self) -> list[int]:
+        return [k for k in (self.weight_index, self.bias_index) if k is not None]
+
+
+@dataclass
+class _Grouping:
+    """Rows split into ``groups`` non-interacting groups of ``size`` rows each."""
+
+    name: str
+    group: Tensor  # (rows,) group index of each row
+    position: Tensor  # (rows,) position of each row within its group
+    groups: int
+    size: int
+
+    def partner(self, c: int) -> Tensor:
+        """For each row, the row at position ``c`` of the same group."""
+        table = torch.empty(self.groups, self.size, dtype=torch.long)
+        table[self.group, self.position] = torch.arange(self.group.numel())
+        return table[self.group, c]
+
+
+@dataclass
+class LayerwiseOutcome:
+    """What :func:`layerwise_diagonal` computed.
+
+    Attributes:
+        parts: ``{op index: flat diagonal of the selected entries}`` (local, not reduced).
+        notes: ``{parameter name: why the layerwise rule was not used}``.
+        groupings: ``{parameter name: the row grouping used}`` (``"rows"``, ``"contiguous G x S"``, ...).
+        num_products: products with layer-output Hessians spent (checks included).
+    """
+
+    parts: dict[int, Tensor] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    groupings: dict[str, str] = field(default_factory=dict)
+    num_products: int = 0
+
+
+# ------------------------------------------------------------------------------------ recording
+
+
+@contextlib.contextmanager
+def _recording(layers: dict[int, _Layer], by_param: dict[int, int]) -> Iterator[None]:
+    """Record every ``F.linear`` call whose weight or bias is one of the watched parameters."""
+    original = F.linear
+
+    def recording_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        key = by_param.get(id(weight), by_param.get(id(bias), -1) if bias is not None else -1)
+        out = original(input, weight, bias)
+        if key < 0:
+            return out
+        x = input.detach()
+        lead = tuple(x.shape[:-1])
+        layers[key].calls.append(_Call(x.reshape(-1, x.shape[-1]).to(torch.float64, copy=True), out, lead))
+        return out.clone()  # in-place ops downstream must not touch the recorded output
+
+    F.linear = recording_linear
+    try:
+        yield
+    finally:
+        F.linear = original
+
+
+def linear_layers(op: HessianOperator) -> tuple[dict[int, _Layer], dict[int, int]]:
+    """Candidate layers from one forward of the first closure: ``{key: layer}``, ``{id(param): key}``.
+
+    The key of a layer is its weight's op index (or its bias's when the weight is not selected).
+    """
+    index_of = {id(p): k for k, p in enumerate(op.params)}
+    seen: list[tuple[Tensor, Tensor | None, tuple[int, ...]]] = []
+    original = F.linear
+
+    def spy(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if id(weight) in index_of or (bias is not None and id(bias) in index_of):
+            seen.append((weight, bias, tuple(input.shape[:-1])))
+        return original(input, weight, bias)
+
+    F.linear = spy
+    try:
+        with op.autograd_context():
+            _check_loss(op.loss_fns[0](), 0)
+    finally:
+        F.linear = original
+    layers: dict[int, _Layer] = {}
+    by_param: dict[int, int] = {}
+    for weight, bias, lead in seen:
+        w_k = index_of.get(id(weight))
+        b_k = index_of.get(id(bias)) if bias is not None else None
+        key = w_k if w_k is not None else b_k
+        assert key is not None
+        if key in layers:
+            continue
+        layers[key] = _Layer(w_k, b_k, int(weight.shape[0]), int(weight.shape[1]), lead)
+        for k in layers[key].indices:
+            by_param.setdefault(id(op.params[k]), key)
+    return layers, by_param
+
+
+# ------------------------------------------------------------------------------------ groupings
+
+
+def _groupings(rows: int, sizes: set[int], in_features: int) -> list[_Grouping]:
+    """Candidate groupings of ``rows`` rows, cheapest (fewest rows per group) first."""
+    out = [_Grouping("rows", torch.arange(rows), torch.zeros(rows, dtype=torch.long), rows, 1)]
+    r = torch.arange(rows)
+    for groups in sorted((g for g in sizes if 1 < g < rows and rows % g == 0), reverse=True):
+        size = rows // groups
+        if size > in_features:
+            continue
+        out.append(_Grouping(f"contiguous {groups}x{size}", r // size, r % size, groups, size))
+        out.append(_Grouping(f"strided {groups}x{size}", r % groups, r // groups, groups, size))
+    return out
+
+
+def _batch_like_sizes(layers: dict[int, _Layer]) -> set[int]:
+    return {d for layer in layers.values() for call in layer.calls for d in call.lead}
+
+
+def _decoupled(g: Tensor, y: Tensor, grouping: _Grouping, gen: torch.Generator) -> tuple[bool, int]:
+    """Whether the Hessian w.r.t. ``y`` has no entry across groups; and the products spent."""
+    flat_shape = (grouping.group.numel(), y.shape[-1])
+    bits = math.ceil(math.log2(grouping.groups)) if grouping.groups > 1 else 0
+    for bit in range(bits):
+        clear = ((grouping.group >> bit) & 1) == 0
+        v = gaussian(flat_shape, gen, y.dtype, y.device) * clear.to(y.device, y.dtype).unsqueeze(1)
+        (h,) = torch.autograd.grad(g, y, grad_outputs=v.reshape(y.shape), retain_graph=True, materialize_grads=True)
+        h = h.reshape(flat_shape)
+        across = h[~clear.to(h.device)]
+        if across.numel() and float(across.abs().max()) > _COUPLING_TOL * max(float(h.abs().max()), 1e-300):
+            return False, bit + 1
+    return True, bits
+
+
+# ------------------------------------------------------------------------------------ the rule
+
+
+def _columns_hessian(g: Tensor, y: Tensor, rows_c: Tensor, c0: int, c1: int) -> Tensor:
+    """``h[i, r'] = sum_{r in rows_c} H[(r', c0+i), (r, c0+i)]`` for the columns ``c0 <= i < c1``."""
+    out = y.shape[-1]
+    rows = y.numel() // out
+    idx = torch.arange(c1 - c0, device=y.device)
+    probe = torch.zeros(c1 - c0, rows, out, dtype=y.dtype, device=y.device)
+    probe[idx.unsqueeze(1), rows_c.to(y.device).unsqueeze(0), (c0 + idx).unsqueeze(1)] = 1.0
+    h = _batched_grad(g, y, probe.reshape(c1 - c0, *y.shape)).reshape(c1 - c0, -1, out)
+    return h[idx, :, c0 + idx].to(torch.float64)
+
+
+def _layer_diagonal(
+    g: Tensor, y: Tensor, x: Tensor, grouping: _Grouping, chunk_size: int
+) -> tuple[Tensor, Tensor, int]:
+    """``(diag of W, diag of b, products)`` for one call, given a valid grouping."""
+    out = y.shape[-1]
+    diag_w = torch.zeros(out, x.shape[1], dtype=torch.float64, device=x.device)
+    diag_b = torch.zeros(out, dtype=torch.float64, device=x.device)
+    chunk_size = max(1, min(chunk_size, _PROBE_BYTES // max(1, y.numel() * y.element_size())))
+    for c in range(grouping.size):
+        rows_c = (grouping.position == c).nonzero().squeeze(1)
+        paired = x * x[grouping.partner(c).to(x.device)]
+        for c0 in range(0, out, chunk_size):
+            c1 = min(out, c0 + chunk_size)
+            h = _columns_hessian(g, y, rows_c, c0, c1).to(x.device)
+            diag_w[c0:c1] += h @ paired
+            diag_b[c0:c1] += h.sum(dim=1)
+    return diag_w, diag_b, grouping.size * out
+
+
+def _batched_grad(g: Tensor, y: Tensor, probes: Tensor) -> Tensor:
+    """Products of the Hessian w.r.t. ``y`` with each slice of ``probes`` (vmapped, loop fallback)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (h,) = torch.autograd.grad(g, y, grad_outputs=probes, retain_graph=True, is_grads_batched=True)
+        return h
+    except RuntimeError:
+        return torch.stack(
+            [
+                torch.autograd.grad(g, y, grad_outputs=p, retain_graph=True, allow_unused=True, materialize_grads=True)[
+                    0
+                ]
+                for p in probes
+            ]
+        )
+
+
+def _gradient_matches(layer: _Layer, call: _Call, gy: Tensor, grads: Mapping[int, Tensor | None]) -> bool:
+    gy2 = gy.detach().reshape(-1, gy.shape[-1]).to(torch.float64)
+    for k, rebuilt in ((layer.weight_index, lambda: gy2.T @ call.x), (layer.bias_index, lambda: gy2.sum(dim=0))):
+        if k is None:
+            continue
+        gp = grads.get(k)
+        if gp is None or not _close(rebuilt().reshape(-1), gp.detach().reshape(-1).to(torch.float64)):
+            return False
+    return True
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
+    return float((a - b).abs().max()) <= _GRADIENT_TOL * scale
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+class _Pass:
+    """State of one :func:`layerwise_diagonal` run: per-layer accumulators and failure notes."""
+
+    def __init__(self, op: HessianOperator, layers: dict[int, _Layer]) -> None:
+        self.op, self.layers = op, layers
+        self.ok = dict.fromkeys(layers, True)
+        self.acc_w: dict[int, Tensor] = {}
+        self.acc_b: dict[int, Tensor] = {}
+        self.outcome = LayerwiseOutcome()
+
+    def fail(self, key: int, why: str) -> None:
+        if self.ok[key]:
+            self.ok[key] = False
+            for k in self.layers[key].indices:
+                self.outcome.notes[self.op.names[k]] = why
+
+    def add(self, key: int, diag_w: Tensor, diag_b: Tensor, scale: float) -> None:
+        self.acc_w[key] = self.acc_w.get(key, 0.0) + scale * diag_w
+        self.acc_b[key] = self.acc_b.get(key, 0.0) + scale * diag_b
+
+
+def _run_closure(run: _Pass, fn_index: int, by_param: dict[int, int]) -> Tensor:
+    op = run.op
+    for layer in run.layers.values():
+        layer.calls = []
+    with _recording(run.layers, by_param), op.autograd_context():
+        loss = _check_loss(op.loss_fns[fn_index](), fn_index)
+    for key, layer in run.layers.items():
+        if len(layer.calls) != 1:
+            run.fail(key, f"layer called {len(layer.calls)} times in one loss evaluation (needs exactly 1)")
+    return loss
+
+
+def _one_closure(run: _Pass, fn_index: int, by_param: dict[int, int], chunk_size: int) -> None:
+    op = run.op
+    scale = 1.0 / len(op.loss_fns) if op.combine == "mean" else 1.0
+    loss = _run_closure(run, fn_index, by_param) * scale
+    used = [key for key in run.layers if run.ok[key]]
+    if not used:
+        return
+    ys = [run.layers[key].calls[0].y for key in used]
+    params = sorted({k for key in used for k in run.layers[key].indices})
+    with op.autograd_context():
+        grads = torch.autograd.grad(loss, ys + [op.params[k] for k in params], create_graph=True, allow_unused=True)
+    gys = dict(zip(used, grads[: len(ys)]))
+    grad_of = dict(zip(params, grads[len(ys) :]))
+    sizes = _batch_like_sizes(run.layers)
+    gen = torch.Generator().manual_seed(12345 + fn_index)
+    for key in used:
+        _one_layer(run, key, gys[key], grad_of, sizes, gen, chunk_size)
+
+
+def _one_layer(
+    run: _Pass,
+    key: int,
+    gy: Tensor | None,
+    grad_of: Mapping[int, Tensor | None],
+    sizes: set[int],
+    gen: torch.Generator,
+    chunk_size: int,
+) -> None:
+    layer = run.layers[key]
+    call = layer.calls[0]
+    if gy is None:
+        run.fail(key, "layer output or parameter does not reach the loss")
+        return
+    if not _gradient_matches(layer, call, gy, grad_of):
+        run.fail(
+            key,
+            "gradient does not match the layer decomposition (parameter used elsewhere, or a penalty on it inside the loss)",
+        )
+        return
+    zero_w = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=call.x.device)
+    zero_b = torch.zeros(layer.out_features, dtype=torch.float64, device=call.x.device)
+    if not gy.requires_grad:  # the loss is linear in y: no second derivative
+        run.add(key, zero_w, zero_b, 1.0)
+        return
+    with run.op.autograd_context():
+        grouping = _first_valid_grouping(run, gy, call, layer, sizes, gen)
+        if grouping is None:
+            run.fail(
+                key,
+                "rows of the layer output are coupled downstream in no grouping that is cheaper than "
+                "one product per entry (e.g. train-mode BatchNorm, a batch-level loss)",
+            )
+            return
+        diag_w, diag_b, spent = _layer_diagonal(gy, call.y, call.x, grouping, chunk_size)
+    run.outcome.num_products += spent
+    for k in layer.indices:
+        run.outcome.groupings[run.op.names[k]] = grouping.name
+    run.add(key, diag_w, diag_b, 1.0)
+
+
+def _first_valid_grouping(
+    run: _Pass, gy: Tensor, call: _Call, layer: _Layer, sizes: set[int], gen: torch.Generator
+) -> _Grouping | None:
+    for grouping in _groupings(call.x.shape[0], sizes, layer.in_features):
+        ok, spent = _decoupled(gy, call.y, grouping, gen)
+        run.outcome.num_products += spent
+        if ok:
+            return grouping
+    return None
+
+
+def layerwise_diagonal(op: HessianOperator, chunk_size: int = 16) -> LayerwiseOutcome:
+    """The exact diagonal of every selected linear-map weight and bias whose checks pass.
+
+    Returns local (not reduced) diagonals; the caller agrees on the path across processes and
+    reduces. Parameters without a layerwise rule are simply absent from ``parts``.
+    """
+    layers, by_param = linear_layers(op)
+    run = _Pass(op, layers)
+    if not layers:
+        return run.outcome
+    for fn_index in range(len(op.loss_fns)):
+        _one_closure(run, fn_index, by_param, chunk_size)
+    _agree_across_processes(run)
+    for key, layer in layers.items():
+        if not run.ok[key]:
+            continue
+        if key not in run.acc_w:
+            run.fail(key, "layer not used by any loss evaluation")
+            continue
+        for k, full in ((layer.weight_index, run.acc_w[key]), (layer.bias_index, run.acc_b[key])):
+            if k is not None:
+                idx = op._index[k]
+                flat = full.reshape(-1)
+                run.outcome.parts[k] = flat if idx is None else flat.index_select(0, idx.to(flat.device))
+    return run.outcome
+
+
+def _agree_across_processes(run: _Pass) -> None:
+    """One collective so that every process takes the same path for every layer."""
+    keys = list(run.layers)
+    flags = torch.tensor([1.0 if run.ok[key] else 0.0 for key in keys], dtype=torch.float64, device=run.op.device)
+    if run.op.reduce is not None:
+        flags = run.op.reduce(flags)
+    for j, key in enumerate(keys):
+        if float(flags[j]) < 1.0 - 1e-9:
+            run.fail(key, "fast path not applicable on another process")
+
+
+def layerwise_cost(op: HessianOperator) -> tuple[int, set[int]]:
+    """Upper bound on the products :func:`layerwise_diagonal` spends, and the op indices it covers.
+
+    Runs the first closure once (a forward pass, no product) to find the linear layers; assumes
+    the most expensive candidate grouping and every check run in full.
+    """
+    layers, _ = linear_layers(op)
+    covered = {k for layer in layers.values() for k in layer.indices}
+    sizes = {d for layer in layers.values() for d in layer.lead}
+    per_closure = 0
+    for layer in layers.values():
+        candidates = _groupings(math.prod(layer.lead), sizes, layer.in_features)
+        checks = sum(math.ceil(math.log2(c.groups)) if c.groups > 1 else 0 for c in candidates)
+        per_closure += checks + layer.out_features * max(c.size for c in candidates)
+    return per_closure * len(op.loss_fns), covered

@@ -284,6 +284,24 @@ def test_mlflow_gets_the_figure_and_each_run_has_its_own_files(tmp_path):
     assert directories[0] != directories[1]
 
 
+def test_wandb_gets_the_figure_in_an_offline_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # nothing leaves the machine
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="hessian", save_dir=str(tmp_path), offline=True)
+    try:
+        density_run(logger, tmp_path)
+        run_dir = Path(logger.experiment.dir)
+    finally:
+        wandb.finish()
+    images = list((run_dir / "media" / "images" / "hessian").glob("density_*.png"))
+    assert len(images) == 1  # one evaluation, one figure
+    assert (tmp_path / "hessian" / f"WandbLogger-{logger.version}" / "density_epoch=0.png").is_file()
+
+
 def test_csv_and_no_logger_runs_write_files_of_their_own(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     density_run(logger, tmp_path)

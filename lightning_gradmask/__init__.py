@@ -33,14 +33,15 @@ Attach the callbacks to a ``lightning.Trainer``; mix :class:`MaskedL1Mixin` into
 """
 
 from lightning_gradmask._distributed import UnsupportedStrategyError
-from lightning_gradmask.blinding import ColumnSpecError, IndependenceReport, verify_independence
-from lightning_gradmask.callbacks.blinding import SensitiveColumnBlinding
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
-from lightning_gradmask.callbacks.hessian import HessianMonitor
-from lightning_gradmask.callbacks.noise import GradientNoise, WeightNoise
-from lightning_gradmask.masking import FrozenEntries
-from lightning_gradmask.mixins import MaskedL1Mixin, MaskedL1Term
-from lightning_gradmask.specs import MaskSpecError, resolve_masks
+from lightning_gradmask.callbacks.gradient_noise import GradientNoise
+from lightning_gradmask.callbacks.hessian_monitor import HessianMonitor
+from lightning_gradmask.callbacks.sensitive_column_blinding import SensitiveColumnBlinding
+from lightning_gradmask.callbacks.weight_noise import WeightNoise
+from lightning_gradmask.functional.blinding import ColumnSpecError, IndependenceReport, verify_independence
+from lightning_gradmask.functional.frozen import FrozenEntries
+from lightning_gradmask.functional.masks import MaskSpecError, resolve_masks
+from lightning_gradmask.mixins.masked_l1 import MaskedL1Mixin, MaskedL1Term
 
 __version__ = "0.1.0"
 

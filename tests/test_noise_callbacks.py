@@ -11,9 +11,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
-from lightning_gradmask.callbacks.noise import GradientNoise, WeightNoise
-from lightning_gradmask.noise import NoiseStdError, noise_like
-from lightning_gradmask.specs import MaskSpecError
+from lightning_gradmask.callbacks.gradient_noise import GradientNoise
+from lightning_gradmask.callbacks.weight_noise import WeightNoise
+from lightning_gradmask.functional.masks import MaskSpecError
+from lightning_gradmask.functional.noise import NoiseStdError, noise_like
 
 from utils import REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer
 
@@ -255,7 +256,7 @@ def test_weight_noise_respects_frozen_and_severed_entries():
 
 
 def test_severed_columns_of_blinding_stay_exactly_zero_under_both_noises():
-    blinding = pytest.importorskip("lightning_gradmask.callbacks.blinding")
+    blinding = pytest.importorskip("lightning_gradmask.callbacks.sensitive_column_blinding")
     model = Recorder(optimizer=lambda p: torch.optim.AdamW(p, lr=0.05))
     callbacks = [WeightNoise(std=0.5), GradientNoise(std=0.5), blinding.SensitiveColumnBlinding(columns=[2])]
     trainer(callbacks=callbacks, max_epochs=1).fit(model, loader())
@@ -437,9 +438,9 @@ def test_yaml_config_builds_both_callbacks(tmp_path):
         """
 trainer:
   callbacks:
-    - class_path: lightning_gradmask.callbacks.noise.GradientNoise
+    - class_path: lightning_gradmask.callbacks.gradient_noise.GradientNoise
       init_args: {eta: 0.3, gamma: 0.55, targets: ["re:net\\\\.0\\\\..*"], seed: 7}
-    - class_path: lightning_gradmask.callbacks.noise.WeightNoise
+    - class_path: lightning_gradmask.callbacks.weight_noise.WeightNoise
       init_args: {std: 0.01, modules: ["torch.nn.Linear"], relative: true, parameters: [weight, bias]}
 """
     )

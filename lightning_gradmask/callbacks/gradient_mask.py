@@ -14,8 +14,8 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
 from lightning_gradmask._namespaces import Callback, trainer_callbacks
-from lightning_gradmask.callbacks._constraints import constraints_for
-from lightning_gradmask.specs import MaskSpecError, resolve_masks
+from lightning_gradmask.functional.constraints import parameter_constraints
+from lightning_gradmask.functional.masks import MaskSpecError, resolve_masks
 
 __all__ = ["GradientMask"]
 
@@ -126,11 +126,11 @@ class GradientMask(Callback):
         frozen = sum(m.numel() - int(m.sum()) for m in masks.values())  # no temporary mask
         total = sum(m.numel() for m in masks.values())
         self._frozen_fraction = frozen / total if total else 0.0
-        constraints_for(pl_module).set_masks(self, masks)
+        parameter_constraints(pl_module).set_masks(self, masks)
         warn_if_averaged_inexactly(trainer, "GradientMask")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        constraints_for(pl_module).attach(trainer.optimizers)
+        parameter_constraints(pl_module).attach(trainer.optimizers)
         self._training = True
         warn_if_pruned(trainer, pl_module, [n for n, mask in self.masks.items() if not mask.all()], "GradientMask")
         slow = _unfused_adam_on_frozen_cpu_entries(trainer.optimizers, pl_module, self.masks)
@@ -150,7 +150,7 @@ class GradientMask(Callback):
             return
         measure = self.log_stats and _is_logging_step(trainer)
         # the hub's combined masks: one copy of the mask tensors, shared with the exact restore
-        removed = constraints_for(pl_module).frozen.mask_gradients_(measure=measure)
+        removed = parameter_constraints(pl_module).frozen.mask_gradients_(measure=measure)
         if removed is not None:
             scale = _loss_scale(trainer)
             pl_module.log("gradient_mask/removed_grad_norm", removed / scale, on_step=True, on_epoch=False)
@@ -167,7 +167,7 @@ class GradientMask(Callback):
         self._release(pl_module)
 
     def _release(self, pl_module: pl.LightningModule) -> None:
-        constraints_for(pl_module).remove(self)
+        parameter_constraints(pl_module).remove(self)
         self._training = False
 
     # ------------------------------------------------------------------ checkpointing

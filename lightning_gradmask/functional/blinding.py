@@ -8,7 +8,7 @@ A *blinded* column is an input feature (``nn.Linear``) or input channel (``nn.Co
   :class:`ColumnSpecError` for each mistake;
 * :func:`plan_blinding`: both of the above, plus the parameter-level mask (``False`` on the
   weights that read the columns: ``weight[:, c]`` for a Linear, ``weight[:, c, ...]`` for a
-  convolution), ready for :class:`~lightning_gradmask.masking.FrozenEntries`;
+  convolution), ready for :class:`~lightning_gradmask.functional.frozen.FrozenEntries`;
 * :func:`install_input_fill` / :func:`remove_input_fill`: a forward pre-hook on the layer that
   fills the columns of its input with 0 using ``masked_fill``, so ``inf`` or ``NaN`` in a blinded
   column is replaced too (``0 * inf`` would be ``nan``);
@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradmask.specs import MaskSpecError
+from lightning_gradmask.functional.masks import MaskSpecError
 
 __all__ = [
     "SUPPORTED_LAYERS",

@@ -1,7 +1,7 @@
 """Masked L1: the penalty, its proximal step, and the share of exact zeros, as pure tensor math.
 
 No Lightning here: these functions work on any tensors and are what
-:class:`~lightning_gradmask.mixins.MaskedL1Mixin` calls. A *mask* selects the entries an L1 term
+:class:`~lightning_gradmask.mixins.masked_l1.MaskedL1Mixin` calls. A *mask* selects the entries an L1 term
 applies to and may weight them:
 
 * ``None``: every entry, weight 1;

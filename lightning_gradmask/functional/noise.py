@@ -77,14 +77,14 @@ def noise_seed(seed: int, step: int, index: int, *, stream: str = "") -> int:
     for label, value in (("seed", seed), ("step", step), ("index", index)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             raise TypeError(f"noise {label} must be an integer, got {type(value).__name__} {value!r}")
-    text = f"lightning_gradmask.noise|{stream}|{int(seed)}|{int(step)}|{int(index)}"
+    text = f"lightning_gradmask.functional.noise|{stream}|{int(seed)}|{int(step)}|{int(index)}"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 def noise_seeds(seed: int, step: int, indices: list[int], *, stream: str = "") -> list[int]:
     """:func:`noise_seed` for many parameter indices at once (the same numbers, hashed faster)."""
     noise_seed(seed, step, 0, stream=stream)  # the same argument checks
-    prefix = hashlib.blake2b(f"lightning_gradmask.noise|{stream}|{int(seed)}|{int(step)}|".encode(), digest_size=8)
+    prefix = hashlib.blake2b(f"lightning_gradmask.functional.noise|{stream}|{int(seed)}|{int(step)}|".encode(), digest_size=8)
     seeds = []
     for index in indices:
         digest = prefix.copy()

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_gradmask.masking import FrozenEntries, combine_trainable
+from lightning_gradmask.functional.frozen import FrozenEntries, combine_trainable
 
-__all__ = ["ParameterConstraints", "constraints_for", "PRIORITY_PROXIMAL"]
+__all__ = ["ParameterConstraints", "parameter_constraints", "PRIORITY_PROXIMAL"]
 
 PostStepFn = Callable[[torch.optim.Optimizer, set[int]], None]
 
@@ -40,7 +40,7 @@ PRIORITY_PROXIMAL = 10
 _HUBS: "weakref.WeakKeyDictionary[nn.Module, ParameterConstraints]" = weakref.WeakKeyDictionary()
 
 
-def constraints_for(module: nn.Module) -> "ParameterConstraints":
+def parameter_constraints(module: nn.Module) -> "ParameterConstraints":
     """The hub of ``module`` (created on first use). One hub per module, in this process."""
     hub = _HUBS.get(module)
     if hub is None:

@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._namespaces import Callback
-from lightning_gradmask.blinding import (
+from lightning_gradmask.functional.blinding import (
     BlindingPlan,
     ColumnSpecError,
     InputFill,
@@ -22,8 +22,8 @@ from lightning_gradmask.blinding import (
     install_input_fill,
     plan_blinding,
 )
-from lightning_gradmask.callbacks._constraints import constraints_for
-from lightning_gradmask.masking import FrozenEntries
+from lightning_gradmask.functional.constraints import parameter_constraints
+from lightning_gradmask.functional.frozen import FrozenEntries
 
 __all__ = ["SensitiveColumnBlinding"]
 
@@ -206,7 +206,7 @@ class SensitiveColumnBlinding(Callback):
             )
         if self._loaded is not None:
             self._warn_if_changed()
-        constraints_for(pl_module).set_masks(self, {plan.weight_name: plan.trainable})
+        parameter_constraints(pl_module).set_masks(self, {plan.weight_name: plan.trainable})
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the checkpoint's weights are loaded and the model is on its device, before the
@@ -227,7 +227,7 @@ class SensitiveColumnBlinding(Callback):
         else:
             weight = self._plan.module.weight.detach()  # type: ignore[operator]  # nn.Module.__getattr__ types weight as Tensor | Module
             self._initial = weight.masked_select(~self._plan.trainable.to(weight.device)).clone()
-        constraints_for(pl_module).attach(trainer.optimizers)
+        parameter_constraints(pl_module).attach(trainer.optimizers)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._plan is not None and not self._traced:
@@ -312,7 +312,7 @@ class SensitiveColumnBlinding(Callback):
 
     def _release(self, pl_module: pl.LightningModule) -> None:
         self._stop_tracer()
-        constraints_for(pl_module).remove(self)
+        parameter_constraints(pl_module).remove(self)
         self._own = None
 
     def _warn_if_changed(self) -> None:

@@ -1,9 +1,9 @@
 r"""``MaskedL1Mixin``: L1 penalties on chosen entries ("edges") of chosen parameters.
 
-The tensor math lives in :mod:`lightning_gradmask.regularization`; this module is the Lightning
+The tensor math lives in :mod:`lightning_gradmask.functional.l1`; this module is the Lightning
 glue: it resolves registrations against the module's parameters, wraps the subclass's
 ``training_step`` so that the penalty joins the loss it returns, and hands the proximal step to
-the module's constraint hub (:mod:`lightning_gradmask.callbacks._constraints`), which runs it
+the module's constraint hub (:mod:`lightning_gradmask.functional.constraints`), which runs it
 after every optimizer step and before frozen entries are restored.
 """
 
@@ -21,15 +21,15 @@ from torch import nn
 
 from lightning_gradmask._distributed import check_strategy
 from lightning_gradmask._namespaces import lightning_classes
-from lightning_gradmask.callbacks._constraints import PRIORITY_PROXIMAL, constraints_for
-from lightning_gradmask.regularization import (
+from lightning_gradmask.functional.constraints import PRIORITY_PROXIMAL, parameter_constraints
+from lightning_gradmask.functional.l1 import (
     check_strength,
     mask_support,
     masked_l1_penalty,
     masked_zero_fraction,
     proximal_l1_step_,
 )
-from lightning_gradmask.specs import MaskSpecError, MaskValue, mask_from_value, match_parameters
+from lightning_gradmask.functional.masks import MaskSpecError, MaskValue, mask_from_value, match_parameters
 
 __all__ = ["MaskedL1Mixin", "MaskedL1Term"]
 
@@ -301,7 +301,7 @@ class MaskedL1Mixin:
         check_strategy(trainer, "MaskedL1Mixin")
         state = _state_of(self)
         if state.supports:
-            hub = constraints_for(self)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
+            hub = parameter_constraints(self)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
             hub.add_post_step(state, state.post_step(self), PRIORITY_PROXIMAL)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
             hub.attach(trainer.optimizers)
 

@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader
 
 from lightning_gradmask._distributed import all_reduce_mean, check_strategy
 from lightning_gradmask._namespaces import Callback, lightning_classes
-from lightning_gradmask.callbacks._constraints import constraints_for
 from lightning_gradmask.callbacks._hessian_budget import OverheadBudget
 from lightning_gradmask.callbacks._hessian_output import density_figure, logger_step, run_directory, send_figure
 from lightning_gradmask.callbacks._rng import preserved_rng_state
@@ -35,7 +34,8 @@ from lightning_gradmask.curvature import (
     hessian_statistics,
 )
 from lightning_gradmask.curvature.statistics import planned_matvecs
-from lightning_gradmask.specs import match_parameters
+from lightning_gradmask.functional.constraints import parameter_constraints
+from lightning_gradmask.functional.masks import match_parameters
 
 __all__ = ["HessianMonitor"]
 
@@ -478,7 +478,7 @@ class HessianMonitor(Callback):
         if not names:
             raise ValueError("HessianMonitor: the model has no trainable parameter to monitor")
         masks: dict[str, torch.Tensor] = {}
-        for name, mask in constraints_for(pl_module).trainable_masks().items():
+        for name, mask in parameter_constraints(pl_module).trainable_masks().items():
             target = canonical.get(name)
             if target in chosen:
                 masks[target] = masks[target] & mask if target in masks else mask

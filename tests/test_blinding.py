@@ -19,7 +19,7 @@ from lightning_gradmask.functional.blinding import (
     sever_mask,
     verify_independence,
 )
-from lightning_gradmask.functional.masks import MaskSpecError
+from lightning_gradmask.errors import MaskSpecError
 
 NAMES = ["age", "sex", "bmi", "bp"]
 

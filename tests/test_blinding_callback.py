@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
 from lightning_gradmask.callbacks.sensitive_column_blinding import SensitiveColumnBlinding
-from lightning_gradmask.functional.blinding import ColumnSpecError, input_fills, verify_independence
+from lightning_gradmask.errors import ColumnSpecError, GradmaskConfigError
+from lightning_gradmask.functional.blinding import input_fills, verify_independence
 from lightning_gradmask.functional.constraints import parameter_constraints
 
 from utils import REPO_ROOT, TinyRegressor, loader, regression_data, run_script, snapshot, trainer
@@ -281,7 +282,7 @@ def test_grouped_convolution_is_refused_at_setup():
 
 
 def test_bad_mode_is_refused_by_the_constructor():
-    with pytest.raises(ColumnSpecError, match="mode must be 'sever' or 'grad'"):
+    with pytest.raises(GradmaskConfigError, match="mode must be 'sever' or 'grad'"):
         SensitiveColumnBlinding([0], mode="drop")
 
 

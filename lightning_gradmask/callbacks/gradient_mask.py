@@ -14,8 +14,9 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
 from lightning_gradmask._namespaces import Callback, trainer_callbacks
+from lightning_gradmask.errors import MaskSpecError
 from lightning_gradmask.functional.constraints import parameter_constraints
-from lightning_gradmask.functional.masks import MaskSpecError, resolve_masks
+from lightning_gradmask.functional.masks import resolve_masks
 
 __all__ = ["GradientMask"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
@@ -12,16 +12,15 @@ import torch
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask.callbacks._seeded_noise import (
     GRADIENT_STREAM,
-    ParameterTable,
     SeededNoise,
     check_seed,
-    normalize_targets,
     refuse_same_seed,
     seed_tensor,
 )
+from lightning_gradmask.errors import MaskSpecError
 from lightning_gradmask.functional.constraints import parameter_constraints
-from lightning_gradmask.functional.masks import MaskSpecError, match_parameters
 from lightning_gradmask.functional.noise import StdSchedule, make_schedule
+from lightning_gradmask.functional.selection import ParameterTable, ParamSelector, match_parameters, normalize_selector
 
 __all__ = ["GradientNoise"]
 
@@ -44,8 +43,9 @@ class GradientNoise(SeededNoise):
         eta: annealed schedule instead of ``std``: variance ``eta / (1 + t) ** gamma``, i.e.
             ``std_t = sqrt(eta / (1 + t) ** gamma)``.
         gamma: decay exponent of the annealed schedule (used only with ``eta``).
-        targets: parameter names or ``re:`` patterns (one string or a list) that receive noise.
-            Default: every parameter that has a gradient at that step.
+        params: which parameters receive noise: names, ``re:`` patterns or ``nn.Module`` subclasses,
+            one or a list (see :mod:`lightning_gradmask.functional.selection`). Default: every
+            parameter that has a gradient at that step.
         offset: ``{parameter name or re: pattern: tensor}`` added to that gradient at every step
             (a tensor or nested list of the parameter's shape, or a number for every entry).
         seed: the noise seed; the same seed gives the same noise.
@@ -58,7 +58,7 @@ class GradientNoise(SeededNoise):
 
         GradientNoise(std=1e-3)                                   # constant
         GradientNoise(eta=0.3, gamma=0.55)                        # annealed
-        GradientNoise(std=lambda step: 1e-2 if step < 1000 else 0.0, targets="re:net\\.0\\..*")
+        GradientNoise(std=lambda step: 1e-2 if step < 1000 else 0.0, params="re:net\\.0\\..*")
         GradientNoise(offset={"net.0.weight": torch.full((8, 6), 1e-4)})
 
     In a LightningCLI config::
@@ -69,7 +69,7 @@ class GradientNoise(SeededNoise):
               init_args:
                 eta: 0.3
                 gamma: 0.55
-                targets: ["re:encoder\\..*"]
+                params: ["re:encoder\\..*"]
                 seed: 7
 
     This is **not** differential privacy: there is no per-example clipping and no privacy
@@ -79,7 +79,7 @@ class GradientNoise(SeededNoise):
         NoiseStdError: a negative / non-finite ``std`` or ``eta``, a negative ``gamma``, a callable
             schedule that fails or returns NaN, inf or a negative number at step 0 (and later, at
             the step where it does, naming that step).
-        MaskSpecError: ``targets`` or ``offset`` keys naming no parameter; an offset of the wrong shape.
+        MaskSpecError: ``params`` or ``offset`` keys naming no parameter; an offset of the wrong shape.
         UnsupportedStrategyError: FSDP, DeepSpeed or another sharding strategy.
     """
 
@@ -89,14 +89,14 @@ class GradientNoise(SeededNoise):
         *,
         eta: Optional[float] = None,
         gamma: float = 0.55,
-        targets: Optional[Union[str, Sequence[str]]] = None,
+        params: Optional[ParamSelector] = None,
         offset: Optional[Mapping[str, Any]] = None,
         seed: int = 0,
     ) -> None:
         self.schedule: StdSchedule | None = make_schedule(
             std, eta=eta, gamma=gamma, owner="GradientNoise", required=offset is None
         )
-        self.targets = normalize_targets(targets, "GradientNoise")
+        self.params = None if params is None else normalize_selector(params, parameter="GradientNoise(params=...)")
         if offset is not None:
             if not isinstance(offset, Mapping) or not offset:
                 raise MaskSpecError(
@@ -116,7 +116,6 @@ class GradientNoise(SeededNoise):
         self._generator = torch.Generator(device="cpu")
         self._stepped: tuple[tuple[Any, ...], set[int]] | None = None
         self._last_std: float | None = None
-        self._draws = 0
         self._register()
 
     # ------------------------------------------------------------------ public read-only state
@@ -137,7 +136,7 @@ class GradientNoise(SeededNoise):
         check_strategy(trainer, "GradientNoise")
         refuse_same_seed(trainer, self)
         table = ParameterTable(pl_module)
-        names = table.select(self.targets, "GradientNoise(targets=...)") if self.targets is not None else table.names
+        names = table.select(self.params, "GradientNoise(params=...)") if self.params is not None else table.names
         self._targets = [(name, table.index(name)) for name in names]
         self._offsets = _resolve_offsets(self.offset, table) if self.offset is not None else {}
         if self.schedule is not None:
@@ -170,7 +169,6 @@ class GradientNoise(SeededNoise):
             if param.grad is not None and id(param) in stepped:
                 param.grad.add_(value)
                 changed = True
-        self._draws += 1
         if changed:
             # frozen entries (GradientMask, blinding) never receive noise, whatever the callback order;
             # with nothing added, the gradients are still masked from on_after_backward

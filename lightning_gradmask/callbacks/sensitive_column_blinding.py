@@ -13,6 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._namespaces import Callback
+from lightning_gradmask.errors import GradmaskConfigError
 from lightning_gradmask.functional.blinding import (
     BlindingPlan,
     ColumnSpecError,
@@ -117,7 +118,7 @@ class SensitiveColumnBlinding(Callback):
         log_stats: bool = True,
     ) -> None:
         if mode not in _MODES:
-            raise ColumnSpecError(f"SensitiveColumnBlinding(mode={mode!r}): mode must be 'sever' or 'grad'")
+            raise GradmaskConfigError(f"SensitiveColumnBlinding(mode={mode!r}): mode must be 'sever' or 'grad'")
         if layer is not None and not isinstance(layer, str):
             raise ColumnSpecError(f"SensitiveColumnBlinding(layer=...) must be a module name or None, got {layer!r}")
         if columns is None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import weakref
-from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
@@ -14,15 +12,15 @@ from torch import nn
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask.callbacks._seeded_noise import (
     WEIGHT_STREAM,
-    ParameterTable,
     SeededNoise,
     check_seed,
-    normalize_targets,
     refuse_same_seed,
     seed_tensor,
 )
+from lightning_gradmask.errors import GradmaskConfigError, GradmaskConfigTypeError, MaskSpecError
 from lightning_gradmask.functional.constraints import parameter_constraints
 from lightning_gradmask.functional.noise import StdSchedule, make_schedule
+from lightning_gradmask.functional.selection import ParameterTable, ParamSelector, normalize_selector
 
 __all__ = ["WeightNoise"]
 
@@ -48,19 +46,19 @@ class WeightNoise(SeededNoise):
 
     Args:
         std: noise std (``>= 0``), or a callable ``step -> std`` (Python only).
-        modules: module classes whose parameters are perturbed: classes, or class paths as strings
-            (``"torch.nn.Linear"``; a bare name is looked up in ``torch.nn``).
+        params: which parameters are perturbed: names, ``re:`` patterns or ``nn.Module``
+            subclasses (every parameter those modules own, biases included), one or a list (see
+            :mod:`lightning_gradmask.functional.selection`). Default ``None``: the ``weight`` of
+            every ``nn.Linear`` (biases and other layers untouched).
         relative: scale the noise of each entry by its magnitude: per-entry std ``std * |w|``.
-        targets: optional parameter names or ``re:`` patterns (one string or a list) that narrow
-            the selection made by ``modules`` and ``parameters``.
         seed: the noise seed; the same seed gives the same noise.
-        parameters: which parameters of those modules (``("weight",)``; add ``"bias"`` for biases).
 
     Logs ``weight_noise/std`` (the std of the current draw).
 
     Example::
 
-        WeightNoise(std=1e-2, modules=(nn.Linear,), relative=True)
+        WeightNoise(std=1e-2, relative=True)                      # the weights of every nn.Linear
+        WeightNoise(std=1e-3, params=[nn.Conv2d, "re:head\\..*"])   # Conv2d weights and biases, the head
 
     In a LightningCLI config::
 
@@ -69,7 +67,7 @@ class WeightNoise(SeededNoise):
             - class_path: lightning_gradmask.WeightNoise
               init_args:
                 std: 0.01
-                modules: ["torch.nn.Linear", "torch.nn.Conv2d"]
+                params: ["re:.*\\.weight"]
                 relative: true
 
     Under manual optimization the weights are perturbed from the start of a batch until the first
@@ -79,8 +77,9 @@ class WeightNoise(SeededNoise):
     Raises (at construction or ``setup``, before any step; model untouched):
         NoiseStdError: a negative or non-finite ``std``, a callable returning one (at step 0 at
             setup, later at the step where it does, naming it).
-        ValueError: ``modules`` naming no module of the model, none of those modules having the
-            ``parameters``, ``targets`` leaving nothing; a string in ``modules`` naming no class.
+        MaskSpecError: ``params`` naming no parameter, a module type the model does not contain, no
+            ``nn.Linear`` for the default.
+        GradmaskConfigError: a selected parameter that is not floating point.
         UnsupportedStrategyError: FSDP, DeepSpeed or another sharding strategy.
     """
 
@@ -88,24 +87,16 @@ class WeightNoise(SeededNoise):
         self,
         std: Union[float, Callable[[int], float]],
         *,
-        modules: Union[str, type, Sequence[Union[str, type]]] = (nn.Linear,),
+        params: Optional[ParamSelector] = None,
         relative: bool = False,
-        targets: Optional[Union[str, Sequence[str]]] = None,
         seed: int = 0,
-        parameters: Union[str, Sequence[str]] = ("weight",),
     ) -> None:
         self.schedule: StdSchedule = make_schedule(std, owner="WeightNoise")  # type: ignore[assignment]
-        self.modules = _resolve_module_classes(modules)
         if not isinstance(relative, bool):
-            raise TypeError(f"WeightNoise(relative=...) must be True or False; got {relative!r}")
+            raise GradmaskConfigTypeError(f"WeightNoise(relative=...) must be True or False; got {relative!r}")
         self.relative = relative
-        self.targets = normalize_targets(targets, "WeightNoise")
+        self.params = None if params is None else normalize_selector(params, parameter="WeightNoise(params=...)")
         self.seed = check_seed(seed, "WeightNoise")
-        if isinstance(parameters, str):
-            parameters = (parameters,)
-        if not parameters or not all(isinstance(p, str) and p for p in parameters):
-            raise ValueError(f"WeightNoise(parameters=...) must be parameter attribute names like 'weight'; got {parameters!r}")
-        self.parameters = tuple(parameters)
         self._chosen: list[tuple[str, int, tuple[str, ...]]] = []  # (name, index, alias names)
         self._live: list[tuple[str, int, tuple[str, ...], torch.Tensor]] = []
         self._clean: dict[str, torch.Tensor] = {}
@@ -114,7 +105,6 @@ class WeightNoise(SeededNoise):
         self._draw_buffers: dict[int, torch.Tensor] = {}  # id(param) -> CPU draw buffer
         self._generator = torch.Generator(device="cpu")
         self._last_std: float | None = None
-        self._draws = 0
         self._register()
 
     # ------------------------------------------------------------------ public read-only state
@@ -140,10 +130,11 @@ class WeightNoise(SeededNoise):
         check_strategy(trainer, "WeightNoise")
         refuse_same_seed(trainer, self)
         table = ParameterTable(pl_module)
-        candidates = self._candidates(pl_module, table)
-        if self.targets is not None:
-            candidates = table.select(self.targets, "WeightNoise(targets=...)", among=candidates)
-        self._chosen = [(name, table.index(name), table.aliases(name)) for name in candidates]
+        names = _linear_weights(table) if self.params is None else table.select(self.params, "WeightNoise(params=...)")
+        for name in names:
+            if not table.param(name).is_floating_point():
+                raise GradmaskConfigError(f"WeightNoise: parameter {name!r} is not floating point")
+        self._chosen = [(name, table.index(name), table.aliases(name)) for name in names]
         self.schedule(0)
         assert_same_on_all_ranks(trainer, {"seed": seed_tensor(self.seed)}, "WeightNoise seed")
 
@@ -219,7 +210,6 @@ class WeightNoise(SeededNoise):
         frozen = parameter_constraints(pl_module).frozen
         chosen = [(name, index, aliases, param) for name, index, aliases, param in self._live if param.requires_grad]
         if not chosen:
-            self._draws += 1
             return
         datas, cleans = [], []
         for name, _, _, param in chosen:
@@ -240,7 +230,6 @@ class WeightNoise(SeededNoise):
                 frozen.zero_frozen_in_(alias, noise)
         self._perturbed.extend((param, clean) for (_, _, _, param), clean in zip(chosen, cleans))
         torch._foreach_add_(datas, noises)
-        self._draws += 1
 
     @torch.no_grad()
     def _restore(self) -> None:
@@ -263,55 +252,15 @@ class WeightNoise(SeededNoise):
                 if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
                     state[key] = clean.clone()
 
-    def _candidates(self, pl_module: nn.Module, table: "ParameterTable") -> list[str]:
-        kinds = ", ".join(cls.__name__ for cls in self.modules)
-        matched = [(mname, m) for mname, m in pl_module.named_modules() if isinstance(m, self.modules)]
-        if not matched:
-            present = sorted({type(m).__name__ for _, m in pl_module.named_modules() if m is not pl_module})
-            raise ValueError(
-                f"WeightNoise(modules=...): the model has no module of type {kinds} "
-                f"(its modules are: {', '.join(present) or 'none'})"
-            )
-        names: list[str] = []
-        seen: set[int] = set()
-        for mname, module in matched:
-            for pname in self.parameters:
-                param = module._parameters.get(pname)  # type: ignore[attr-defined]  # matched holds nn.Modules
-                if param is None or id(param) in seen:
-                    continue
-                seen.add(id(param))
-                if not param.is_floating_point():
-                    raise ValueError(f"WeightNoise: parameter {table.canonical(param)!r} is not floating point")
-                names.append(table.canonical(param))
-        if not names:
-            available = sorted({p for _, m in matched for p, v in m._parameters.items() if v is not None})  # type: ignore[attr-defined]  # matched holds nn.Modules
-            raise ValueError(
-                f"WeightNoise(parameters={list(self.parameters)!r}): none of the {len(matched)} {kinds} module(s) "
-                f"has such a parameter (they have: {', '.join(available) or 'none'})"
-            )
-        order = {name: i for i, name in enumerate(table.names)}
-        return sorted(names, key=order.__getitem__)
 
 
-def _resolve_module_classes(modules: Any) -> tuple[type, ...]:
-    where = "WeightNoise(modules=...)"
-    if isinstance(modules, (str, type)):
-        modules = (modules,)
-    if not isinstance(modules, Sequence) or not modules:
-        raise TypeError(f"{where} must be module classes or class paths such as 'torch.nn.Linear'; got {modules!r}")
-    classes: list[type] = []
-    for entry in modules:
-        cls = _import_class(entry, where) if isinstance(entry, str) else entry
-        if not isinstance(cls, type) or not issubclass(cls, nn.Module):
-            raise TypeError(f"{where}: {entry!r} is not a torch.nn.Module subclass")
-        classes.append(cls)
-    return tuple(classes)
-
-
-def _import_class(path: str, where: str) -> Any:
-    module_path, _, attr = path.rpartition(".")
-    module_path = module_path or "torch.nn"
-    try:
-        return getattr(importlib.import_module(module_path), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"{where}: {path!r} does not name a class ({err})") from err
+def _linear_weights(table: ParameterTable) -> list[str]:
+    """The default selection: the ``weight`` of every ``nn.Linear``, in parameter order."""
+    weights = {id(m.weight) for m in table.module.modules() if isinstance(m, nn.Linear)}
+    if not weights:
+        present = sorted({type(m).__name__ for m in table.module.modules() if m is not table.module})
+        raise MaskSpecError(
+            "WeightNoise(params=None) perturbs the weight of every nn.Linear, and the model has none "
+            f"(its modules are: {', '.join(present) or 'none'}); choose the parameters with params=..."
+        )
+    return [name for name in table.names if id(table.param(name)) in weights]

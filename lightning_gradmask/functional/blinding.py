@@ -47,13 +47,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradmask.functional.masks import MaskSpecError
+from lightning_gradmask.errors import ColumnSpecError, GradmaskConfigError
 
 __all__ = [
     "SUPPORTED_LAYERS",
     "BlindingPlan",
     "ColumnSpec",
-    "ColumnSpecError",
     "IndependenceReport",
     "check_feature_names",
     "InputFill",
@@ -75,14 +74,6 @@ SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d
 
 ColumnSpec = Union[int, str, Sequence[Union[int, str]]]
 """Blinded columns: integer indices, or names when ``feature_names`` is given (mixed is allowed)."""
-
-
-class ColumnSpecError(MaskSpecError):
-    """The blinded columns or the layer cannot be applied to the model.
-
-    Raised before anything on the model is changed. The message names the column, the layer and
-    what was wrong (available names, the layer's input size, the closest layer names).
-    """
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,7 +584,7 @@ def verify_independence(
     chosen = list(table) if perturbations is None else list(perturbations)
     unknown = [p for p in chosen if p not in table]
     if unknown:
-        raise ValueError(f"unknown perturbation {unknown[0]!r}; choose from {', '.join(table)}")
+        raise GradmaskConfigError(f"unknown perturbation {unknown[0]!r}; choose from {', '.join(table)}")
     if "rows" in chosen and (dim == 0 or inputs.shape[0] < 2):
         chosen.remove("rows")
     params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad] if check_gradients else []

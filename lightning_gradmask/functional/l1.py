@@ -11,6 +11,7 @@ applies to and may weight them:
 
 Example:
     >>> import torch
+
     >>> w = torch.tensor([[0.5, -2.0], [0.05, 1.0]], requires_grad=True)
     >>> mask = torch.tensor([[True, True], [True, False]])
     >>> masked_l1_penalty([w], [mask], [0.1])  # 0.1 * (0.5 + 2.0 + 0.05)
@@ -31,6 +32,8 @@ from numbers import Real
 
 import torch
 
+from lightning_gradmask.errors import GradmaskConfigError
+
 __all__ = [
     "check_strength",
     "masked_l1_penalty",
@@ -46,10 +49,10 @@ def check_strength(strength: float, where: str) -> float:
     A strength must be a finite real number ``>= 0`` (``bool`` is refused).
     """
     if isinstance(strength, bool) or not isinstance(strength, Real):
-        raise ValueError(f"{where}: strength must be a real number >= 0; got {type(strength).__name__} {strength!r}")
+        raise GradmaskConfigError(f"{where}: strength must be a real number >= 0; got {type(strength).__name__} {strength!r}")
     value = float(strength)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where}: strength must be a finite number >= 0; got {value!r}")
+        raise GradmaskConfigError(f"{where}: strength must be a finite number >= 0; got {value!r}")
     return value
 
 

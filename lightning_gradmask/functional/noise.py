@@ -7,6 +7,7 @@ on (the draw is made on the CPU and then moved), not on how many draws happened 
 run draws what an uninterrupted run would have drawn).
 
     >>> import torch
+
     >>> w = torch.zeros(2, 3)
     >>> a = noise_like(w, seed=0, step=5, index=1)
     >>> b = noise_like(w, seed=0, step=5, index=1)
@@ -37,11 +38,12 @@ from typing import Any, Union
 
 import torch
 
+from lightning_gradmask.errors import GradmaskConfigError, GradmaskConfigTypeError, NoiseStdError
+
 __all__ = [
     "AnnealedStd",
     "CallableStd",
     "ConstantStd",
-    "NoiseStdError",
     "StdSchedule",
     "StdValue",
     "check_std",
@@ -58,10 +60,6 @@ StdValue = Union[float, Callable[[int], Any]]
 """A noise std: a non-negative number, or a callable ``step -> std`` (Python only)."""
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-class NoiseStdError(ValueError):
-    """A noise standard deviation (or a schedule's value at some step) is not a finite number >= 0."""
 
 
 # --------------------------------------------------------------------------- seeding
@@ -235,7 +233,7 @@ class CallableStd(StdSchedule):
 
     def __init__(self, fn: Callable[[int], Any], *, where: str = "std") -> None:
         if not callable(fn):
-            raise TypeError(f"{where} must be a number or a callable step -> std; got {type(fn).__name__}")
+            raise GradmaskConfigTypeError(f"{where} must be a number or a callable step -> std; got {type(fn).__name__}")
         self.fn = fn
         self.where = where
 
@@ -273,10 +271,10 @@ def make_schedule(
         TypeError: ``std`` is neither a number nor a callable.
     """
     if std is not None and eta is not None:
-        raise ValueError(f"{owner}: give either std=... or eta=... (annealed), not both")
+        raise GradmaskConfigError(f"{owner}: give either std=... or eta=... (annealed), not both")
     if std is None and eta is None:
         if required:
-            raise ValueError(f"{owner}: give std=... (a number or a callable step -> std) or eta=... (annealed)")
+            raise GradmaskConfigError(f"{owner}: give std=... (a number or a callable step -> std) or eta=... (annealed)")
         return None
     if eta is not None:
         return AnnealedStd(eta, gamma, where=f"{owner}(eta=...)")
@@ -285,4 +283,4 @@ def make_schedule(
         return CallableStd(std, where=where)
     if isinstance(std, (numbers.Real, torch.Tensor)):
         return ConstantStd(std, where=where)
-    raise TypeError(f"{where} must be a number or a callable step -> std; got {type(std).__name__} {std!r}")
+    raise GradmaskConfigTypeError(f"{where} must be a number or a callable step -> std; got {type(std).__name__} {std!r}")

@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_gradmask._distributed import check_strategy
 from lightning_gradmask._namespaces import lightning_classes
+from lightning_gradmask.errors import GradmaskConfigTypeError, MaskSpecError
 from lightning_gradmask.functional.constraints import PRIORITY_PROXIMAL, parameter_constraints
 from lightning_gradmask.functional.l1 import (
     check_strength,
@@ -29,7 +30,8 @@ from lightning_gradmask.functional.l1 import (
     masked_zero_fraction,
     proximal_l1_step_,
 )
-from lightning_gradmask.functional.masks import MaskSpecError, MaskValue, mask_from_value, match_parameters
+from lightning_gradmask.functional.masks import MaskValue, mask_from_value
+from lightning_gradmask.functional.selection import ParamSelector, select_parameters
 
 __all__ = ["MaskedL1Mixin", "MaskedL1Term"]
 
@@ -41,7 +43,7 @@ class MaskedL1Term:
     """One resolved L1 term: ``strength * sum(|mask * W|)`` on the parameter ``name``.
 
     Attributes:
-        target: the name or ``re:`` pattern given to :meth:`MaskedL1Mixin.register_masked_l1`.
+        params: the selector given to :meth:`MaskedL1Mixin.register_masked_l1`.
         name: the parameter's name in ``named_parameters()``.
         mask: a CPU ``bool`` tensor or float32 per-entry weights; ``None`` means every entry.
         strength: the term's strength, ``>= 0``.
@@ -50,7 +52,7 @@ class MaskedL1Term:
     Terms compare by identity (their masks are tensors).
     """
 
-    target: str
+    params: ParamSelector
     name: str
     mask: Optional[torch.Tensor]
     strength: float
@@ -198,17 +200,18 @@ class MaskedL1Mixin:
     # ------------------------------------------------------------------ public API
     def register_masked_l1(
         self,
-        target: str,
+        params: ParamSelector,
         mask: Optional[MaskValue] = None,
         *,
         strength: float,
         proximal: bool = False,
     ) -> list[str]:
-        r"""Add an L1 term on the parameters ``target`` names, restricted to ``mask``'s entries.
+        r"""Add an L1 term on the parameters ``params`` selects, restricted to ``mask``'s entries.
 
         Args:
-            target: a parameter name as in ``named_parameters()``, or ``"re:"`` + a regular
-                expression that must match whole names.
+            params: which parameters: a name as in ``named_parameters()``, ``"re:"`` + a regular
+                expression that must match whole names, an ``nn.Module`` subclass, or a list of them
+                (see :mod:`lightning_gradmask.functional.selection`).
             mask: which entries, in any form :class:`~lightning_gradmask.GradientMask` accepts
                 (dense ``bool`` or 0/1 tensor, sparse COO tensor, list of coordinates, ``bool``,
                 callable ``(name, param) -> mask``), or real per-entry weights (the term is then
@@ -223,23 +226,21 @@ class MaskedL1Mixin:
 
         Raises:
             MaskSpecError: an unknown name, a regex matching nothing, a mask of the wrong shape,
-                a mask holding NaN or inf, out-of-range coordinates; the message names ``target``.
+                a mask holding NaN or inf, out-of-range coordinates; the message names ``params``.
             ValueError: a negative, NaN or infinite ``strength``.
             RuntimeError: called before ``super().__init__()``.
 
         Nothing is registered when it raises. Calling it several times adds terms; terms on the
         same parameter add up.
         """
-        where = f"register_masked_l1({target!r})"
+        where = f"register_masked_l1({params!r})"
         if not isinstance(self, nn.Module) or "_parameters" not in self.__dict__:
             raise RuntimeError(f"{where}: call it on a module, after super().__init__() and after creating the layers")
-        if not isinstance(target, str):
-            raise MaskSpecError(f"register_masked_l1: target must be a parameter name or 're:' pattern; got {target!r}")
         value = check_strength(strength, where)
         if not isinstance(proximal, bool):
-            raise TypeError(f"{where}: proximal must be True or False; got {proximal!r}")
+            raise GradmaskConfigTypeError(f"{where}: proximal must be True or False; got {proximal!r}")
+        names = select_parameters(self, params, parameter="register_masked_l1 params")
         named = dict(self.named_parameters(remove_duplicate=False))
-        names = match_parameters(target, named, parameter="register_masked_l1 target")
         terms: list[MaskedL1Term] = []
         seen: set[int] = set()
         for name in names:
@@ -255,7 +256,7 @@ class MaskedL1Mixin:
                     raise MaskSpecError(f"{where}: {err}") from err
                 if resolved.dtype == torch.bool and bool(resolved.all()):
                     resolved = None
-            terms.append(MaskedL1Term(target=target, name=name, mask=resolved, strength=value, proximal=proximal))
+            terms.append(MaskedL1Term(params=params, name=name, mask=resolved, strength=value, proximal=proximal))
         _state_of(self).add(terms)
         return [term.name for term in terms]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_gradmask.errors import MaskSpecError
 from lightning_gradmask.functional.blinding import (
     ColumnSpecError,
     find_layer,
@@ -19,7 +20,6 @@ from lightning_gradmask.functional.blinding import (
     sever_mask,
     verify_independence,
 )
-from lightning_gradmask.errors import MaskSpecError
 
 NAMES = ["age", "sex", "bmi", "bp"]
 

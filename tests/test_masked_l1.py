@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
-from lightning_gradmask.functional.l1 import masked_l1_penalty, masked_zero_fraction, proximal_l1_step_
 from lightning_gradmask.errors import MaskSpecError
+from lightning_gradmask.functional.l1 import masked_l1_penalty, masked_zero_fraction, proximal_l1_step_
 from lightning_gradmask.mixins.masked_l1 import MaskedL1Mixin
 
 from utils import TinyRegressor, loader, regression_data, run_script, snapshot, trainer

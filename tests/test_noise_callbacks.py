@@ -13,8 +13,7 @@ from torch import nn
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
 from lightning_gradmask.callbacks.gradient_noise import GradientNoise
 from lightning_gradmask.callbacks.weight_noise import WeightNoise
-from lightning_gradmask.errors import MaskSpecError
-from lightning_gradmask.errors import NoiseStdError
+from lightning_gradmask.errors import MaskSpecError, NoiseStdError
 from lightning_gradmask.functional.noise import noise_like
 
 from utils import REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer

@@ -374,6 +374,9 @@ class InputFill:
         self.layer_name = layer_name
         self._mask = column_mask(self.size, self.columns).reshape((self.size,) + (1,) * (self.trailing_dims - 1))
         self._on_device: dict[torch.device, torch.Tensor] = {}
+        #: the handle of this hook on its module; copied with the module (``deepcopy``, ``torch.save``),
+        #: where it then points at the copy's hooks, so removal never edits torch's hook dicts by hand
+        self.handle: RemovableHandle | None = None
 
     def fill(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with the blinded columns set to 0 (a new tensor; ``x`` is not modified)."""
@@ -422,7 +425,8 @@ def install_input_fill(module: nn.Module, columns: Iterable[int], *, layer_name:
     if bad:
         raise ColumnSpecError(f"column index {bad[0]} is out of range for a layer with {size} input columns")
     hook = InputFill(size, cols, _channel_trailing_dims(module), layer_name)
-    return module.register_forward_pre_hook(hook, with_kwargs=True)
+    hook.handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    return hook.handle
 
 
 def input_fills(model: nn.Module) -> dict[str, list[InputFill]]:
@@ -442,11 +446,11 @@ def remove_input_fill(model: nn.Module) -> int:
     (0 after ``mode="sever"``, so finite values still have no effect; ``inf``/``NaN`` do).
     """
     removed = 0
-    for module in model.modules():
-        for key in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, InputFill)]:
-            del module._forward_pre_hooks[key]
-            module._forward_pre_hooks_with_kwargs.pop(key, None)
-            removed += 1
+    for fills in input_fills(model).values():
+        for fill in fills:
+            if fill.handle is not None:
+                fill.handle.remove()
+                removed += 1
     return removed
 
 

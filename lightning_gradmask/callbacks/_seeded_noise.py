@@ -62,6 +62,7 @@ class SeededNoise(Callback):
         return self.seed, None if self.params is None else tuple(_item_key(item) for item in self.params)
 
     @property
+    @override
     def state_key(self) -> str:
         # several instances may share a Trainer (different seeds or targets)
         if self._twin:

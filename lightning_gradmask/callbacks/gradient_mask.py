@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
@@ -109,12 +110,14 @@ class GradientMask(Callback):
         return self._masks
 
     @property
+    @override
     def state_key(self) -> str:
         # several GradientMask callbacks may share a Trainer, each with its own checkpoint entry
         spec = sorted(self.trainable) if isinstance(self.trainable, Mapping) else os.fspath(self.trainable)
         return self._generate_state_key(trainable=spec)
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -130,6 +133,7 @@ class GradientMask(Callback):
         parameter_constraints(pl_module).set_masks(self, masks)
         warn_if_averaged_inexactly(trainer, "GradientMask")
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         parameter_constraints(pl_module).attach(trainer.optimizers)
         self._training = True
@@ -146,6 +150,7 @@ class GradientMask(Callback):
                 category=PossibleUserWarning,
             )
 
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._training:
             return
@@ -157,11 +162,13 @@ class GradientMask(Callback):
             pl_module.log("gradient_mask/removed_grad_norm", removed / scale, on_step=True, on_epoch=False)
             pl_module.log("gradient_mask/frozen_fraction", self._frozen_fraction, on_step=True, on_epoch=False)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._release(pl_module)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning calls on_exception, not teardown, after a failed fit: a later fit must not find
         # these masks on the module (another GradientMask, or GradientNoise alone, would apply them)
@@ -172,11 +179,13 @@ class GradientMask(Callback):
         self._training = False
 
     # ------------------------------------------------------------------ checkpointing
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self._masks is None:
             return {}
         return {"masks": {name: mask.to("cpu") for name, mask in self._masks.items()}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "masks" not in state_dict:
             return
@@ -184,6 +193,7 @@ class GradientMask(Callback):
         if self._masks is not None:
             self._warn_if_changed()
 
+    @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:

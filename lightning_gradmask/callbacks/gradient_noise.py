@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask.callbacks._seeded_noise import (
@@ -130,6 +131,7 @@ class GradientNoise(SeededNoise):
         return [name for name, _ in self._targets]
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -144,6 +146,7 @@ class GradientNoise(SeededNoise):
         shared = {"seed": seed_tensor(self.seed), **{f"offset:{k}": v for k, v in self._offsets.items()}}
         assert_same_on_all_ranks(trainer, shared, "GradientNoise seed and offsets")
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         table = ParameterTable(pl_module)
         self._live_targets = [(index, table.param(name)) for name, index in self._targets]
@@ -152,6 +155,7 @@ class GradientNoise(SeededNoise):
             param = table.param(name)
             self._live_offsets.append((param, value.to(device=param.device, dtype=param.dtype)))
 
+    @override
     @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -174,6 +178,7 @@ class GradientNoise(SeededNoise):
             # with nothing added, the gradients are still masked from on_after_backward
             parameter_constraints(pl_module).frozen.mask_gradients_()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._live_targets = []
@@ -207,6 +212,7 @@ class GradientNoise(SeededNoise):
             self._stepped = (layout, {id(p) for group in optimizer.param_groups for p in group["params"]})
         return self._stepped[1]
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
 

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_gradmask._distributed import all_reduce_mean, check_strategy
 from lightning_gradmask._namespaces import Callback, lightning_classes
@@ -210,6 +211,7 @@ class HessianMonitor(Callback):
 
     # ------------------------------------------------------------------ setup-time checks
     @property
+    @override
     def state_key(self) -> str:
         # several monitors may share a Trainer (say the trace every epoch, the top eigenvalue every 100 steps)
         return self._generate_state_key(
@@ -220,6 +222,7 @@ class HessianMonitor(Callback):
             seed=self.seed,
         )
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -227,6 +230,7 @@ class HessianMonitor(Callback):
         self._resolve_loss(pl_module)
         self._select(pl_module)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names, params, masks = self._select(pl_module)
         entries = sum(int(masks[n].sum()) if n in masks else params[n].numel() for n in names)
@@ -244,10 +248,12 @@ class HessianMonitor(Callback):
             self._trial(trainer, pl_module, None)
 
     # ------------------------------------------------------------------ batches
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_steps is None:
             self._batches.clear()
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._trial_done:
             self._trial(trainer, pl_module, batch)
@@ -269,6 +275,7 @@ class HessianMonitor(Callback):
         return batches
 
     # ------------------------------------------------------------------ schedule
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step_evaluated:
@@ -276,6 +283,7 @@ class HessianMonitor(Callback):
         self._last_step_evaluated = step
         self._evaluate(trainer, pl_module, f"step={step}", seed_index=step, on_step=True)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due_epoch(trainer):
             epoch = trainer.current_epoch

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._namespaces import Callback
@@ -149,6 +150,7 @@ class SensitiveColumnBlinding(Callback):
         self._traced = False
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(layer=self.layer, columns=self.columns, mode=self.mode)
 
@@ -183,6 +185,7 @@ class SensitiveColumnBlinding(Callback):
         return removed
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -209,6 +212,7 @@ class SensitiveColumnBlinding(Callback):
             self._warn_if_changed()
         parameter_constraints(pl_module).set_masks(self, {plan.weight_name: plan.trainable})
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the checkpoint's weights are loaded and the model is on its device, before the
         # sanity check: from here on the model does not read the columns
@@ -217,6 +221,7 @@ class SensitiveColumnBlinding(Callback):
         self._install_fill()
         self._frozen_entries().zero_frozen_()
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._plan is None:
             return
@@ -230,20 +235,24 @@ class SensitiveColumnBlinding(Callback):
             self._initial = weight.masked_select(~self._plan.trainable.to(weight.device)).clone()
         parameter_constraints(pl_module).attach(trainer.optimizers)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._plan is not None and not self._traced:
             self._traced = True
             self._tracer = _InputFlowTracer(pl_module, self._plan, batch)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._tracer is not None:
             self._tracer.report()
         self._stop_tracer()
 
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._own is not None:
             self._own.mask_gradients_()
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.log_stats or self._own is None or self._plan is None:
             return
@@ -255,11 +264,13 @@ class SensitiveColumnBlinding(Callback):
             sync_dist=True,  # the same on every rank; this only silences Lightning's DDP advice
         )
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._release(pl_module)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release(pl_module)
 
@@ -277,6 +288,7 @@ class SensitiveColumnBlinding(Callback):
         return float(blinded.abs().max())
 
     # ------------------------------------------------------------------ checkpointing
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self._plan is None:
             return {}
@@ -287,6 +299,7 @@ class SensitiveColumnBlinding(Callback):
             "mode": self.mode,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return

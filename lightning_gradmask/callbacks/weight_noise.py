@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Union
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask.callbacks._seeded_noise import (
@@ -124,6 +125,7 @@ class WeightNoise(SeededNoise):
         return self._last_std
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -138,6 +140,7 @@ class WeightNoise(SeededNoise):
         self.schedule(0)
         assert_same_on_all_ranks(trainer, {"seed": seed_tensor(self.seed)}, "WeightNoise seed")
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         table = ParameterTable(pl_module)
         self._live = [(name, index, aliases, table.param(name)) for name, index, aliases in self._chosen]
@@ -151,6 +154,7 @@ class WeightNoise(SeededNoise):
 
             self._hook = pl_module.register_state_dict_post_hook(clean_state_dict)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._perturbed or not self._live:
             return  # a later micro-batch of the window: keep the window's draw
@@ -161,36 +165,45 @@ class WeightNoise(SeededNoise):
         if std > 0:
             self._perturb(pl_module, step, std)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._restore()
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning calls on_exception, not teardown, after a failed fit: leave the module as it was
         self.teardown(trainer, pl_module, "fit")
 
+    @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # the state_dict hook already wrote clean values; this also covers a state_dict built elsewhere
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
             self._clean_state_dict(pl_module, state, "", {})
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()
         if stage != "fit":

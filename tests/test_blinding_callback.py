@@ -190,12 +190,12 @@ def test_input_fill_stays_after_fit_until_removed():
     trainer(callbacks=[blind], max_epochs=1).fit(model, loader())
     trainer(callbacks=[blind], max_epochs=1).fit(model, loader())  # a second fit adds no second hook
     assert [len(v) for v in input_fills(model).values()] == [1]
-    assert parameter_constraints(model).trainable_masks() == {}  # the hub forgot the callback at teardown
+    assert parameter_constraints(model).trainable_masks() == {}  # the constraints forgot the callback at teardown
     assert blind.remove_input_fill() == 1
     assert input_fills(model) == {}
 
 
-# ------------------------------------------------------------------ with GradientMask, one hub
+# ------------------------------------------------------------------ with GradientMask, one ParameterConstraints
 @pytest.mark.parametrize("blind_first", [True, False])
 def test_combined_with_gradient_mask_both_constraints_hold_in_any_order(blind_first):
     model = TinyRegressor(optimizer=ADAMW)

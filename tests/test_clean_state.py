@@ -52,8 +52,8 @@ def test_a_failed_fit_leaves_no_masks_for_the_next_fit(fail_at: int) -> None:
     model = TinyRegressor()
     with pytest.raises(Boom):
         trainer(callbacks=[GradientMask(FIRST), WeightNoise(std=0.1), FailsAtStep(fail_at)]).fit(model, loader())
-    hub = parameter_constraints(model)
-    assert hub.trainable_masks() == {} and hub._hooked == []
+    constraints = parameter_constraints(model)
+    assert constraints.trainable_masks() == {} and constraints._hooked == []
     assert model._state_dict_hooks == {} and model._forward_pre_hooks == {}
 
     # a second fit with another GradientMask: only its parameter is frozen, net.0.weight trains

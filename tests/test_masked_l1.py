@@ -352,7 +352,7 @@ class IssueModel(MaskedL1Mixin, L.LightningModule):
 def test_copies_keep_their_terms_and_act_only_on_themselves() -> None:
     model = IssueModel()
     assert [t.name for t in model.masked_l1_terms] == ["net.0.weight", "net.2.weight", "net.2.bias"]
-    trainer(max_steps=1).fit(model, loader())  # the original is now hooked into its hub
+    trainer(max_steps=1).fit(model, loader())  # the original is now hooked into its constraints
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         for ours, theirs in zip(other.masked_l1_terms, model.masked_l1_terms, strict=True):
             assert (ours.params, ours.name, ours.strength, ours.proximal) == (

@@ -22,7 +22,7 @@ from lightning_gradmask.functional.masks import resolve_masks
 __all__ = ["GradientMask"]
 
 #: Fewest frozen entries stepped by a non-fused Adam/AdamW on CPU that earn the speed hint: below this
-#: the slow ``sqrt`` costs well under a millisecond per step (about 4 ns per frozen entry measured).
+#: the slow ``sqrt`` costs well under a millisecond per step (figures in benchmarks/README.md).
 SPEED_HINT_MIN_FROZEN = 100_000
 
 
@@ -144,8 +144,8 @@ class GradientMask(Callback):
             rank_zero_warn(
                 f"GradientMask: {frozen:,} frozen entries on CPU (in {', '.join(repr(n) for n in slow)}) are "
                 "stepped by Adam/AdamW without `fused=True`. Their zero gradients keep a zero second moment, "
-                "and the non-fused kernels' `sqrt` is several times slower on scattered zeros (1.47x to 1.66x a "
-                "plain step measured, against 1.04x to 1.21x with `fused=True`; see benchmarks/README.md). Pass "
+                "and the non-fused kernels' `sqrt` is much slower on scattered zeros than with `fused=True` (figures "
+                "in benchmarks/README.md). Pass "
                 "`fused=True` to the optimizer for speed; results are exact either way.",
                 category=PossibleUserWarning,
             )
@@ -155,7 +155,7 @@ class GradientMask(Callback):
         if not self._training:
             return
         measure = self.log_stats and _is_logging_step(trainer)
-        # the hub's combined masks: one copy of the mask tensors, shared with the exact restore
+        # the constraints' combined masks: one copy of the mask tensors, shared with the exact restore
         removed = parameter_constraints(pl_module).frozen.mask_gradients_(measure=measure)
         if removed is not None:
             scale = _loss_scale(trainer)

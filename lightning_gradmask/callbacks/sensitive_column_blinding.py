@@ -46,7 +46,7 @@ class SensitiveColumnBlinding(Callback):
     * ``"sever"`` (default): when training starts, the weights that read the columns
       (``weight[:, c]``, ``weight[:, c, ...]`` for a convolution) are set to exactly 0, and they
       stay exactly 0 after every optimizer step (any optimizer, weight decay, accumulation, AMP,
-      resume, DDP: they are registered as frozen entries with the shared constraint hub, which
+      resume, DDP: they are registered as frozen entries with the shared constraints, which
       restores them after each step). A forward pre-hook on ``layer`` fills the columns of its
       input with 0 using ``masked_fill``, so even ``inf``/``NaN`` in a blinded column changes
       nothing. Consequences: outputs and every parameter's gradient are identical whatever the
@@ -227,7 +227,7 @@ class SensitiveColumnBlinding(Callback):
             return
         self._own = self._frozen_entries()
         if self.mode == "sever":
-            # again, after any restore between on_fit_start and here; the hub captures the
+            # again, after any restore between on_fit_start and here; the constraints capture the
             # frozen values at the first optimizer step, so they are captured as 0
             self._own.zero_frozen_()
         else:

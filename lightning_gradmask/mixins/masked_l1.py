@@ -3,7 +3,7 @@ r"""``MaskedL1Mixin``: L1 penalties on chosen entries ("edges") of chosen parame
 The tensor math lives in :mod:`lightning_gradmask.functional.l1`; this module is the Lightning
 glue: it resolves registrations against the module's parameters, wraps the subclass's
 ``training_step`` so that the penalty joins the loss it returns, and hands the proximal step to
-the module's constraint hub (:mod:`lightning_gradmask.functional.constraints`), which runs it
+the module's constraints (:mod:`lightning_gradmask.functional.constraints`), which runs it
 after every optimizer step and before frozen entries are restored.
 """
 
@@ -132,7 +132,7 @@ class _State:
         return group_of
 
     def post_step(self, module: nn.Module) -> Callable[[torch.optim.Optimizer, set[int]], None]:
-        """The hub's post-step function; it holds the module weakly (the hub is keyed by it)."""
+        """The post-step function of the constraints; it holds the module weakly (the constraints are keyed by it)."""
         if self._post_step is None:
             module_ref = weakref.ref(module)
 
@@ -302,9 +302,9 @@ class MaskedL1Mixin:
         check_strategy(trainer, "MaskedL1Mixin")
         state = _state_of(self)
         if state.supports:
-            hub = parameter_constraints(self)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
-            hub.add_post_step(state, state.post_step(self), PRIORITY_PROXIMAL)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
-            hub.attach(trainer.optimizers)
+            constraints = parameter_constraints(self)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
+            constraints.add_post_step(state, state.post_step(self), PRIORITY_PROXIMAL)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
+            constraints.attach(trainer.optimizers)
 
     def _masked_l1_finish(self, output: Any) -> Any:
         """After the user's step: add the penalty to the returned loss and log."""

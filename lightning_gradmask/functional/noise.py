@@ -261,14 +261,15 @@ def make_schedule(
 
     Args:
         std: a constant std, or a callable ``step -> std``.
-        eta, gamma: annealed schedule, variance ``eta / (1 + t) ** gamma``.
+        eta: annealed schedule instead of ``std``: variance ``eta / (1 + t) ** gamma``.
+        gamma: decay exponent of the annealed schedule.
         owner: how error messages name the caller (``"GradientNoise"``).
         required: if ``False``, giving neither returns ``None``.
 
     Raises:
-        ValueError: both or (with ``required``) neither of ``std`` and ``eta`` are given.
+        GradmaskConfigError: both or (with ``required``) neither of ``std`` and ``eta`` are given.
         NoiseStdError: a negative or non-finite number.
-        TypeError: ``std`` is neither a number nor a callable.
+        GradmaskConfigTypeError: ``std`` is neither a number nor a callable.
     """
     if std is not None and eta is not None:
         raise GradmaskConfigError(f"{owner}: give either std=... or eta=... (annealed), not both")

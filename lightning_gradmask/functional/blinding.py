@@ -202,39 +202,11 @@ def resolve_columns(
     items = _as_items(columns)
     if not items:
         raise ColumnSpecError("columns is empty: name at least one column to blind")
-    names: list[str] | None = None
-    if feature_names is not None:
-        names = [str(n) for n in feature_names]
-        if len(names) != size:
-            raise ColumnSpecError(
-                f"feature_names has {len(names)} names but {where} reads {size} columns; "
-                "give one name per input column, in order"
-            )
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ColumnSpecError(f"feature_names repeats {', '.join(repr(n) for n in repeated)}; names must be unique")
+    names = _checked_names(feature_names, size, where)
     resolved: list[int] = []
     seen: dict[int, Any] = {}
     for item in items:
-        if isinstance(item, str):
-            if names is None:
-                raise ColumnSpecError(
-                    f"column {item!r} is a name but no feature_names were given; pass "
-                    f"feature_names=[...] ({size} names) or use integer indices 0..{size - 1}"
-                )
-            if item not in names:
-                close = difflib.get_close_matches(item, names, n=1, cutoff=0.6)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ColumnSpecError(f"unknown column {item!r}{hint}; available names: {', '.join(names)}")
-            index = names.index(item)
-        elif isinstance(item, int) and not isinstance(item, bool):
-            index = int(item)
-            if not 0 <= index < size:
-                raise ColumnSpecError(
-                    f"column index {index} is out of range: {where} reads {size} columns (valid: 0..{size - 1})"
-                )
-        else:
-            raise ColumnSpecError(f"columns must be names (str) or indices (int); got {item!r} ({type(item).__name__})")
+        index = _column_index(item, names, size, where)
         if index in seen:
             first = seen[index]
             same = f"{first!r} and {item!r} both name" if first != item else f"{item!r} names"
@@ -246,6 +218,44 @@ def resolve_columns(
             f"all {size} columns of {where} would be blinded; the model could read nothing from its input"
         )
     return tuple(sorted(resolved))
+
+
+def _checked_names(feature_names: Sequence[str] | None, size: int, where: str) -> list[str] | None:
+    """``feature_names`` as strings: one per column, none repeated."""
+    if feature_names is None:
+        return None
+    names = [str(n) for n in feature_names]
+    if len(names) != size:
+        raise ColumnSpecError(
+            f"feature_names has {len(names)} names but {where} reads {size} columns; "
+            "give one name per input column, in order"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ColumnSpecError(f"feature_names repeats {', '.join(repr(n) for n in repeated)}; names must be unique")
+    return names
+
+
+def _column_index(item: Any, names: list[str] | None, size: int, where: str) -> int:
+    """The index of one column given by name or index."""
+    if isinstance(item, str):
+        if names is None:
+            raise ColumnSpecError(
+                f"column {item!r} is a name but no feature_names were given; pass "
+                f"feature_names=[...] ({size} names) or use integer indices 0..{size - 1}"
+            )
+        if item not in names:
+            close = difflib.get_close_matches(item, names, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ColumnSpecError(f"unknown column {item!r}{hint}; available names: {', '.join(names)}")
+        return names.index(item)
+    if isinstance(item, int) and not isinstance(item, bool):
+        if not 0 <= item < size:
+            raise ColumnSpecError(
+                f"column index {item} is out of range: {where} reads {size} columns (valid: 0..{size - 1})"
+            )
+        return int(item)
+    raise ColumnSpecError(f"columns must be names (str) or indices (int); got {item!r} ({type(item).__name__})")
 
 
 def check_feature_names(feature_names: Any, *, parameter: str = "feature_names") -> None:

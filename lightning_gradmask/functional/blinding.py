@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gradmask.errors import ColumnSpecError, GradmaskConfigError
+from lightning_gradmask.functional.selection import closest_names
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -134,7 +135,7 @@ def find_layer(model: nn.Module, layer: str | None = None, *, parameter: str = "
     if not isinstance(layer, str):
         raise ColumnSpecError(f"{parameter} must be a module name (str) or None, got {type(layer).__name__}")
     if layer not in modules:
-        close = difflib.get_close_matches(layer, [n for n in modules if n], n=3, cutoff=0.4)
+        close = closest_names(layer, [n for n in modules if n], cutoff=0.4)
         hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
         supported = [n for n, m in modules.items() if isinstance(m, SUPPORTED_LAYERS) and getattr(m, "groups", 1) == 1]
         raise ColumnSpecError(

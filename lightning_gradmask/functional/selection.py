@@ -33,6 +33,7 @@ __all__ = [
     "REGEX_PREFIX",
     "ParamSelector",
     "ParameterTable",
+    "closest_names",
     "match_parameters",
     "normalize_selector",
     "select_parameters",
@@ -68,9 +69,14 @@ def match_parameters(key: str, names: Iterable[str], *, parameter: str = "spec")
         return matched
     if key in names:
         return [key]
-    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    close = closest_names(key, names)
     hint = f"; closest names: {', '.join(repr(n) for n in close)}" if close else f"; names look like {_preview(names)}"
     raise MaskSpecError(f"{parameter} key {key!r}: the model has no parameter of that name{hint}")
+
+
+def closest_names(key: str, names: Iterable[str], *, n: int = 3, cutoff: float = 0.5) -> list[str]:
+    """The names most like ``key`` (at most ``n``), for "did you mean" hints in error messages."""
+    return difflib.get_close_matches(key, list(names), n=n, cutoff=cutoff)
 
 
 def normalize_selector(params: object, *, parameter: str = "params") -> list[SelectorItem]:

@@ -17,13 +17,6 @@ from lightning.pytorch.strategies import Strategy
 from lightning_gradmask._namespaces import lightning_classes
 from lightning_gradmask.errors import UnsupportedStrategyError
 
-__all__ = [
-    "all_reduce_mean",
-    "assert_same_on_all_ranks",
-    "check_strategy",
-    "tensor_digest",
-]
-
 
 def check_strategy(trainer: pl.Trainer, owner: str) -> None:
     """Refuse strategies whose parameters or gradients are sharded or hidden.

@@ -21,16 +21,6 @@ from lightning_gradmask.errors import GradmaskConfigError, GradmaskConfigTypeErr
 from lightning_gradmask.functional.noise import draw_dtype, draw_noise_, noise_seeds
 from lightning_gradmask.functional.selection import SelectorItem
 
-__all__ = [
-    "GRADIENT_STREAM",
-    "WEIGHT_STREAM",
-    "SeededNoise",
-    "check_seed",
-    "refuse_same_seed",
-    "seed_tensor",
-]
-
-
 GRADIENT_STREAM = "gradient"
 WEIGHT_STREAM = "weight"
 

@@ -34,15 +34,18 @@ class SeededNoise(Callback):
     _draw_buffers: dict[int, torch.Tensor]  # id(param) -> CPU draw buffer, reused across steps
     _generator: torch.Generator
 
-    #: every live noise callback, to tell apart instances built with the same seed and targets
+    #: every live noise callback, to tell apart instances built with the same seed and params
     _instances: "weakref.WeakSet[SeededNoise]" = weakref.WeakSet()
 
     def _register(self) -> None:
         """Call at the end of ``__init__``: number this instance among live ones of the same configuration.
 
         Lightning refuses two stateful callbacks with the same ``state_key`` when the Trainer is built,
-        with a RuntimeError that says nothing about noise. Twins (same type, seed and targets) get
-        distinct keys, so that ``setup`` can refuse them with the documented ``ValueError`` instead.
+        with a RuntimeError that says nothing about noise. The noise callbacks are stateful (their
+        checkpoint entry holds the seed), and a ``pytorch_lightning`` Trainer treats every callback of
+        our dual-namespace base as stateful anyway (see ``_namespaces``). Twins (same type, seed and
+        params) therefore get distinct keys, so that ``setup`` can refuse them with the documented
+        ``GradmaskConfigError`` instead.
         """
         twins = [other for other in SeededNoise._instances if type(other) is type(self) and other._config() == self._config()]
         self._twin = max((other._twin for other in twins), default=-1) + 1
@@ -54,7 +57,7 @@ class SeededNoise(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # several instances may share a Trainer (different seeds or targets)
+        # several instances may share a Trainer (different seeds or params)
         if self._twin:
             return self._generate_state_key(seed=self.seed, params=self._config()[1], twin=self._twin)
         return self._generate_state_key(seed=self.seed, params=self._config()[1])

@@ -54,9 +54,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn.utils import prune
 
-from lightning_gradmask.callbacks._constraints import ParameterConstraints
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
-from lightning_gradmask.masking import FrozenEntries
+from lightning_gradmask.functional.constraints import ParameterConstraints
+from lightning_gradmask.functional.frozen import FrozenEntries
 
 VARIANTS = ("plain", "gradient_mask", "prune")
 
@@ -512,7 +512,7 @@ class Blocks(L.LightningModule):
 
 
 def blocks_fit(variant: str, args: argparse.Namespace) -> StepTimer:
-    from lightning_gradmask.callbacks.noise import GradientNoise
+    from lightning_gradmask.callbacks.gradient_noise import GradientNoise
 
     model = Blocks(args.blocks)
     callbacks: list[Callback] = []

@@ -27,20 +27,34 @@ Attach the callbacks to a ``lightning.Trainer``; mix :class:`MaskedL1Mixin` into
 
       L.Trainer(callbacks=[GradientNoise(eta=0.3, gamma=0.55), WeightNoise(std=1e-2, relative=True)])
 
-* Without a Trainer: :func:`resolve_masks` (specs to masks, with every check), :class:`FrozenEntries`
-  (gradient masking and exact restore) and :mod:`lightning_gradmask.curvature` (Hessian-vector
-  products, Lanczos, trace, diagonal, density on a bare ``nn.Module``).
+* Without a Trainer (pure torch, :mod:`lightning_gradmask.functional`): :func:`select_parameters`
+  (what an argument ``params`` selects), :func:`resolve_masks` (specs to masks, with every check),
+  :class:`FrozenEntries` (gradient masking and exact restore), :func:`verify_independence`, and
+  :mod:`lightning_gradmask.curvature` (Hessian-vector products, Lanczos, trace, diagonal, density on a
+  bare ``nn.Module``).
+
+* Errors: every configuration mistake raises :class:`GradmaskConfigError` (a ``ValueError``) or a
+  subclass, before the first step, with the model untouched.
 """
 
-from lightning_gradmask._distributed import UnsupportedStrategyError
-from lightning_gradmask.blinding import ColumnSpecError, IndependenceReport, verify_independence
-from lightning_gradmask.callbacks.blinding import SensitiveColumnBlinding
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
-from lightning_gradmask.callbacks.hessian import HessianMonitor
-from lightning_gradmask.callbacks.noise import GradientNoise, WeightNoise
-from lightning_gradmask.masking import FrozenEntries
-from lightning_gradmask.mixins import MaskedL1Mixin, MaskedL1Term
-from lightning_gradmask.specs import MaskSpecError, resolve_masks
+from lightning_gradmask.callbacks.gradient_noise import GradientNoise
+from lightning_gradmask.callbacks.hessian_monitor import HessianMonitor
+from lightning_gradmask.callbacks.sensitive_column_blinding import SensitiveColumnBlinding
+from lightning_gradmask.callbacks.weight_noise import WeightNoise
+from lightning_gradmask.errors import (
+    ColumnSpecError,
+    GradmaskConfigError,
+    GradmaskConfigTypeError,
+    MaskSpecError,
+    NoiseStdError,
+    UnsupportedStrategyError,
+)
+from lightning_gradmask.functional.blinding import IndependenceReport, verify_independence
+from lightning_gradmask.functional.frozen import FrozenEntries
+from lightning_gradmask.functional.masks import resolve_masks
+from lightning_gradmask.functional.selection import select_parameters
+from lightning_gradmask.mixins.masked_l1 import MaskedL1Mixin, MaskedL1Term
 
 __version__ = "0.1.0"
 
@@ -49,14 +63,18 @@ __all__ = [
     "FrozenEntries",
     "GradientMask",
     "GradientNoise",
+    "GradmaskConfigError",
+    "GradmaskConfigTypeError",
     "HessianMonitor",
     "IndependenceReport",
     "MaskSpecError",
     "MaskedL1Mixin",
     "MaskedL1Term",
+    "NoiseStdError",
     "SensitiveColumnBlinding",
     "UnsupportedStrategyError",
     "WeightNoise",
     "resolve_masks",
+    "select_parameters",
     "verify_independence",
 ]

@@ -15,18 +15,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import Strategy
 
 from lightning_gradmask._namespaces import lightning_classes
-
-__all__ = [
-    "UnsupportedStrategyError",
-    "all_reduce_mean",
-    "assert_same_on_all_ranks",
-    "check_strategy",
-    "tensor_digest",
-]
-
-
-class UnsupportedStrategyError(RuntimeError):
-    """The Trainer's strategy hides or shards gradients in a way the callback cannot serve."""
+from lightning_gradmask.errors import UnsupportedStrategyError
 
 
 def check_strategy(trainer: pl.Trainer, owner: str) -> None:

@@ -16,8 +16,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_gradmask._namespaces import lightning_classes, trainer_callbacks
 
-__all__ = ["warn_if_averaged_inexactly", "warn_if_pruned"]
-
 
 def warn_if_averaged_inexactly(trainer: pl.Trainer, owner: str) -> None:
     """Warn when an ``EMAWeightAveraging`` callback would round frozen entries."""

@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as _lightning_pytorch
 
-__all__ = ["Callback", "lightning_classes", "namespaces", "trainer_callbacks"]
-
 
 def _import_standalone() -> object | None:
     try:

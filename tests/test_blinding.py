@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradmask.blinding import (
+from lightning_gradmask.errors import MaskSpecError
+from lightning_gradmask.functional.blinding import (
     ColumnSpecError,
     find_layer,
     input_fills,
@@ -19,7 +20,6 @@ from lightning_gradmask.blinding import (
     sever_mask,
     verify_independence,
 )
-from lightning_gradmask.specs import MaskSpecError
 
 NAMES = ["age", "sex", "bmi", "bp"]
 

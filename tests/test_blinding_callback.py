@@ -12,10 +12,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradmask.blinding import ColumnSpecError, input_fills, verify_independence
-from lightning_gradmask.callbacks._constraints import constraints_for
-from lightning_gradmask.callbacks.blinding import SensitiveColumnBlinding
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
+from lightning_gradmask.callbacks.sensitive_column_blinding import SensitiveColumnBlinding
+from lightning_gradmask.errors import ColumnSpecError, GradmaskConfigError
+from lightning_gradmask.functional.blinding import input_fills, verify_independence
+from lightning_gradmask.functional.constraints import parameter_constraints
 
 from utils import REPO_ROOT, TinyRegressor, loader, regression_data, run_script, snapshot, trainer
 
@@ -189,12 +190,12 @@ def test_input_fill_stays_after_fit_until_removed():
     trainer(callbacks=[blind], max_epochs=1).fit(model, loader())
     trainer(callbacks=[blind], max_epochs=1).fit(model, loader())  # a second fit adds no second hook
     assert [len(v) for v in input_fills(model).values()] == [1]
-    assert constraints_for(model).trainable_masks() == {}  # the hub forgot the callback at teardown
+    assert parameter_constraints(model).trainable_masks() == {}  # the constraints forgot the callback at teardown
     assert blind.remove_input_fill() == 1
     assert input_fills(model) == {}
 
 
-# ------------------------------------------------------------------ with GradientMask, one hub
+# ------------------------------------------------------------------ with GradientMask, one ParameterConstraints
 @pytest.mark.parametrize("blind_first", [True, False])
 def test_combined_with_gradient_mask_both_constraints_hold_in_any_order(blind_first):
     model = TinyRegressor(optimizer=ADAMW)
@@ -250,7 +251,7 @@ def test_bad_input_raises_at_setup_and_leaves_the_model_untouched(kwargs, messag
     after = snapshot(model)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert input_fills(model) == {}
-    assert constraints_for(model).trainable_masks() == {}
+    assert parameter_constraints(model).trainable_masks() == {}
 
 
 @pytest.mark.parametrize(
@@ -267,7 +268,7 @@ def test_missing_columns_and_feature_names_as_one_string_fail_at_construction(kw
 
 
 def test_pure_resolution_refuses_feature_names_as_one_string():
-    from lightning_gradmask.blinding import resolve_columns
+    from lightning_gradmask.functional.blinding import resolve_columns
 
     with pytest.raises(ColumnSpecError, match=r"feature_names must be a list of column names.*'abc'"):
         resolve_columns(["a"], 3, "abc")
@@ -281,7 +282,7 @@ def test_grouped_convolution_is_refused_at_setup():
 
 
 def test_bad_mode_is_refused_by_the_constructor():
-    with pytest.raises(ColumnSpecError, match="mode must be 'sever' or 'grad'"):
+    with pytest.raises(GradmaskConfigError, match="mode must be 'sever' or 'grad'"):
         SensitiveColumnBlinding([0], mode="drop")
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_gradmask.callbacks._constraints import constraints_for
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
-from lightning_gradmask.callbacks.noise import GradientNoise, WeightNoise
-from lightning_gradmask.mixins import MaskedL1Mixin
+from lightning_gradmask.callbacks.gradient_noise import GradientNoise
+from lightning_gradmask.callbacks.weight_noise import WeightNoise
+from lightning_gradmask.functional.constraints import parameter_constraints
+from lightning_gradmask.mixins.masked_l1 import MaskedL1Mixin
 
 from utils import TinyRegressor, loader, snapshot, trainer
 
@@ -51,8 +52,8 @@ def test_a_failed_fit_leaves_no_masks_for_the_next_fit(fail_at: int) -> None:
     model = TinyRegressor()
     with pytest.raises(Boom):
         trainer(callbacks=[GradientMask(FIRST), WeightNoise(std=0.1), FailsAtStep(fail_at)]).fit(model, loader())
-    hub = constraints_for(model)
-    assert hub.trainable_masks() == {} and hub._hooked == []
+    constraints = parameter_constraints(model)
+    assert constraints.trainable_masks() == {} and constraints._hooked == []
     assert model._state_dict_hooks == {} and model._forward_pre_hooks == {}
 
     # a second fit with another GradientMask: only its parameter is frozen, net.0.weight trains

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gradmask import GradientMask, MaskSpecError, UnsupportedStrategyError
-from lightning_gradmask.callbacks._constraints import constraints_for
+from lightning_gradmask.functional.constraints import parameter_constraints
 
 from utils import REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer
 
@@ -298,9 +298,9 @@ def test_memory_held_per_masked_entry_is_the_documented_nine_bytes():
 
     class Count(Callback):
         def on_train_end(self, trainer, pl_module):
-            hub = constraints_for(pl_module)
-            tensors = list(mask.masks.values()) + list(hub.trainable_masks().values())
-            for entry in hub.frozen._entries.values():
+            constraints = parameter_constraints(pl_module)
+            tensors = list(mask.masks.values()) + list(constraints.trainable_masks().values())
+            for entry in constraints.frozen._entries.values():
                 tensors += [t for t in (entry.keep, entry.snapshot, entry.param_bits, entry.snapshot_bits) if t is not None]
             for t in tensors:
                 storage = t.untyped_storage()

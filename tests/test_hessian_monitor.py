@@ -143,7 +143,7 @@ def test_never_touches_training_state_so_training_is_bit_identical():
 def test_explicit_dataloader_and_subset_of_parameters():
     probe = loader(regression_data(n=16, seed=5), batch_size=16)
     model = TinyRegressor(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
-    monitor = HessianMonitor(loss_fn=mse, stats=("trace",), dataloader=probe, parameters="re:net\\.2\\..*", max_overhead=None)
+    monitor = HessianMonitor(loss_fn=mse, stats=("trace",), dataloader=probe, params="re:net\\.2\\..*", max_overhead=None)
     trainer(callbacks=[monitor], max_epochs=1).fit(model, loader())
     batch = next(iter(probe))
     full = exact_hessian(model, batch)
@@ -204,7 +204,7 @@ def test_bad_input_known_at_setup_or_train_start_fails_before_any_step():
     with pytest.raises(ValueError, match="define `hessian_loss\\(self, batch\\)` on TinyRegressor"):
         trainer(callbacks=[HessianMonitor()]).fit(model, loader())
     with pytest.raises(ValueError, match="matches no parameter"):
-        trainer(callbacks=[HessianMonitor(mse, parameters="re:encoder.*")]).fit(model, loader())
+        trainer(callbacks=[HessianMonitor(mse, params="re:encoder.*")]).fit(model, loader())
     with pytest.raises(ValueError, match="top_k=100\\) exceeds the 65 trainable entries"):
         trainer(callbacks=[HessianMonitor(mse, top_k=100)]).fit(model, loader())
     for name, value in snapshot(model).items():

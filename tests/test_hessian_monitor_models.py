@@ -93,7 +93,7 @@ def token_data(labels: int | None, n=16, length=8, seed=0):
 def test_transformers_with_fused_attention_match_the_eager_model(build, labels, name):
     model = HuggingFace(build())
     assert model.model.config._attn_implementation == "sdpa"
-    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, parameters=f"model.{name}", budget=10_000,
+    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, params=f"model.{name}", budget=10_000,
                              max_overhead=None, strict=True)
     keep = KeepFirstBatch()
     trainer(callbacks=[keep, monitor], max_epochs=1).fit(model, token_data(labels))
@@ -112,7 +112,7 @@ def test_transformers_with_fused_attention_match_the_eager_model(build, labels, 
 
 def test_gpt2_tied_embedding_selected_by_its_second_name_counts_once():
     model = HuggingFace(gpt2())
-    monitor = HessianMonitor(stats=("trace",), parameters="model.lm_head.weight", max_overhead=None, strict=True)
+    monitor = HessianMonitor(stats=("trace",), params="model.lm_head.weight", max_overhead=None, strict=True)
     everything = HessianMonitor(stats=("trace",), max_overhead=None, strict=True, save=False)
     trainer(callbacks=[monitor, everything], max_epochs=1).fit(model, token_data(None))
     assert monitor.latest.dim == 40 * 16  # the tied wte/lm_head matrix, once
@@ -125,7 +125,7 @@ def test_monitored_transformer_with_dropout_trains_bit_identically():
         L.seed_everything(0, verbose=False)
         model = HuggingFace(gpt2(dropout=0.1))
         callbacks = [HessianMonitor(stats=("trace", "eigenvalues"), max_overhead=None, every_n_steps=1,
-                                    parameters="re:.*ln_f.*")] if with_monitor else []
+                                    params="re:.*ln_f.*")] if with_monitor else []
         trainer(callbacks=callbacks, max_epochs=2).fit(model, token_data(None))
         return snapshot(model)
 
@@ -164,7 +164,7 @@ def test_batchnorm_cnn_matches_torch_func_in_eval_mode():
     g = torch.Generator().manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(16, 3, 4, 4, generator=g), torch.randint(0, 3, (16,), generator=g)), batch_size=8)
     model, keep = TinyResNet(), KeepFirstBatch()
-    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, parameters="block.0.weight", budget=10_000,
+    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, params="block.0.weight", budget=10_000,
                              max_overhead=None, strict=True)
     trainer(callbacks=[keep, monitor], max_epochs=1).fit(model, data)
     x, y = keep.batch
@@ -196,7 +196,7 @@ def test_model_pruning_renames_and_only_unpruned_entries_count():
     model = TinyRegressor(hidden=8)
     pruning = ModelPruning("l1_unstructured", amount=0.5, parameters_to_prune=[(model.net[0], "weight")],
                            make_pruning_permanent=False, verbose=0)
-    monitor = HessianMonitor(mse, stats=("trace",), parameters=["net.0.weight"], max_overhead=None, strict=True)
+    monitor = HessianMonitor(mse, stats=("trace",), params=["net.0.weight"], max_overhead=None, strict=True)
     fit = trainer(callbacks=[pruning, monitor], max_epochs=2)
     fit.fit(model, loader())
     assert "net.0.weight_orig" in dict(model.named_parameters())
@@ -228,7 +228,7 @@ class Tied(L.LightningModule):
 def test_tied_weight_under_its_second_name_is_selected_once_and_its_mask_applies():
     frozen = torch.ones(6, 6, dtype=torch.bool)
     frozen[:3] = False
-    monitor = HessianMonitor(mse, stats=("trace",), parameters="decode.weight", max_overhead=None, strict=True)
+    monitor = HessianMonitor(mse, stats=("trace",), params="decode.weight", max_overhead=None, strict=True)
     trainer(callbacks=[GradientMask({"decode.weight": frozen}), monitor], max_epochs=1).fit(Tied(), loader())
     assert monitor.latest.dim == 18
 

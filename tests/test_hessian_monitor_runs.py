@@ -144,7 +144,7 @@ def test_trial_with_a_probe_dataloader_runs_at_train_start():
         (dict(max_overhead=0), ValueError, "max_overhead"),
         (dict(max_overhead="10%"), ValueError, "max_overhead"),
         (dict(every_n_steps=0), ValueError, "every_n_steps"),
-        (dict(parameters=[3]), TypeError, "parameters"),
+        (dict(params=[3]), TypeError, "params"),
         (dict(seed=1.5), TypeError, "seed"),
         (dict(strict="yes"), TypeError, "strict"),
     ],

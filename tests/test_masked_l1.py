@@ -15,9 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
-from lightning_gradmask.mixins import MaskedL1Mixin
-from lightning_gradmask.regularization import masked_l1_penalty, masked_zero_fraction, proximal_l1_step_
-from lightning_gradmask.specs import MaskSpecError
+from lightning_gradmask.errors import MaskSpecError
+from lightning_gradmask.functional.l1 import masked_l1_penalty, masked_zero_fraction, proximal_l1_step_
+from lightning_gradmask.mixins.masked_l1 import MaskedL1Mixin
 
 from utils import TinyRegressor, loader, regression_data, run_script, snapshot, trainer
 
@@ -352,11 +352,11 @@ class IssueModel(MaskedL1Mixin, L.LightningModule):
 def test_copies_keep_their_terms_and_act_only_on_themselves() -> None:
     model = IssueModel()
     assert [t.name for t in model.masked_l1_terms] == ["net.0.weight", "net.2.weight", "net.2.bias"]
-    trainer(max_steps=1).fit(model, loader())  # the original is now hooked into its hub
+    trainer(max_steps=1).fit(model, loader())  # the original is now hooked into its constraints
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         for ours, theirs in zip(other.masked_l1_terms, model.masked_l1_terms, strict=True):
-            assert (ours.target, ours.name, ours.strength, ours.proximal) == (
-                theirs.target, theirs.name, theirs.strength, theirs.proximal)  # fmt: skip
+            assert (ours.params, ours.name, ours.strength, ours.proximal) == (
+                theirs.params, theirs.name, theirs.strength, theirs.proximal)  # fmt: skip
             assert (ours.mask is None and theirs.mask is None) or torch.equal(ours.mask, theirs.mask)
         assert torch.equal(other.masked_l1_penalty(), model.masked_l1_penalty())
         before = snapshot(model)

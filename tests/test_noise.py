@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_gradmask.noise import (
+from lightning_gradmask.functional.noise import (
     AnnealedStd,
     NoiseStdError,
     check_std,
@@ -84,7 +84,7 @@ def test_a_callable_going_bad_names_the_step():
 
 
 def test_grouped_draws_are_bit_identical_to_noise_like():
-    from lightning_gradmask.noise import draw_dtype, draw_noise_, noise_seeds
+    from lightning_gradmask.functional.noise import draw_dtype, draw_noise_, noise_seeds
 
     params = [torch.zeros(3, 4), torch.zeros(5, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.bfloat16), torch.zeros(())]
     indices = [0, 7, 3, 12]

@@ -11,9 +11,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from lightning_gradmask.callbacks.gradient_mask import GradientMask
-from lightning_gradmask.callbacks.noise import GradientNoise, WeightNoise
-from lightning_gradmask.noise import NoiseStdError, noise_like
-from lightning_gradmask.specs import MaskSpecError
+from lightning_gradmask.callbacks.gradient_noise import GradientNoise
+from lightning_gradmask.callbacks.weight_noise import WeightNoise
+from lightning_gradmask.errors import MaskSpecError, NoiseStdError
+from lightning_gradmask.functional.noise import noise_like
 
 from utils import REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer
 
@@ -109,7 +110,7 @@ def test_frozen_entries_never_receive_noise_whatever_the_callback_order():
     assert all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])  # same training either way
 
 
-def test_annealed_std_is_logged_and_callable_std_respects_targets():
+def test_annealed_std_is_logged_and_callable_std_respects_params():
     model = TinyRegressor()
     annealed = GradientNoise(eta=0.3, gamma=0.55)
     fit = trainer(callbacks=[annealed], max_epochs=1)
@@ -120,7 +121,7 @@ def test_annealed_std_is_logged_and_callable_std_respects_targets():
 
     model = TinyRegressor()
     before, after = GradProbe(), GradProbe()
-    scheduled = GradientNoise(std=lambda t: 0.1 * (t + 1), targets="re:net\\.0\\..*", seed=5)
+    scheduled = GradientNoise(std=lambda t: 0.1 * (t + 1), params="re:net\\.0\\..*", seed=5)
     trainer(callbacks=[before, scheduled, after], max_epochs=1).fit(model, loader())
     assert scheduled.target_names == ["net.0.weight", "net.0.bias"]
     for k, step in enumerate(before.steps):
@@ -245,7 +246,7 @@ def test_weight_noise_respects_frozen_and_severed_entries():
     trainable = torch.ones(8, 6, dtype=torch.bool)
     trainable[:, 2] = False
     trainable[0] = False
-    callbacks = [WeightNoise(std=0.5, parameters=("weight", "bias")), GradientMask({"net.0.weight": trainable})]
+    callbacks = [WeightNoise(std=0.5, params=nn.Linear), GradientMask({"net.0.weight": trainable})]
     trainer(callbacks=callbacks, max_epochs=1).fit(model, loader())
     for _, seen in model.seen["train"]:
         assert torch.equal(seen["net.0.weight"][~trainable], initial["net.0.weight"][~trainable])
@@ -255,7 +256,7 @@ def test_weight_noise_respects_frozen_and_severed_entries():
 
 
 def test_severed_columns_of_blinding_stay_exactly_zero_under_both_noises():
-    blinding = pytest.importorskip("lightning_gradmask.callbacks.blinding")
+    blinding = pytest.importorskip("lightning_gradmask.callbacks.sensitive_column_blinding")
     model = Recorder(optimizer=lambda p: torch.optim.AdamW(p, lr=0.05))
     callbacks = [WeightNoise(std=0.5), GradientNoise(std=0.5), blinding.SensitiveColumnBlinding(columns=[2])]
     trainer(callbacks=callbacks, max_epochs=1).fit(model, loader())
@@ -353,8 +354,8 @@ def test_bf16_mixed_keeps_fp32_parameters():
 BAD_AT_SETUP = {
     "gradient-nan-schedule": (lambda: GradientNoise(std=lambda t: float("nan")), NoiseStdError, "step 0 is NaN"),
     "gradient-negative-schedule": (lambda: GradientNoise(std=lambda t: -1.0), NoiseStdError, "step 0 is negative"),
-    "gradient-targets-match-nothing": (
-        lambda: GradientNoise(std=0.1, targets=["net.0.weight", "re:encoder\\..*"]),
+    "gradient-params-match-nothing": (
+        lambda: GradientNoise(std=0.1, params=["net.0.weight", "re:encoder\\..*"]),
         MaskSpecError,
         "matches no parameter",
     ),
@@ -369,15 +370,14 @@ BAD_AT_SETUP = {
         "no parameter of that name; closest names: 'net.0.weight'",
     ),
     "weight-modules-match-nothing": (
-        lambda: WeightNoise(std=0.1, modules=(nn.Conv2d,)),
+        lambda: WeightNoise(std=0.1, params=nn.Conv2d),
         ValueError,
         "no module of type Conv2d .*Linear",
     ),
-    "weight-no-such-parameter": (lambda: WeightNoise(std=0.1, parameters="gamma"), ValueError, "none of the 2 Linear"),
-    "weight-target-outside-modules": (
-        lambda: WeightNoise(std=0.1, targets="net.0.bias"),
+    "weight-no-such-parameter": (
+        lambda: WeightNoise(std=0.1, params="net.0.gamma"),
         MaskSpecError,
-        "not among the ones chosen",
+        "no parameter of that name; closest names: .*'net.0.weight'",
     ),
     "weight-nan-schedule": (lambda: WeightNoise(std=lambda t: float("nan")), NoiseStdError, "step 0 is NaN"),
 }
@@ -401,8 +401,7 @@ def test_bad_input_fails_at_setup_and_leaves_the_model_untouched(case):
         (lambda: GradientNoise(std=0.1, eta=0.1), ValueError, "not both"),
         (lambda: GradientNoise(offset={"net.0.weight": torch.zeros(8, 6)}, seed=1.5), TypeError, "seed"),
         (lambda: WeightNoise(std=-0.1), NoiseStdError, "negative"),
-        (lambda: WeightNoise(std=0.1, modules=["torch.nn.Linaer"]), ValueError, "does not name a class"),
-        (lambda: WeightNoise(std=0.1, modules=[int]), TypeError, "not a torch.nn.Module subclass"),
+        (lambda: WeightNoise(std=0.1, params=[int]), TypeError, "an nn.Module subclass"),
     ],
 )
 def test_bad_arguments_fail_at_construction(make, error, message):
@@ -412,19 +411,19 @@ def test_bad_arguments_fail_at_construction(make, error, message):
 
 def test_two_noise_callbacks_with_the_same_seed_are_refused():
     with pytest.raises(ValueError, match="two GradientNoise callbacks use seed=0"):
-        trainer(callbacks=[GradientNoise(std=0.1), GradientNoise(eta=0.1, targets="net.0.weight")]).fit(TinyRegressor(), loader())
+        trainer(callbacks=[GradientNoise(std=0.1), GradientNoise(eta=0.1, params="net.0.weight")]).fit(TinyRegressor(), loader())
 
 
 @pytest.mark.parametrize("kind", [GradientNoise, WeightNoise])
-def test_two_noise_callbacks_with_the_same_seed_and_targets_get_the_documented_error(kind):
-    # same seed and targets: Lightning would refuse the equal state keys with a RuntimeError first
+def test_two_noise_callbacks_with_the_same_seed_and_params_get_the_documented_error(kind):
+    # same seed and params: Lightning would refuse the equal state keys with a RuntimeError first
     callbacks = [kind(std=0.1, seed=4), kind(std=0.2, seed=4)]
     with pytest.raises(ValueError, match=f"two {kind.__name__} callbacks use seed=4"):
         trainer(callbacks=callbacks).fit(TinyRegressor(), loader())
 
 
-def test_modules_as_class_paths_and_targets_narrowing():
-    callback = WeightNoise(std=0.1, modules=["torch.nn.Linear", "Conv2d"], targets="re:net\\.2\\..*")
+def test_params_selects_by_pattern():
+    callback = WeightNoise(std=0.1, params="re:net\\.2\\.weight")
     trainer(callbacks=[callback], max_steps=1).fit(TinyRegressor(), loader())
     assert callback.target_names == ["net.2.weight"]
 
@@ -437,16 +436,16 @@ def test_yaml_config_builds_both_callbacks(tmp_path):
         """
 trainer:
   callbacks:
-    - class_path: lightning_gradmask.callbacks.noise.GradientNoise
-      init_args: {eta: 0.3, gamma: 0.55, targets: ["re:net\\\\.0\\\\..*"], seed: 7}
-    - class_path: lightning_gradmask.callbacks.noise.WeightNoise
-      init_args: {std: 0.01, modules: ["torch.nn.Linear"], relative: true, parameters: [weight, bias]}
+    - class_path: lightning_gradmask.callbacks.gradient_noise.GradientNoise
+      init_args: {eta: 0.3, gamma: 0.55, params: ["re:net\\\\.0\\\\..*"], seed: 7}
+    - class_path: lightning_gradmask.callbacks.weight_noise.WeightNoise
+      init_args: {std: 0.01, params: ["re:net\\\\.[02]\\\\..*"], relative: true}
 """
     )
     cli = LightningCLI(TinyRegressor, run=False, args=["--config", str(config)], save_config_callback=None)
     gradient, weight = [cb for cb in cli.trainer.callbacks if isinstance(cb, (GradientNoise, WeightNoise))]
-    assert gradient.targets == ["re:net\\.0\\..*"] and gradient.seed == 7
-    assert weight.modules == (nn.Linear,) and weight.relative and weight.parameters == ("weight", "bias")
+    assert gradient.params == ["re:net\\.0\\..*"] and gradient.seed == 7
+    assert weight.params == ["re:net\\.[02]\\..*"] and weight.relative
 
 
 def test_ddp_ranks_draw_the_same_noise_and_end_identical(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_gradmask import MaskSpecError, resolve_masks
-from lightning_gradmask.specs import load_mask_file
+from lightning_gradmask.functional.masks import load_mask_file
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["OverheadBudget"]
-
 
 class OverheadBudget:
     """Decide whether one more evaluation keeps the monitor within ``max_overhead`` of training time.

@@ -13,8 +13,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_gradmask._namespaces import lightning_classes
 from lightning_gradmask.curvature import HessianStatistics
 
-__all__ = ["density_figure", "logger_step", "run_directory", "send_figure"]
-
 DECADES_SHOWN = 4
 """The density's log axis spans this many decades under its peak."""
 

@@ -9,8 +9,6 @@ from typing import Any
 
 import torch
 
-__all__ = ["preserved_rng_state"]
-
 
 @contextlib.contextmanager
 def preserved_rng_state() -> Iterator[None]:

@@ -10,17 +10,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
 from lightning_gradmask._namespaces import Callback, trainer_callbacks
-from lightning_gradmask.callbacks._constraints import constraints_for
-from lightning_gradmask.specs import MaskSpecError, resolve_masks
+from lightning_gradmask.errors import MaskSpecError
+from lightning_gradmask.functional.constraints import parameter_constraints
+from lightning_gradmask.functional.masks import resolve_masks
 
 __all__ = ["GradientMask"]
 
 #: Fewest frozen entries stepped by a non-fused Adam/AdamW on CPU that earn the speed hint: below this
-#: the slow ``sqrt`` costs well under a millisecond per step (about 4 ns per frozen entry measured).
+#: the slow ``sqrt`` costs well under a millisecond per step (figures in benchmarks/README.md).
 SPEED_HINT_MIN_FROZEN = 100_000
 
 
@@ -108,12 +110,14 @@ class GradientMask(Callback):
         return self._masks
 
     @property
+    @override
     def state_key(self) -> str:
         # several GradientMask callbacks may share a Trainer, each with its own checkpoint entry
         spec = sorted(self.trainable) if isinstance(self.trainable, Mapping) else os.fspath(self.trainable)
         return self._generate_state_key(trainable=spec)
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -126,11 +130,12 @@ class GradientMask(Callback):
         frozen = sum(m.numel() - int(m.sum()) for m in masks.values())  # no temporary mask
         total = sum(m.numel() for m in masks.values())
         self._frozen_fraction = frozen / total if total else 0.0
-        constraints_for(pl_module).set_masks(self, masks)
+        parameter_constraints(pl_module).set_masks(self, masks)
         warn_if_averaged_inexactly(trainer, "GradientMask")
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        constraints_for(pl_module).attach(trainer.optimizers)
+        parameter_constraints(pl_module).attach(trainer.optimizers)
         self._training = True
         warn_if_pruned(trainer, pl_module, [n for n, mask in self.masks.items() if not mask.all()], "GradientMask")
         slow = _unfused_adam_on_frozen_cpu_entries(trainer.optimizers, pl_module, self.masks)
@@ -139,43 +144,48 @@ class GradientMask(Callback):
             rank_zero_warn(
                 f"GradientMask: {frozen:,} frozen entries on CPU (in {', '.join(repr(n) for n in slow)}) are "
                 "stepped by Adam/AdamW without `fused=True`. Their zero gradients keep a zero second moment, "
-                "and the non-fused kernels' `sqrt` is several times slower on scattered zeros (1.47x to 1.66x a "
-                "plain step measured, against 1.04x to 1.21x with `fused=True`; see benchmarks/README.md). Pass "
+                "and the non-fused kernels' `sqrt` is much slower on scattered zeros than with `fused=True` (figures "
+                "in benchmarks/README.md). Pass "
                 "`fused=True` to the optimizer for speed; results are exact either way.",
                 category=PossibleUserWarning,
             )
 
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._training:
             return
         measure = self.log_stats and _is_logging_step(trainer)
-        # the hub's combined masks: one copy of the mask tensors, shared with the exact restore
-        removed = constraints_for(pl_module).frozen.mask_gradients_(measure=measure)
+        # the constraints' combined masks: one copy of the mask tensors, shared with the exact restore
+        removed = parameter_constraints(pl_module).frozen.mask_gradients_(measure=measure)
         if removed is not None:
             scale = _loss_scale(trainer)
             pl_module.log("gradient_mask/removed_grad_norm", removed / scale, on_step=True, on_epoch=False)
             pl_module.log("gradient_mask/frozen_fraction", self._frozen_fraction, on_step=True, on_epoch=False)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._release(pl_module)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning calls on_exception, not teardown, after a failed fit: a later fit must not find
         # these masks on the module (another GradientMask, or GradientNoise alone, would apply them)
         self._release(pl_module)
 
     def _release(self, pl_module: pl.LightningModule) -> None:
-        constraints_for(pl_module).remove(self)
+        parameter_constraints(pl_module).remove(self)
         self._training = False
 
     # ------------------------------------------------------------------ checkpointing
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self._masks is None:
             return {}
         return {"masks": {name: mask.to("cpu") for name, mask in self._masks.items()}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "masks" not in state_dict:
             return
@@ -183,6 +193,7 @@ class GradientMask(Callback):
         if self._masks is not None:
             self._warn_if_changed()
 
+    @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_gradmask.callbacks.blinding import SensitiveColumnBlinding
+from lightning_gradmask.callbacks.sensitive_column_blinding import SensitiveColumnBlinding
 
 from utils import TinyRegressor, loader, regression_data, run_distributed, snapshot, trainer
 

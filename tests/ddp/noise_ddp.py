@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_gradmask.callbacks.noise import GradientNoise, WeightNoise
+from lightning_gradmask.callbacks.gradient_noise import GradientNoise
+from lightning_gradmask.callbacks.weight_noise import WeightNoise
 
 from utils import TinyRegressor, loader, regression_data, run_distributed, snapshot, trainer
 

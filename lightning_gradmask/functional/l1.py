@@ -1,7 +1,7 @@
 """Masked L1: the penalty, its proximal step, and the share of exact zeros, as pure tensor math.
 
 No Lightning here: these functions work on any tensors and are what
-:class:`~lightning_gradmask.mixins.MaskedL1Mixin` calls. A *mask* selects the entries an L1 term
+:class:`~lightning_gradmask.mixins.masked_l1.MaskedL1Mixin` calls. A *mask* selects the entries an L1 term
 applies to and may weight them:
 
 * ``None``: every entry, weight 1;
@@ -11,6 +11,7 @@ applies to and may weight them:
 
 Example:
     >>> import torch
+
     >>> w = torch.tensor([[0.5, -2.0], [0.05, 1.0]], requires_grad=True)
     >>> mask = torch.tensor([[True, True], [True, False]])
     >>> masked_l1_penalty([w], [mask], [0.1])  # 0.1 * (0.5 + 2.0 + 0.05)
@@ -31,6 +32,8 @@ from numbers import Real
 
 import torch
 
+from lightning_gradmask.errors import GradmaskConfigError
+
 __all__ = [
     "check_strength",
     "masked_l1_penalty",
@@ -46,10 +49,10 @@ def check_strength(strength: float, where: str) -> float:
     A strength must be a finite real number ``>= 0`` (``bool`` is refused).
     """
     if isinstance(strength, bool) or not isinstance(strength, Real):
-        raise ValueError(f"{where}: strength must be a real number >= 0; got {type(strength).__name__} {strength!r}")
+        raise GradmaskConfigError(f"{where}: strength must be a real number >= 0; got {type(strength).__name__} {strength!r}")
     value = float(strength)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where}: strength must be a finite number >= 0; got {value!r}")
+        raise GradmaskConfigError(f"{where}: strength must be a finite number >= 0; got {value!r}")
     return value
 
 

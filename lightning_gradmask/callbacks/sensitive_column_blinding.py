@@ -10,10 +10,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._namespaces import Callback
-from lightning_gradmask.blinding import (
+from lightning_gradmask.errors import GradmaskConfigError
+from lightning_gradmask.functional.blinding import (
     BlindingPlan,
     ColumnSpecError,
     InputFill,
@@ -22,8 +24,8 @@ from lightning_gradmask.blinding import (
     install_input_fill,
     plan_blinding,
 )
-from lightning_gradmask.callbacks._constraints import constraints_for
-from lightning_gradmask.masking import FrozenEntries
+from lightning_gradmask.functional.constraints import parameter_constraints
+from lightning_gradmask.functional.frozen import FrozenEntries
 
 __all__ = ["SensitiveColumnBlinding"]
 
@@ -44,7 +46,7 @@ class SensitiveColumnBlinding(Callback):
     * ``"sever"`` (default): when training starts, the weights that read the columns
       (``weight[:, c]``, ``weight[:, c, ...]`` for a convolution) are set to exactly 0, and they
       stay exactly 0 after every optimizer step (any optimizer, weight decay, accumulation, AMP,
-      resume, DDP: they are registered as frozen entries with the shared constraint hub, which
+      resume, DDP: they are registered as frozen entries with the shared constraints, which
       restores them after each step). A forward pre-hook on ``layer`` fills the columns of its
       input with 0 using ``masked_fill``, so even ``inf``/``NaN`` in a blinded column changes
       nothing. Consequences: outputs and every parameter's gradient are identical whatever the
@@ -117,7 +119,7 @@ class SensitiveColumnBlinding(Callback):
         log_stats: bool = True,
     ) -> None:
         if mode not in _MODES:
-            raise ColumnSpecError(f"SensitiveColumnBlinding(mode={mode!r}): mode must be 'sever' or 'grad'")
+            raise GradmaskConfigError(f"SensitiveColumnBlinding(mode={mode!r}): mode must be 'sever' or 'grad'")
         if layer is not None and not isinstance(layer, str):
             raise ColumnSpecError(f"SensitiveColumnBlinding(layer=...) must be a module name or None, got {layer!r}")
         if columns is None:
@@ -148,6 +150,7 @@ class SensitiveColumnBlinding(Callback):
         self._traced = False
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(layer=self.layer, columns=self.columns, mode=self.mode)
 
@@ -182,6 +185,7 @@ class SensitiveColumnBlinding(Callback):
         return removed
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -206,8 +210,9 @@ class SensitiveColumnBlinding(Callback):
             )
         if self._loaded is not None:
             self._warn_if_changed()
-        constraints_for(pl_module).set_masks(self, {plan.weight_name: plan.trainable})
+        parameter_constraints(pl_module).set_masks(self, {plan.weight_name: plan.trainable})
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the checkpoint's weights are loaded and the model is on its device, before the
         # sanity check: from here on the model does not read the columns
@@ -216,33 +221,38 @@ class SensitiveColumnBlinding(Callback):
         self._install_fill()
         self._frozen_entries().zero_frozen_()
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._plan is None:
             return
         self._own = self._frozen_entries()
         if self.mode == "sever":
-            # again, after any restore between on_fit_start and here; the hub captures the
+            # again, after any restore between on_fit_start and here; the constraints capture the
             # frozen values at the first optimizer step, so they are captured as 0
             self._own.zero_frozen_()
         else:
             weight = self._plan.module.weight.detach()  # type: ignore[operator]  # nn.Module.__getattr__ types weight as Tensor | Module
             self._initial = weight.masked_select(~self._plan.trainable.to(weight.device)).clone()
-        constraints_for(pl_module).attach(trainer.optimizers)
+        parameter_constraints(pl_module).attach(trainer.optimizers)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._plan is not None and not self._traced:
             self._traced = True
             self._tracer = _InputFlowTracer(pl_module, self._plan, batch)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._tracer is not None:
             self._tracer.report()
         self._stop_tracer()
 
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._own is not None:
             self._own.mask_gradients_()
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.log_stats or self._own is None or self._plan is None:
             return
@@ -254,11 +264,13 @@ class SensitiveColumnBlinding(Callback):
             sync_dist=True,  # the same on every rank; this only silences Lightning's DDP advice
         )
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._release(pl_module)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release(pl_module)
 
@@ -276,6 +288,7 @@ class SensitiveColumnBlinding(Callback):
         return float(blinded.abs().max())
 
     # ------------------------------------------------------------------ checkpointing
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self._plan is None:
             return {}
@@ -286,6 +299,7 @@ class SensitiveColumnBlinding(Callback):
             "mode": self.mode,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
@@ -312,7 +326,7 @@ class SensitiveColumnBlinding(Callback):
 
     def _release(self, pl_module: pl.LightningModule) -> None:
         self._stop_tracer()
-        constraints_for(pl_module).remove(self)
+        parameter_constraints(pl_module).remove(self)
         self._own = None
 
     def _warn_if_changed(self) -> None:

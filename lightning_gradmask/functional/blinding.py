@@ -8,7 +8,7 @@ A *blinded* column is an input feature (``nn.Linear``) or input channel (``nn.Co
   :class:`ColumnSpecError` for each mistake;
 * :func:`plan_blinding`: both of the above, plus the parameter-level mask (``False`` on the
   weights that read the columns: ``weight[:, c]`` for a Linear, ``weight[:, c, ...]`` for a
-  convolution), ready for :class:`~lightning_gradmask.masking.FrozenEntries`;
+  convolution), ready for :class:`~lightning_gradmask.functional.frozen.FrozenEntries`;
 * :func:`install_input_fill` / :func:`remove_input_fill`: a forward pre-hook on the layer that
   fills the columns of its input with 0 using ``masked_fill``, so ``inf`` or ``NaN`` in a blinded
   column is replaced too (``0 * inf`` would be ``nan``);
@@ -47,13 +47,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradmask.specs import MaskSpecError
+from lightning_gradmask.errors import ColumnSpecError, GradmaskConfigError
+from lightning_gradmask.functional.selection import closest_names
 
 __all__ = [
     "SUPPORTED_LAYERS",
     "BlindingPlan",
     "ColumnSpec",
-    "ColumnSpecError",
     "IndependenceReport",
     "check_feature_names",
     "InputFill",
@@ -75,14 +75,6 @@ SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d
 
 ColumnSpec = Union[int, str, Sequence[Union[int, str]]]
 """Blinded columns: integer indices, or names when ``feature_names`` is given (mixed is allowed)."""
-
-
-class ColumnSpecError(MaskSpecError):
-    """The blinded columns or the layer cannot be applied to the model.
-
-    Raised before anything on the model is changed. The message names the column, the layer and
-    what was wrong (available names, the layer's input size, the closest layer names).
-    """
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +135,7 @@ def find_layer(model: nn.Module, layer: str | None = None, *, parameter: str = "
     if not isinstance(layer, str):
         raise ColumnSpecError(f"{parameter} must be a module name (str) or None, got {type(layer).__name__}")
     if layer not in modules:
-        close = difflib.get_close_matches(layer, [n for n in modules if n], n=3, cutoff=0.4)
+        close = closest_names(layer, [n for n in modules if n], cutoff=0.4)
         hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
         supported = [n for n, m in modules.items() if isinstance(m, SUPPORTED_LAYERS) and getattr(m, "groups", 1) == 1]
         raise ColumnSpecError(
@@ -211,39 +203,11 @@ def resolve_columns(
     items = _as_items(columns)
     if not items:
         raise ColumnSpecError("columns is empty: name at least one column to blind")
-    names: list[str] | None = None
-    if feature_names is not None:
-        names = [str(n) for n in feature_names]
-        if len(names) != size:
-            raise ColumnSpecError(
-                f"feature_names has {len(names)} names but {where} reads {size} columns; "
-                "give one name per input column, in order"
-            )
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ColumnSpecError(f"feature_names repeats {', '.join(repr(n) for n in repeated)}; names must be unique")
+    names = _checked_names(feature_names, size, where)
     resolved: list[int] = []
     seen: dict[int, Any] = {}
     for item in items:
-        if isinstance(item, str):
-            if names is None:
-                raise ColumnSpecError(
-                    f"column {item!r} is a name but no feature_names were given; pass "
-                    f"feature_names=[...] ({size} names) or use integer indices 0..{size - 1}"
-                )
-            if item not in names:
-                close = difflib.get_close_matches(item, names, n=1, cutoff=0.6)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ColumnSpecError(f"unknown column {item!r}{hint}; available names: {', '.join(names)}")
-            index = names.index(item)
-        elif isinstance(item, int) and not isinstance(item, bool):
-            index = int(item)
-            if not 0 <= index < size:
-                raise ColumnSpecError(
-                    f"column index {index} is out of range: {where} reads {size} columns (valid: 0..{size - 1})"
-                )
-        else:
-            raise ColumnSpecError(f"columns must be names (str) or indices (int); got {item!r} ({type(item).__name__})")
+        index = _column_index(item, names, size, where)
         if index in seen:
             first = seen[index]
             same = f"{first!r} and {item!r} both name" if first != item else f"{item!r} names"
@@ -255,6 +219,44 @@ def resolve_columns(
             f"all {size} columns of {where} would be blinded; the model could read nothing from its input"
         )
     return tuple(sorted(resolved))
+
+
+def _checked_names(feature_names: Sequence[str] | None, size: int, where: str) -> list[str] | None:
+    """``feature_names`` as strings: one per column, none repeated."""
+    if feature_names is None:
+        return None
+    names = [str(n) for n in feature_names]
+    if len(names) != size:
+        raise ColumnSpecError(
+            f"feature_names has {len(names)} names but {where} reads {size} columns; "
+            "give one name per input column, in order"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ColumnSpecError(f"feature_names repeats {', '.join(repr(n) for n in repeated)}; names must be unique")
+    return names
+
+
+def _column_index(item: Any, names: list[str] | None, size: int, where: str) -> int:
+    """The index of one column given by name or index."""
+    if isinstance(item, str):
+        if names is None:
+            raise ColumnSpecError(
+                f"column {item!r} is a name but no feature_names were given; pass "
+                f"feature_names=[...] ({size} names) or use integer indices 0..{size - 1}"
+            )
+        if item not in names:
+            close = difflib.get_close_matches(item, names, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ColumnSpecError(f"unknown column {item!r}{hint}; available names: {', '.join(names)}")
+        return names.index(item)
+    if isinstance(item, int) and not isinstance(item, bool):
+        if not 0 <= item < size:
+            raise ColumnSpecError(
+                f"column index {item} is out of range: {where} reads {size} columns (valid: 0..{size - 1})"
+            )
+        return int(item)
+    raise ColumnSpecError(f"columns must be names (str) or indices (int); got {item!r} ({type(item).__name__})")
 
 
 def check_feature_names(feature_names: Any, *, parameter: str = "feature_names") -> None:
@@ -383,6 +385,9 @@ class InputFill:
         self.layer_name = layer_name
         self._mask = column_mask(self.size, self.columns).reshape((self.size,) + (1,) * (self.trailing_dims - 1))
         self._on_device: dict[torch.device, torch.Tensor] = {}
+        #: the handle of this hook on its module; copied with the module (``deepcopy``, ``torch.save``),
+        #: where it then points at the copy's hooks, so removal never edits torch's hook dicts by hand
+        self.handle: RemovableHandle | None = None
 
     def fill(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with the blinded columns set to 0 (a new tensor; ``x`` is not modified)."""
@@ -431,7 +436,8 @@ def install_input_fill(module: nn.Module, columns: Iterable[int], *, layer_name:
     if bad:
         raise ColumnSpecError(f"column index {bad[0]} is out of range for a layer with {size} input columns")
     hook = InputFill(size, cols, _channel_trailing_dims(module), layer_name)
-    return module.register_forward_pre_hook(hook, with_kwargs=True)
+    hook.handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    return hook.handle
 
 
 def input_fills(model: nn.Module) -> dict[str, list[InputFill]]:
@@ -451,11 +457,11 @@ def remove_input_fill(model: nn.Module) -> int:
     (0 after ``mode="sever"``, so finite values still have no effect; ``inf``/``NaN`` do).
     """
     removed = 0
-    for module in model.modules():
-        for key in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, InputFill)]:
-            del module._forward_pre_hooks[key]
-            module._forward_pre_hooks_with_kwargs.pop(key, None)
-            removed += 1
+    for fills in input_fills(model).values():
+        for fill in fills:
+            if fill.handle is not None:
+                fill.handle.remove()
+                removed += 1
     return removed
 
 
@@ -593,7 +599,7 @@ def verify_independence(
     chosen = list(table) if perturbations is None else list(perturbations)
     unknown = [p for p in chosen if p not in table]
     if unknown:
-        raise ValueError(f"unknown perturbation {unknown[0]!r}; choose from {', '.join(table)}")
+        raise GradmaskConfigError(f"unknown perturbation {unknown[0]!r}; choose from {', '.join(table)}")
     if "rows" in chosen and (dim == 0 or inputs.shape[0] < 2):
         chosen.remove("rows")
     params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad] if check_gradients else []

@@ -1,9 +1,9 @@
 r"""``MaskedL1Mixin``: L1 penalties on chosen entries ("edges") of chosen parameters.
 
-The tensor math lives in :mod:`lightning_gradmask.regularization`; this module is the Lightning
+The tensor math lives in :mod:`lightning_gradmask.functional.l1`; this module is the Lightning
 glue: it resolves registrations against the module's parameters, wraps the subclass's
 ``training_step`` so that the penalty joins the loss it returns, and hands the proximal step to
-the module's constraint hub (:mod:`lightning_gradmask.callbacks._constraints`), which runs it
+the module's constraints (:mod:`lightning_gradmask.functional.constraints`), which runs it
 after every optimizer step and before frozen entries are restored.
 """
 
@@ -21,15 +21,17 @@ from torch import nn
 
 from lightning_gradmask._distributed import check_strategy
 from lightning_gradmask._namespaces import lightning_classes
-from lightning_gradmask.callbacks._constraints import PRIORITY_PROXIMAL, constraints_for
-from lightning_gradmask.regularization import (
+from lightning_gradmask.errors import GradmaskConfigTypeError, MaskSpecError
+from lightning_gradmask.functional.constraints import PRIORITY_PROXIMAL, parameter_constraints
+from lightning_gradmask.functional.l1 import (
     check_strength,
     mask_support,
     masked_l1_penalty,
     masked_zero_fraction,
     proximal_l1_step_,
 )
-from lightning_gradmask.specs import MaskSpecError, MaskValue, mask_from_value, match_parameters
+from lightning_gradmask.functional.masks import MaskValue, mask_from_value
+from lightning_gradmask.functional.selection import ParamSelector, select_parameters
 
 __all__ = ["MaskedL1Mixin", "MaskedL1Term"]
 
@@ -41,7 +43,7 @@ class MaskedL1Term:
     """One resolved L1 term: ``strength * sum(|mask * W|)`` on the parameter ``name``.
 
     Attributes:
-        target: the name or ``re:`` pattern given to :meth:`MaskedL1Mixin.register_masked_l1`.
+        params: the selector given to :meth:`MaskedL1Mixin.register_masked_l1`.
         name: the parameter's name in ``named_parameters()``.
         mask: a CPU ``bool`` tensor or float32 per-entry weights; ``None`` means every entry.
         strength: the term's strength, ``>= 0``.
@@ -50,7 +52,7 @@ class MaskedL1Term:
     Terms compare by identity (their masks are tensors).
     """
 
-    target: str
+    params: ParamSelector
     name: str
     mask: Optional[torch.Tensor]
     strength: float
@@ -130,7 +132,7 @@ class _State:
         return group_of
 
     def post_step(self, module: nn.Module) -> Callable[[torch.optim.Optimizer, set[int]], None]:
-        """The hub's post-step function; it holds the module weakly (the hub is keyed by it)."""
+        """The post-step function of the constraints; it holds the module weakly (the constraints are keyed by it)."""
         if self._post_step is None:
             module_ref = weakref.ref(module)
 
@@ -198,17 +200,18 @@ class MaskedL1Mixin:
     # ------------------------------------------------------------------ public API
     def register_masked_l1(
         self,
-        target: str,
+        params: ParamSelector,
         mask: Optional[MaskValue] = None,
         *,
         strength: float,
         proximal: bool = False,
     ) -> list[str]:
-        r"""Add an L1 term on the parameters ``target`` names, restricted to ``mask``'s entries.
+        r"""Add an L1 term on the parameters ``params`` selects, restricted to ``mask``'s entries.
 
         Args:
-            target: a parameter name as in ``named_parameters()``, or ``"re:"`` + a regular
-                expression that must match whole names.
+            params: which parameters: a name as in ``named_parameters()``, ``"re:"`` + a regular
+                expression that must match whole names, an ``nn.Module`` subclass, or a list of them
+                (see :mod:`lightning_gradmask.functional.selection`).
             mask: which entries, in any form :class:`~lightning_gradmask.GradientMask` accepts
                 (dense ``bool`` or 0/1 tensor, sparse COO tensor, list of coordinates, ``bool``,
                 callable ``(name, param) -> mask``), or real per-entry weights (the term is then
@@ -223,23 +226,21 @@ class MaskedL1Mixin:
 
         Raises:
             MaskSpecError: an unknown name, a regex matching nothing, a mask of the wrong shape,
-                a mask holding NaN or inf, out-of-range coordinates; the message names ``target``.
+                a mask holding NaN or inf, out-of-range coordinates; the message names ``params``.
             ValueError: a negative, NaN or infinite ``strength``.
             RuntimeError: called before ``super().__init__()``.
 
         Nothing is registered when it raises. Calling it several times adds terms; terms on the
         same parameter add up.
         """
-        where = f"register_masked_l1({target!r})"
+        where = f"register_masked_l1({params!r})"
         if not isinstance(self, nn.Module) or "_parameters" not in self.__dict__:
             raise RuntimeError(f"{where}: call it on a module, after super().__init__() and after creating the layers")
-        if not isinstance(target, str):
-            raise MaskSpecError(f"register_masked_l1: target must be a parameter name or 're:' pattern; got {target!r}")
         value = check_strength(strength, where)
         if not isinstance(proximal, bool):
-            raise TypeError(f"{where}: proximal must be True or False; got {proximal!r}")
+            raise GradmaskConfigTypeError(f"{where}: proximal must be True or False; got {proximal!r}")
+        names = select_parameters(self, params, parameter="register_masked_l1 params")
         named = dict(self.named_parameters(remove_duplicate=False))
-        names = match_parameters(target, named, parameter="register_masked_l1 target")
         terms: list[MaskedL1Term] = []
         seen: set[int] = set()
         for name in names:
@@ -255,7 +256,7 @@ class MaskedL1Mixin:
                     raise MaskSpecError(f"{where}: {err}") from err
                 if resolved.dtype == torch.bool and bool(resolved.all()):
                     resolved = None
-            terms.append(MaskedL1Term(target=target, name=name, mask=resolved, strength=value, proximal=proximal))
+            terms.append(MaskedL1Term(params=params, name=name, mask=resolved, strength=value, proximal=proximal))
         _state_of(self).add(terms)
         return [term.name for term in terms]
 
@@ -301,9 +302,9 @@ class MaskedL1Mixin:
         check_strategy(trainer, "MaskedL1Mixin")
         state = _state_of(self)
         if state.supports:
-            hub = constraints_for(self)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
-            hub.add_post_step(state, state.post_step(self), PRIORITY_PROXIMAL)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
-            hub.attach(trainer.optimizers)
+            constraints = parameter_constraints(self)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
+            constraints.add_post_step(state, state.post_step(self), PRIORITY_PROXIMAL)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule
+            constraints.attach(trainer.optimizers)
 
     def _masked_l1_finish(self, output: Any) -> Any:
         """After the user's step: add the penalty to the returned loss and log."""

@@ -7,6 +7,7 @@ on (the draw is made on the CPU and then moved), not on how many draws happened 
 run draws what an uninterrupted run would have drawn).
 
     >>> import torch
+
     >>> w = torch.zeros(2, 3)
     >>> a = noise_like(w, seed=0, step=5, index=1)
     >>> b = noise_like(w, seed=0, step=5, index=1)
@@ -37,11 +38,12 @@ from typing import Any, Union
 
 import torch
 
+from lightning_gradmask.errors import GradmaskConfigError, GradmaskConfigTypeError, NoiseStdError
+
 __all__ = [
     "AnnealedStd",
     "CallableStd",
     "ConstantStd",
-    "NoiseStdError",
     "StdSchedule",
     "StdValue",
     "check_std",
@@ -60,10 +62,6 @@ StdValue = Union[float, Callable[[int], Any]]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class NoiseStdError(ValueError):
-    """A noise standard deviation (or a schedule's value at some step) is not a finite number >= 0."""
-
-
 # --------------------------------------------------------------------------- seeding
 
 
@@ -77,14 +75,14 @@ def noise_seed(seed: int, step: int, index: int, *, stream: str = "") -> int:
     for label, value in (("seed", seed), ("step", step), ("index", index)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             raise TypeError(f"noise {label} must be an integer, got {type(value).__name__} {value!r}")
-    text = f"lightning_gradmask.noise|{stream}|{int(seed)}|{int(step)}|{int(index)}"
+    text = f"lightning_gradmask.functional.noise|{stream}|{int(seed)}|{int(step)}|{int(index)}"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 def noise_seeds(seed: int, step: int, indices: list[int], *, stream: str = "") -> list[int]:
     """:func:`noise_seed` for many parameter indices at once (the same numbers, hashed faster)."""
     noise_seed(seed, step, 0, stream=stream)  # the same argument checks
-    prefix = hashlib.blake2b(f"lightning_gradmask.noise|{stream}|{int(seed)}|{int(step)}|".encode(), digest_size=8)
+    prefix = hashlib.blake2b(f"lightning_gradmask.functional.noise|{stream}|{int(seed)}|{int(step)}|".encode(), digest_size=8)
     seeds = []
     for index in indices:
         digest = prefix.copy()
@@ -235,7 +233,7 @@ class CallableStd(StdSchedule):
 
     def __init__(self, fn: Callable[[int], Any], *, where: str = "std") -> None:
         if not callable(fn):
-            raise TypeError(f"{where} must be a number or a callable step -> std; got {type(fn).__name__}")
+            raise GradmaskConfigTypeError(f"{where} must be a number or a callable step -> std; got {type(fn).__name__}")
         self.fn = fn
         self.where = where
 
@@ -263,20 +261,21 @@ def make_schedule(
 
     Args:
         std: a constant std, or a callable ``step -> std``.
-        eta, gamma: annealed schedule, variance ``eta / (1 + t) ** gamma``.
+        eta: annealed schedule instead of ``std``: variance ``eta / (1 + t) ** gamma``.
+        gamma: decay exponent of the annealed schedule.
         owner: how error messages name the caller (``"GradientNoise"``).
         required: if ``False``, giving neither returns ``None``.
 
     Raises:
-        ValueError: both or (with ``required``) neither of ``std`` and ``eta`` are given.
+        GradmaskConfigError: both or (with ``required``) neither of ``std`` and ``eta`` are given.
         NoiseStdError: a negative or non-finite number.
-        TypeError: ``std`` is neither a number nor a callable.
+        GradmaskConfigTypeError: ``std`` is neither a number nor a callable.
     """
     if std is not None and eta is not None:
-        raise ValueError(f"{owner}: give either std=... or eta=... (annealed), not both")
+        raise GradmaskConfigError(f"{owner}: give either std=... or eta=... (annealed), not both")
     if std is None and eta is None:
         if required:
-            raise ValueError(f"{owner}: give std=... (a number or a callable step -> std) or eta=... (annealed)")
+            raise GradmaskConfigError(f"{owner}: give std=... (a number or a callable step -> std) or eta=... (annealed)")
         return None
     if eta is not None:
         return AnnealedStd(eta, gamma, where=f"{owner}(eta=...)")
@@ -285,4 +284,4 @@ def make_schedule(
         return CallableStd(std, where=where)
     if isinstance(std, (numbers.Real, torch.Tensor)):
         return ConstantStd(std, where=where)
-    raise TypeError(f"{where} must be a number or a callable step -> std; got {type(std).__name__} {std!r}")
+    raise GradmaskConfigTypeError(f"{where} must be a number or a callable step -> std; got {type(std).__name__} {std!r}")

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -20,10 +20,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_gradmask._distributed import all_reduce_mean, check_strategy
 from lightning_gradmask._namespaces import Callback, lightning_classes
-from lightning_gradmask.callbacks._constraints import constraints_for
 from lightning_gradmask.callbacks._hessian_budget import OverheadBudget
 from lightning_gradmask.callbacks._hessian_output import density_figure, logger_step, run_directory, send_figure
 from lightning_gradmask.callbacks._rng import preserved_rng_state
@@ -35,7 +35,9 @@ from lightning_gradmask.curvature import (
     hessian_statistics,
 )
 from lightning_gradmask.curvature.statistics import planned_matvecs
-from lightning_gradmask.specs import match_parameters
+from lightning_gradmask.errors import GradmaskConfigError, GradmaskConfigTypeError
+from lightning_gradmask.functional.constraints import parameter_constraints
+from lightning_gradmask.functional.selection import ParameterTable, ParamSelector, normalize_selector
 
 __all__ = ["HessianMonitor"]
 
@@ -53,7 +55,7 @@ class HessianMonitor(Callback):
     first batches of the epoch's training data by default, the latest ones with ``every_n_steps``, or
     those of ``dataloader``), with respect to the trainable parameters: those with ``requires_grad``,
     restricted to the trainable entries of any attached ``GradientMask`` / ``SensitiveColumnBlinding``
-    (the Hessian of what can move), and to ``parameters`` if given. Names are resolved at every
+    (the Hessian of what can move), and to ``params`` if given. Names are resolved at every
     evaluation (``ModelPruning``'s ``weight_orig`` answers to ``weight`` and only its unpruned entries
     count; a tied parameter counts once, under any of its names). It is evaluated on the unwrapped
     module in ``eval()`` mode with ``torch.autograd.grad`` and the math attention kernel (fused
@@ -90,8 +92,8 @@ class HessianMonitor(Callback):
         num_batches: batches that define the loss.
         dataloader: a fixed probe set instead of training batches (iterating it, also with
             shuffling, leaves the training run's random streams untouched).
-        parameters: names or ``re:`` patterns selecting a subset of parameters (default: all
-            trainable ones).
+        params: which parameters (default: all trainable ones): names, ``re:`` patterns or
+            ``nn.Module`` subclasses, one or a list (see :mod:`lightning_gradmask.functional.selection`).
         per_parameter: also log the trace of each parameter's block.
         trace_products: Hessian-vector products for the trace estimate.
         budget: compute every statistic exactly when the selected entries are at most this many
@@ -127,7 +129,7 @@ class HessianMonitor(Callback):
     Raises:
         ValueError: (at construction) unknown statistics or ``statistics_kwargs`` keys, counts below
             1, a ``loss_fn`` that cannot take ``(pl_module, batch)``; (at ``setup``) no ``loss_fn``
-            and no ``hessian_loss`` method, a ``parameters`` pattern matching nothing; (at train
+            and no ``hessian_loss`` method, a ``params`` item matching nothing; (at train
             start, before the first optimizer step, by a trial evaluation) ``top_k`` above the
             number of trainable entries, a ``loss_fn`` that raises, returns a non-scalar or a tensor
             without a graph, or runs through reentrant activation checkpointing.
@@ -145,7 +147,7 @@ class HessianMonitor(Callback):
         every_n_epochs: int | None = None,
         num_batches: int = 1,
         dataloader: Union[DataLoader, Iterable[Any], None] = None,
-        parameters: Union[str, Sequence[str], None] = None,
+        params: Optional[ParamSelector] = None,
         per_parameter: bool = False,
         trace_products: int = 40,
         budget: int | None = None,
@@ -160,29 +162,27 @@ class HessianMonitor(Callback):
         stats = (stats,) if isinstance(stats, str) else tuple(stats)
         unknown = [s for s in stats if s not in STATS]
         if unknown or not stats:
-            raise ValueError(f"HessianMonitor(stats=...): unknown statistics {unknown}; choose from {list(STATS)}")
+            raise GradmaskConfigError(f"HessianMonitor(stats=...): unknown statistics {unknown}; choose from {list(STATS)}")
         if every_n_epochs is None and every_n_steps is None:
             every_n_epochs = 1
         counts = {"top_k": top_k, "num_batches": num_batches, "trace_products": trace_products}
         counts.update({k: v for k, v in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)) if v is not None})
         for name, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"HessianMonitor({name}=...) must be an integer >= 1, got {value!r}")
+                raise GradmaskConfigError(f"HessianMonitor({name}=...) must be an integer >= 1, got {value!r}")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
-            raise ValueError(f"HessianMonitor(budget=...) must be a non-negative integer, got {budget!r}")
+            raise GradmaskConfigError(f"HessianMonitor(budget=...) must be a non-negative integer, got {budget!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"HessianMonitor(seed=...) must be an int, got {seed!r}")
+            raise GradmaskConfigTypeError(f"HessianMonitor(seed=...) must be an int, got {seed!r}")
         _check_dataloader(dataloader)
-        parameters = [parameters] if isinstance(parameters, str) else parameters
-        if parameters is not None and (not parameters or not all(isinstance(p, str) for p in parameters)):
-            raise TypeError(f"HessianMonitor(parameters=...) must be a name, a 're:' pattern or a list of them, got {parameters!r}")
+        params = None if params is None else normalize_selector(params, parameter="HessianMonitor(params=...)")
         for name, flag in (("per_parameter", per_parameter), ("save", save), ("strict", strict)):
             if not isinstance(flag, bool):
-                raise TypeError(f"HessianMonitor({name}=...) must be True or False, got {flag!r}")
+                raise GradmaskConfigTypeError(f"HessianMonitor({name}=...) must be True or False, got {flag!r}")
         if max_overhead is not None and (
             isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not max_overhead > 0
         ):
-            raise ValueError(f"HessianMonitor(max_overhead=...) must be a fraction > 0 (e.g. 0.1) or None, got {max_overhead!r}")
+            raise GradmaskConfigError(f"HessianMonitor(max_overhead=...) must be a fraction > 0 (e.g. 0.1) or None, got {max_overhead!r}")
         self.loss_fn = loss_fn
         self.stats = stats
         self.top_k = top_k
@@ -190,7 +190,7 @@ class HessianMonitor(Callback):
         self.every_n_steps = every_n_steps
         self.num_batches = num_batches
         self.dataloader = dataloader
-        self.parameters = parameters
+        self.params = params
         self.per_parameter = per_parameter
         self.trace_products = trace_products
         self.budget = budget
@@ -211,16 +211,18 @@ class HessianMonitor(Callback):
 
     # ------------------------------------------------------------------ setup-time checks
     @property
+    @override
     def state_key(self) -> str:
         # several monitors may share a Trainer (say the trace every epoch, the top eigenvalue every 100 steps)
         return self._generate_state_key(
             stats=self.stats,
             every_n_epochs=self.every_n_epochs,
             every_n_steps=self.every_n_steps,
-            parameters=self.parameters,
+            params=None if self.params is None else [p if isinstance(p, str) else p.__qualname__ for p in self.params],
             seed=self.seed,
         )
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -228,11 +230,12 @@ class HessianMonitor(Callback):
         self._resolve_loss(pl_module)
         self._select(pl_module)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names, params, masks = self._select(pl_module)
         entries = sum(int(masks[n].sum()) if n in masks else params[n].numel() for n in names)
         if "eigenvalues" in self.stats and self.top_k > entries:
-            raise ValueError(
+            raise GradmaskConfigError(
                 f"HessianMonitor(top_k={self.top_k}) exceeds the {entries} trainable entries being monitored"
             )
         self._trial_done = False
@@ -245,10 +248,12 @@ class HessianMonitor(Callback):
             self._trial(trainer, pl_module, None)
 
     # ------------------------------------------------------------------ batches
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_steps is None:
             self._batches.clear()
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._trial_done:
             self._trial(trainer, pl_module, batch)
@@ -270,6 +275,7 @@ class HessianMonitor(Callback):
         return batches
 
     # ------------------------------------------------------------------ schedule
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step_evaluated:
@@ -277,6 +283,7 @@ class HessianMonitor(Callback):
         self._last_step_evaluated = step
         self._evaluate(trainer, pl_module, f"step={step}", seed_index=step, on_step=True)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due_epoch(trainer):
             epoch = trainer.current_epoch
@@ -300,7 +307,7 @@ class HessianMonitor(Callback):
                     f"{self._overhead.last_cost:.3g} s; the monitor has "
                     f"used {self._overhead.spent:.3g} s of {self._overhead.training_seconds():.3g} s of training). "
                     "Raise max_overhead (None for no limit), evaluate less often (every_n_epochs/every_n_steps) or "
-                    "ask for less (stats, num_batches, parameters). Further skips are not reported.",
+                    "ask for less (stats, num_batches, params). Further skips are not reported.",
                 )
                 self._overhead.spend(time.perf_counter() - started, evaluation=False)
                 _log_same_on_every_rank(pl_module, {"hessian/overhead": self._overhead.overhead()}, on_step)
@@ -412,7 +419,7 @@ class HessianMonitor(Callback):
             if batch is None:
                 batches = self._probe_batches(trainer, pl_module)
                 if not batches:
-                    raise ValueError("HessianMonitor(dataloader=...) yielded no batch")
+                    raise GradmaskConfigError("HessianMonitor(dataloader=...) yielded no batch")
                 batch = batches[0]
             loss = self._resolve_loss(pl_module)
             operator = None
@@ -454,39 +461,26 @@ class HessianMonitor(Callback):
 
     # ------------------------------------------------------------------ selection
     def _select(self, pl_module: pl.LightningModule) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Trainable parameters (canonical names), restricted to ``parameters``, and their masks, resolved now."""
-        params: dict[str, torch.Tensor] = {}
-        canonical: dict[str, str] = {}  # every name (alias) -> the first name of that tensor
-        first: dict[int, str] = {}
-        for name, p in pl_module.named_parameters(remove_duplicate=False):
-            if not p.requires_grad:
-                continue
-            if id(p) not in first:
-                first[id(p)] = name
-                params[name] = p
-            canonical[name] = first[id(p)]
-            if name.endswith("_orig"):  # torch.nn.utils.prune: `weight` became `weight_orig`
-                canonical.setdefault(name[: -len("_orig")], first[id(p)])
-        if self.parameters is None:
-            chosen = set(params)
-        else:
-            chosen = set()
-            for key in self.parameters:
-                found = match_parameters(key, list(canonical), parameter="HessianMonitor(parameters=...)")
-                chosen.update(canonical[n] for n in found)
-        names = [n for n in params if n in chosen]
+        """Trainable parameters (canonical names), restricted to ``params``, and their masks, resolved now."""
+        table = ParameterTable(pl_module, aliases=_pruned_aliases(pl_module))
+        trainable = [name for name in table.names if table.param(name).requires_grad]
+        names = trainable if self.params is None else table.select(
+            self.params, "HessianMonitor(params=...)", trainable, "the trainable parameters (requires_grad)"
+        )
+        chosen = set(names)
+        aliases = set(table.all_names)
         if not names:
-            raise ValueError("HessianMonitor: the model has no trainable parameter to monitor")
+            raise GradmaskConfigError("HessianMonitor: the model has no trainable parameter to monitor")
         masks: dict[str, torch.Tensor] = {}
-        for name, mask in constraints_for(pl_module).trainable_masks().items():
-            target = canonical.get(name)
+        for name, mask in parameter_constraints(pl_module).trainable_masks().items():
+            target = table.canonical(table.param(name)) if name in aliases else None
             if target in chosen:
                 masks[target] = masks[target] & mask if target in masks else mask
         for name in names:
             pruned = _pruning_mask(pl_module, name)
             if pruned is not None:
                 masks[name] = masks[name] & pruned.to(masks[name].device) if name in masks else pruned
-        return names, params, masks
+        return names, {name: table.param(name) for name in names}, masks
 
     # ------------------------------------------------------------------ output
     def _log(self, pl_module: pl.LightningModule, result: HessianStatistics, seconds: float, on_step: bool) -> None:
@@ -548,11 +542,11 @@ class HessianMonitor(Callback):
         method = getattr(pl_module, method_name, None)
         if not callable(method):
             if self.loss_fn is None:
-                raise ValueError(
+                raise GradmaskConfigError(
                     "HessianMonitor needs a loss: pass loss_fn=lambda module, batch: ... or define "
                     f"`hessian_loss(self, batch)` on {type(pl_module).__name__}"
                 )
-            raise ValueError(f"HessianMonitor(loss_fn={self.loss_fn!r}): {type(pl_module).__name__} has no such method")
+            raise GradmaskConfigError(f"HessianMonitor(loss_fn={self.loss_fn!r}): {type(pl_module).__name__} has no such method")
         return lambda module, batch: getattr(module, method_name)(batch)
 
 
@@ -568,10 +562,10 @@ def _check_loss_fn(loss_fn: object) -> None:
         return
     if isinstance(loss_fn, str):
         if not loss_fn.isidentifier():
-            raise ValueError(f"HessianMonitor(loss_fn={loss_fn!r}) is not a method name; {_LOSS_FN_CONTRACT}")
+            raise GradmaskConfigError(f"HessianMonitor(loss_fn={loss_fn!r}) is not a method name; {_LOSS_FN_CONTRACT}")
         return
     if not callable(loss_fn):
-        raise TypeError(f"HessianMonitor(loss_fn=...) must be a callable or a method name, got {type(loss_fn).__name__}")
+        raise GradmaskConfigTypeError(f"HessianMonitor(loss_fn=...) must be a callable or a method name, got {type(loss_fn).__name__}")
     try:
         signature = inspect.signature(loss_fn)
     except (TypeError, ValueError):  # builtins and some C callables: the trial evaluation checks them
@@ -579,7 +573,7 @@ def _check_loss_fn(loss_fn: object) -> None:
     try:
         signature.bind(None, None)
     except TypeError:
-        raise ValueError(
+        raise GradmaskConfigError(
             f"HessianMonitor(loss_fn=...): {getattr(loss_fn, '__name__', type(loss_fn).__name__)}{signature} cannot "
             f"be called as loss_fn(pl_module, batch); {_LOSS_FN_CONTRACT}"
         ) from None
@@ -589,7 +583,7 @@ def _check_dataloader(dataloader: object) -> None:
     if dataloader is None:
         return
     if isinstance(dataloader, (str, bytes, Mapping, torch.Tensor)) or not isinstance(dataloader, Iterable):
-        raise TypeError(
+        raise GradmaskConfigTypeError(
             "HessianMonitor(dataloader=...) must be a DataLoader (or another iterable of batches), "
             f"got {type(dataloader).__name__}"
         )
@@ -599,19 +593,19 @@ def _check_statistics_kwargs(kwargs: object) -> dict[str, Any]:
     if kwargs is None:
         return {}
     if not isinstance(kwargs, Mapping):
-        raise TypeError(f"HessianMonitor(statistics_kwargs=...) must be a dict, got {type(kwargs).__name__}")
+        raise GradmaskConfigTypeError(f"HessianMonitor(statistics_kwargs=...) must be a dict, got {type(kwargs).__name__}")
     signature = inspect.signature(hessian_statistics)
     allowed = [n for n in signature.parameters if n not in _SET_BY_MONITOR]
     for key in kwargs:
         if key in _SET_BY_MONITOR:
-            raise ValueError(f"HessianMonitor(statistics_kwargs=...): {key!r} is set by the monitor; pass it to HessianMonitor directly")
+            raise GradmaskConfigError(f"HessianMonitor(statistics_kwargs=...): {key!r} is set by the monitor; pass it to HessianMonitor directly")
         if key not in allowed:
-            raise ValueError(f"HessianMonitor(statistics_kwargs=...): unknown key {key!r}; choose from {allowed}")
+            raise GradmaskConfigError(f"HessianMonitor(statistics_kwargs=...): unknown key {key!r}; choose from {allowed}")
     hints = typing.get_type_hints(hessian_statistics)
     for key, value in kwargs.items():
         choices = typing.get_args(hints.get(key)) if typing.get_origin(hints.get(key)) is typing.Literal else ()
         if choices and value not in choices:
-            raise ValueError(f"HessianMonitor(statistics_kwargs={{{key!r}: {value!r}}}): choose from {list(choices)}")
+            raise GradmaskConfigError(f"HessianMonitor(statistics_kwargs={{{key!r}: {value!r}}}): choose from {list(choices)}")
     return dict(kwargs)
 
 
@@ -619,7 +613,7 @@ def _call_loss(loss_fn: object, loss: LossFn, module: pl.LightningModule, batch:
     try:
         return loss(module, batch)
     except Exception as err:
-        raise ValueError(
+        raise GradmaskConfigError(
             f"HessianMonitor(loss_fn={_describe(loss_fn)}) raised {type(err).__name__}: {err} when called as "
             f"loss_fn(pl_module, batch) on the first training batch; {_LOSS_FN_CONTRACT}"
         ) from err
@@ -629,14 +623,14 @@ def _check_graph(loss_fn: object, value: Any) -> None:
     where = f"HessianMonitor(loss_fn={_describe(loss_fn)})"
     if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
         got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"{where} must return a scalar floating-point loss tensor, got {got}; {_LOSS_FN_CONTRACT}")
+        raise GradmaskConfigError(f"{where} must return a scalar floating-point loss tensor, got {got}; {_LOSS_FN_CONTRACT}")
     if not value.requires_grad:
-        raise ValueError(
+        raise GradmaskConfigError(
             f"{where} returned a loss without an autograd graph (computed under no_grad/inference_mode, detached, "
             f"from frozen parameters only, or through torch.utils.checkpoint(use_reentrant=True)); {_LOSS_FN_CONTRACT}"
         )
     if _uses_reentrant_checkpoint(value):
-        raise ValueError(
+        raise GradmaskConfigError(
             f"{where}: the loss goes through torch.utils.checkpoint(use_reentrant=True), which does not support "
             "torch.autograd.grad and so no Hessian-vector products. Use use_reentrant=False (Hugging Face: "
             "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})) or turn "
@@ -669,14 +663,14 @@ def _remedy(err: BaseException) -> str:
     if "derivative for" in text and "not implemented" in text:
         return (
             "An operation in the model has no second derivative (double backward); replace it (e.g. "
-            "attn_implementation='eager' for attention) or monitor only the parameters before it (parameters=...)."
+            "attn_implementation='eager' for attention) or monitor only the parameters before it (params=...)."
         )
     if "out of memory" in text.lower() or isinstance(err, MemoryError):
-        return "Use fewer batches (num_batches), fewer parameters (parameters=...) or fewer statistics."
+        return "Use fewer batches (num_batches), fewer parameters (params=...) or fewer statistics."
     if "checkpoint" in text:
         return "Activation checkpointing must use use_reentrant=False for Hessian-vector products."
     if isinstance(err, KeyError | ValueError):
-        return "Check loss_fn, parameters and the masks against the model as it is now."
+        return "Check loss_fn, params and the masks against the model as it is now."
     return "See the traceback above with strict=True."
 
 
@@ -723,3 +717,10 @@ def _bind(loss: LossFn, module: pl.LightningModule, batch: Any) -> Callable[[], 
 
 def _to_cpu(value: Any) -> Any:
     return apply_to_collection(value, torch.Tensor, lambda t: t.detach().cpu())
+
+
+def _pruned_aliases(module: torch.nn.Module) -> dict[str, str]:
+    """``torch.nn.utils.prune`` renames ``weight`` to ``weight_orig``: keep the old name selectable."""
+    names = [name for name, _ in module.named_parameters(remove_duplicate=False)]
+    present = set(names)
+    return {name[: -len("_orig")]: name for name in names if name.endswith("_orig") and name[: -len("_orig")] not in present}

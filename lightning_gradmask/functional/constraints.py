@@ -3,7 +3,7 @@
 Several callbacks freeze entries (``GradientMask``, ``SensitiveColumnBlinding``) and several act
 after an optimizer step (the proximal L1 step). If each restored its own frozen entries from its
 own snapshot, the result would depend on the order in which the user listed the callbacks. So
-they all register here, and this hub:
+they all register with the module's `ParameterConstraints`, which:
 
 * combines the trainable masks of all owners (an entry is trainable only if every owner agrees),
 * captures the frozen values once, just before the first optimizer step (after every callback's
@@ -28,25 +28,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_gradmask.masking import FrozenEntries, combine_trainable
+from lightning_gradmask.functional.frozen import FrozenEntries, combine_trainable
 
-__all__ = ["ParameterConstraints", "constraints_for", "PRIORITY_PROXIMAL"]
+__all__ = ["ParameterConstraints", "parameter_constraints", "PRIORITY_PROXIMAL"]
 
 PostStepFn = Callable[[torch.optim.Optimizer, set[int]], None]
 
 PRIORITY_PROXIMAL = 10
 """Priority of the proximal L1 step among post-step functions (lower runs first)."""
 
-_HUBS: "weakref.WeakKeyDictionary[nn.Module, ParameterConstraints]" = weakref.WeakKeyDictionary()
+_CONSTRAINTS: "weakref.WeakKeyDictionary[nn.Module, ParameterConstraints]" = weakref.WeakKeyDictionary()
 
 
-def constraints_for(module: nn.Module) -> "ParameterConstraints":
-    """The hub of ``module`` (created on first use). One hub per module, in this process."""
-    hub = _HUBS.get(module)
-    if hub is None:
-        hub = ParameterConstraints(module)
-        _HUBS[module] = hub
-    return hub
+def parameter_constraints(module: nn.Module) -> "ParameterConstraints":
+    """The constraints of ``module`` (created on first use). One per module, in this process."""
+    constraints = _CONSTRAINTS.get(module)
+    if constraints is None:
+        constraints = ParameterConstraints(module)
+        _CONSTRAINTS[module] = constraints
+    return constraints
 
 
 class ParameterConstraints:
@@ -107,7 +107,7 @@ class ParameterConstraints:
         """Install the step hooks on ``optimizers`` (raw torch optimizers); idempotent.
 
         Optimizers are held weakly: a finished fit's optimizers (and their state) are freed with
-        their Trainer even while this hub lives on with the module.
+        their Trainer even while these constraints live on with the module.
         """
         self._forget_dead_optimizers()
         for optimizer in optimizers:
@@ -155,6 +155,6 @@ class ParameterConstraints:
 
     def _module(self) -> nn.Module:
         module = self._module_ref()
-        if module is None:  # pragma: no cover - the hub lives only as long as its module
+        if module is None:  # pragma: no cover - the constraints live only as long as its module
             raise RuntimeError("the module of these constraints no longer exists")
         return module

@@ -25,6 +25,7 @@ maps names to mask tensors. A ``.pt`` file is read with ``weights_only=True``.
 Example:
     >>> import torch
     >>> from torch import nn
+
     >>> net = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
     >>> masks = resolve_masks(
     ...     {"0.weight": [[0, 0], [1, 2]], "re:.*\\\\.bias": False}, net)
@@ -37,42 +38,31 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import nn
 
+from lightning_gradmask.errors import MaskSpecError
+from lightning_gradmask.functional.selection import match_parameters
+
 __all__ = [
     "MaskSpec",
-    "MaskSpecError",
     "MaskValue",
-    "REGEX_PREFIX",
     "load_mask_file",
     "mask_from_value",
-    "match_parameters",
     "resolve_masks",
 ]
-
-REGEX_PREFIX = "re:"
 
 MaskValue = Union[torch.Tensor, bool, list, tuple, Callable[[str, nn.Parameter], Any]]
 """One parameter's mask, in any of the accepted forms."""
 
 MaskSpec = Union[Mapping[str, MaskValue], str, os.PathLike]
 """A mapping from parameter names or ``re:`` patterns to mask values, or a mask file path."""
-
-
-class MaskSpecError(ValueError):
-    """A mask specification cannot be applied to the model.
-
-    The message names the spec key, the parameter and what was wrong.
-    """
 
 
 def load_mask_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -123,34 +113,6 @@ def load_mask_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"{type(value).__name__}; expected only parameter names mapped to tensors"
             )
     return dict(content)
-
-
-def match_parameters(key: str, names: Iterable[str], *, parameter: str = "spec") -> list[str]:
-    """Parameter names selected by one spec key: an exact name, or ``re:`` + a regex (full match).
-
-    Raises:
-        MaskSpecError: the name is unknown (the closest names are listed), the regex is invalid,
-            or it matches nothing.
-    """
-    names = list(names)
-    if key.startswith(REGEX_PREFIX):
-        pattern_text = key[len(REGEX_PREFIX) :]
-        try:
-            pattern = re.compile(pattern_text)
-        except re.error as err:
-            raise MaskSpecError(f"{parameter} key {key!r}: invalid regular expression ({err})") from err
-        matched = [name for name in names if pattern.fullmatch(name)]
-        if not matched:
-            raise MaskSpecError(
-                f"{parameter} key {key!r}: the regular expression matches no parameter name "
-                f"(it must match a whole name; names look like {_preview(names)})"
-            )
-        return matched
-    if key in names:
-        return [key]
-    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
-    hint = f"; closest names: {', '.join(repr(n) for n in close)}" if close else f"; names look like {_preview(names)}"
-    raise MaskSpecError(f"{parameter} key {key!r}: the model has no parameter of that name{hint}")
 
 
 def mask_from_value(
@@ -253,11 +215,6 @@ def resolve_masks(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _preview(names: list[str], limit: int = 4) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (", ..." if len(names) > limit else "") if names else "(the model has no parameters)"
 
 
 def _check_shape(where: str, got: tuple[int, ...], expected: tuple[int, ...]) -> None:

@@ -1,0 +1,256 @@
+"""``GradientNoise``: seeded Gaussian noise (and/or a fixed offset) added to gradients, identical on every rank."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
+from lightning_gradmask.callbacks._seeded_noise import (
+    GRADIENT_STREAM,
+    SeededNoise,
+    check_seed,
+    refuse_same_seed,
+    seed_tensor,
+)
+from lightning_gradmask.errors import MaskSpecError
+from lightning_gradmask.functional.constraints import parameter_constraints
+from lightning_gradmask.functional.noise import StdSchedule, make_schedule
+from lightning_gradmask.functional.selection import ParameterTable, ParamSelector, match_parameters, normalize_selector
+
+__all__ = ["GradientNoise"]
+
+
+class GradientNoise(SeededNoise):
+    r"""Add seeded Gaussian noise (and/or a fixed offset) to gradients, once per optimizer step.
+
+    The noise is added in ``on_before_optimizer_step``: after all micro-batches of an accumulation
+    window, after AMP unscaling (so ``std`` is in gradient units whatever the loss scale), before
+    Lightning's gradient clipping. Right after, the masks of every ``GradientMask`` /
+    ``SensitiveColumnBlinding`` on the module are re-applied, so frozen entries never receive noise,
+    whatever the order of the callbacks.
+
+    The noise of parameter ``i`` at optimizer step ``t`` (``trainer.global_step``, 0 for the first
+    step) is ``std_t * noise_like(grad, seed, t, i)``: the same on every DDP rank (ranks keep
+    identical parameters), the same in a run resumed from a checkpoint, the same on CPU and GPU.
+
+    Args:
+        std: constant standard deviation (``>= 0``), or a callable ``step -> std`` (Python only).
+        eta: annealed schedule instead of ``std``: variance ``eta / (1 + t) ** gamma``, i.e.
+            ``std_t = sqrt(eta / (1 + t) ** gamma)``.
+        gamma: decay exponent of the annealed schedule (used only with ``eta``).
+        params: which parameters receive noise: names, ``re:`` patterns or ``nn.Module`` subclasses,
+            one or a list (see :mod:`lightning_gradmask.functional.selection`). Default: every
+            parameter that has a gradient at that step.
+        offset: ``{parameter name or re: pattern: tensor}`` added to that gradient at every step
+            (a tensor or nested list of the parameter's shape, or a number for every entry).
+        seed: the noise seed; the same seed gives the same noise.
+
+    Give exactly one of ``std`` / ``eta``; or only ``offset``.
+
+    Logs ``gradient_noise/std`` (the std used at the step) when ``std`` or ``eta`` is given.
+
+    Example::
+
+        GradientNoise(std=1e-3)                                   # constant
+        GradientNoise(eta=0.3, gamma=0.55)                        # annealed
+        GradientNoise(std=lambda step: 1e-2 if step < 1000 else 0.0, params="re:net\\.0\\..*")
+        GradientNoise(offset={"net.0.weight": torch.full((8, 6), 1e-4)})
+
+    In a LightningCLI config::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_gradmask.GradientNoise
+              init_args:
+                eta: 0.3
+                gamma: 0.55
+                params: ["re:encoder\\..*"]
+                seed: 7
+
+    This is **not** differential privacy: there is no per-example clipping and no privacy
+    accountant. Use Opacus for that.
+
+    Raises (at construction or ``setup``, before any step; model untouched):
+        NoiseStdError: a negative / non-finite ``std`` or ``eta``, a negative ``gamma``, a callable
+            schedule that fails or returns NaN, inf or a negative number at step 0 (and later, at
+            the step where it does, naming that step).
+        MaskSpecError: ``params`` or ``offset`` keys naming no parameter; an offset of the wrong shape.
+        UnsupportedStrategyError: FSDP, DeepSpeed or another sharding strategy.
+    """
+
+    def __init__(
+        self,
+        std: Optional[Union[float, Callable[[int], float]]] = None,
+        *,
+        eta: Optional[float] = None,
+        gamma: float = 0.55,
+        params: Optional[ParamSelector] = None,
+        offset: Optional[Mapping[str, Any]] = None,
+        seed: int = 0,
+    ) -> None:
+        self.schedule: StdSchedule | None = make_schedule(
+            std, eta=eta, gamma=gamma, owner="GradientNoise", required=offset is None
+        )
+        self.params = None if params is None else normalize_selector(params, parameter="GradientNoise(params=...)")
+        if offset is not None:
+            if not isinstance(offset, Mapping) or not offset:
+                raise MaskSpecError(
+                    "GradientNoise(offset=...) must be a non-empty mapping from parameter names to tensors; "
+                    f"got {offset!r}"
+                )
+            bad = [key for key in offset if not isinstance(key, str)]
+            if bad:
+                raise MaskSpecError(f"GradientNoise(offset=...) keys must be parameter names; got {bad[0]!r}")
+        self.offset = offset
+        self.seed = check_seed(seed, "GradientNoise")
+        self._targets: list[tuple[str, int]] = []  # (name, parameter index), resolved at setup
+        self._offsets: dict[str, torch.Tensor] = {}  # CPU, resolved at setup
+        self._live_targets: list[tuple[int, torch.Tensor]] = []
+        self._live_offsets: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._draw_buffers: dict[int, torch.Tensor] = {}  # id(param) -> CPU draw buffer
+        self._generator = torch.Generator(device="cpu")
+        self._stepped: tuple[tuple[Any, ...], set[int]] | None = None
+        self._last_std: float | None = None
+        self._register()
+
+    # ------------------------------------------------------------------ public read-only state
+    @property
+    def last_std(self) -> float | None:
+        """The std used at the most recent optimizer step (``None`` before the first, or offset only)."""
+        return self._last_std
+
+    @property
+    def target_names(self) -> list[str]:
+        """Names of the parameters that receive noise (after ``setup``)."""
+        return [name for name, _ in self._targets]
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer, "GradientNoise")
+        refuse_same_seed(trainer, self)
+        table = ParameterTable(pl_module)
+        names = table.select(self.params, "GradientNoise(params=...)") if self.params is not None else table.names
+        self._targets = [(name, table.index(name)) for name in names]
+        self._offsets = _resolve_offsets(self.offset, table) if self.offset is not None else {}
+        if self.schedule is not None:
+            self.schedule(0)  # fail now, not at the first step
+        shared = {"seed": seed_tensor(self.seed), **{f"offset:{k}": v for k, v in self._offsets.items()}}
+        assert_same_on_all_ranks(trainer, shared, "GradientNoise seed and offsets")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        table = ParameterTable(pl_module)
+        self._live_targets = [(index, table.param(name)) for name, index in self._targets]
+        self._live_offsets = []
+        for name, value in self._offsets.items():
+            param = table.param(name)
+            self._live_offsets.append((param, value.to(device=param.device, dtype=param.dtype)))
+
+    @override
+    @torch.no_grad()
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        step = trainer.global_step
+        stepped = self._stepped_ids(optimizer)
+        changed = False
+        if self.schedule is not None:
+            std = self.schedule(step)
+            if std > 0:
+                changed = self._add_noise(step, std, stepped)
+            self._last_std = std
+            pl_module.log("gradient_noise/std", std, on_step=True, on_epoch=False)
+        for param, value in self._live_offsets:
+            if param.grad is not None and id(param) in stepped:
+                param.grad.add_(value)
+                changed = True
+        if changed:
+            # frozen entries (GradientMask, blinding) never receive noise, whatever the callback order;
+            # with nothing added, the gradients are still masked from on_after_backward
+            parameter_constraints(pl_module).frozen.mask_gradients_()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._live_targets = []
+            self._live_offsets = []
+            self._draw_buffers = {}
+            self._stepped = None
+
+    @torch.no_grad()
+    def _add_noise(self, step: int, std: float, stepped: set[int]) -> bool:
+        """``grad += std * noise_like(grad, seed, step, index)`` for every target, bit for bit, but with
+        one generator, one hash prefix and grouped multiply/add kernels for all of them."""
+        chosen = []
+        for index, param in self._live_targets:
+            grad = param.grad
+            if grad is None or id(param) not in stepped:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("GradientNoise does not support sparse gradients (nn.Embedding(sparse=True))")
+            chosen.append((index, param, grad))
+        if not chosen:
+            return False
+        noises = self._draw(step, [(index, param, grad) for index, param, grad in chosen], GRADIENT_STREAM)
+        torch._foreach_mul_(noises, std)
+        torch._foreach_add_([grad for _, _, grad in chosen], noises)
+        return True
+
+    def _stepped_ids(self, optimizer: torch.optim.Optimizer) -> set[int]:
+        """Ids of ``optimizer``'s parameters, rebuilt only when its parameter groups change."""
+        layout = (id(optimizer),) + tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+        if self._stepped is None or self._stepped[0] != layout:
+            self._stepped = (layout, {id(p) for group in optimizer.param_groups for p in group["params"]})
+        return self._stepped[1]
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
+
+
+def _resolve_offsets(offset: Mapping[str, Any], table: ParameterTable) -> dict[str, torch.Tensor]:
+    where = "GradientNoise(offset=...)"
+    resolved: dict[str, torch.Tensor] = {}
+    for key, value in offset.items():
+        for alias in match_parameters(key, table.all_names, parameter=where):
+            name = table.canonical(table.param(alias))
+            param = table.param(name)
+            if name in resolved:
+                raise MaskSpecError(f"{where}: parameter {name!r} is claimed by more than one key (last: {key!r})")
+            resolved[name] = _offset_tensor(value, name, param, key, where)
+    return resolved
+
+
+def _offset_tensor(value: Any, name: str, param: torch.Tensor, key: str, where: str) -> torch.Tensor:
+    label = f"{where} for parameter {name!r}" + (f" (key {key!r})" if key != name else "")
+    if isinstance(value, bool):
+        raise MaskSpecError(f"{label}: got a bool; expected a tensor, a nested list or a number")
+    if isinstance(value, numbers.Real):
+        tensor = torch.full(tuple(param.shape), float(value), dtype=torch.float64)
+    elif isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise MaskSpecError(f"{label}: only dense tensors are supported")
+        tensor = value.detach().to("cpu")
+    elif isinstance(value, (list, tuple)):
+        try:
+            tensor = torch.tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError) as err:
+            raise MaskSpecError(f"{label}: the list is not a rectangular array of numbers ({err})") from err
+    else:
+        raise MaskSpecError(f"{label}: got {type(value).__name__}; expected a tensor, a nested list or a number")
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise MaskSpecError(f"{label}: offset shape {list(tensor.shape)} does not match parameter shape {list(param.shape)}")
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise MaskSpecError(f"{label}: the offset must hold real numbers; got dtype {tensor.dtype}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise MaskSpecError(f"{label}: the offset holds NaN or inf")
+    return tensor.clone()

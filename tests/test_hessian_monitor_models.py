@@ -106,8 +106,8 @@ def test_transformers_with_fused_attention_match_the_eager_model(build, labels, 
     eigenvalues = torch.linalg.eigvalsh(reference).flip(0)[:2]
     assert monitor.latest.exact["eigenvalues"]
     assert float(eigenvalues[0]) > 1e-3  # the attention's curvature is really measured
-    assert torch.allclose(monitor.latest.eigenvalues.double(), eigenvalues, rtol=1e-4)
-    assert monitor.latest.trace == pytest.approx(float(reference.trace()), rel=1e-4, abs=1e-6)
+    assert torch.allclose(monitor.latest.eigen.eigenvalues.double(), eigenvalues, rtol=1e-4)
+    assert monitor.latest.trace.trace == pytest.approx(float(reference.trace()), rel=1e-4, abs=1e-6)
 
 
 def test_gpt2_tied_embedding_selected_by_its_second_name_counts_once():
@@ -171,8 +171,8 @@ def test_batchnorm_cnn_matches_torch_func_in_eval_mode():
     model.eval()  # the monitor's BatchNorm uses the running statistics
     reference = subset_hessian(model, "block.0.weight", lambda call: F.cross_entropy(call(x), y))
     model.train()
-    assert torch.allclose(monitor.latest.eigenvalues.double(), torch.linalg.eigvalsh(reference).flip(0)[:2], rtol=1e-4)
-    assert monitor.latest.trace == pytest.approx(float(reference.trace()), rel=1e-4)
+    assert torch.allclose(monitor.latest.eigen.eigenvalues.double(), torch.linalg.eigvalsh(reference).flip(0)[:2], rtol=1e-4)
+    assert monitor.latest.trace.trace == pytest.approx(float(reference.trace()), rel=1e-4)
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("16-true", torch.float16)])
@@ -186,10 +186,10 @@ def test_half_precision_models_get_statistics_close_to_float32(precision, dtype)
     full.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     reference = reference_hessian(full, lambda m, params: F.mse_loss(functional_call(m, params, (x.double(),)), y.double()))
     top = float(torch.linalg.eigvalsh(reference)[-1])
-    assert float(monitor.latest.eigenvalues[0]) == pytest.approx(top, rel=2e-3)  # measured: about 1e-4
+    assert float(monitor.latest.eigen.eigenvalues[0]) == pytest.approx(top, rel=2e-3)  # measured: about 1e-4
     assert not monitor.latest.exact["trace"]  # an estimate: within its own error bar
-    assert abs(monitor.latest.trace - float(reference.trace())) <= 4 * monitor.latest.trace_stderr + 1e-3
-    assert bool(torch.isfinite(monitor.latest.density).all())
+    assert abs(monitor.latest.trace.trace - float(reference.trace())) <= 4 * monitor.latest.trace.stderr + 1e-3
+    assert bool(torch.isfinite(monitor.latest.density.density).all())
 
 
 def test_model_pruning_renames_and_only_unpruned_entries_count():

@@ -241,7 +241,7 @@ class Evaluations(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.monitor.latest is not None and self.monitor.latest is not self.last:
             self.last = self.monitor.latest
-            self.seen.append((trainer.global_step, self.last.num_products))
+            self.seen.append((trainer.global_step, self.last.num_matvecs))
 
 
 def test_every_n_steps_tracks_the_top_eigenvalue_with_warm_started_lanczos():
@@ -258,7 +258,7 @@ def test_every_n_steps_tracks_the_top_eigenvalue_with_warm_started_lanczos():
     assert "hessian/eigenvalue_1" in fit.callback_metrics
     batch = next(iter(probe))
     reference = reference_hessian(model, lambda m, params: mse(lambda x: torch.func.functional_call(m, params, (x,)), batch))
-    assert float(monitor.latest.eigenvalues[0]) == pytest.approx(float(torch.linalg.eigvalsh(reference.double())[-1]), rel=1e-5)
+    assert float(monitor.latest.eigen.eigenvalues[0]) == pytest.approx(float(torch.linalg.eigvalsh(reference.double())[-1]), rel=1e-5)
 
 
 # ---------------------------------------------------------------------- pictures and files
@@ -318,4 +318,4 @@ def test_density_figure_has_a_readable_scale_labels_and_eigenvalue_markers():
     assert axes.get_yscale() == "log" and 3 <= math.log10(high / low) <= 5
     assert axes.get_xlabel() == "eigenvalue" and "density" in axes.get_ylabel()
     marked = sorted(line.get_xdata()[0] for line in axes.get_lines()[1:])
-    assert marked == pytest.approx(sorted(monitor.latest.eigenvalues.tolist()))
+    assert marked == pytest.approx(sorted(monitor.latest.eigen.eigenvalues.tolist()))

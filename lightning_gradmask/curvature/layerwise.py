@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_gradmask.curvature._random import gaussian
-from lightning_gradmask.curvature.operator import HessianOperator, _check_loss
+from lightning_gradmask.curvature.operator import HessianOperator
 
 __all__ = ["LayerwiseOutcome", "layerwise_diagonal", "linear_layers"]
 
@@ -105,13 +105,13 @@ class LayerwiseOutcome:
         parts: ``{op index: flat diagonal of the selected entries}`` (local, not reduced).
         notes: ``{parameter name: why the layerwise rule was not used}``.
         groupings: ``{parameter name: the row grouping used}`` (``"rows"``, ``"contiguous G x S"``, ...).
-        num_products: products with layer-output Hessians spent (checks included).
+        num_matvecs: products with layer-output Hessians spent (checks included).
     """
 
     parts: dict[int, Tensor] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     groupings: dict[str, str] = field(default_factory=dict)
-    num_products: int = 0
+    num_matvecs: int = 0
 
 
 # ------------------------------------------------------------------------------------ recording
@@ -156,7 +156,7 @@ def linear_layers(op: HessianOperator) -> tuple[dict[int, _Layer], dict[int, int
     F.linear = spy
     try:
         with op.autograd_context():
-            _check_loss(op.loss_fns[0](), 0)
+            op.evaluate_loss(0)
     finally:
         F.linear = original
     layers: dict[int, _Layer] = {}
@@ -305,7 +305,7 @@ def _run_closure(run: _Pass, fn_index: int, by_param: dict[int, int]) -> Tensor:
     for layer in run.layers.values():
         layer.calls = []
     with _recording(run.layers, by_param), op.autograd_context():
-        loss = _check_loss(op.loss_fns[fn_index](), fn_index)
+        loss = op.evaluate_loss(fn_index)
     for key, layer in run.layers.items():
         if len(layer.calls) != 1:
             run.fail(key, f"layer called {len(layer.calls)} times in one loss evaluation (needs exactly 1)")
@@ -314,8 +314,7 @@ def _run_closure(run: _Pass, fn_index: int, by_param: dict[int, int]) -> Tensor:
 
 def _one_closure(run: _Pass, fn_index: int, by_param: dict[int, int], chunk_size: int) -> None:
     op = run.op
-    scale = 1.0 / len(op.loss_fns) if op.combine == "mean" else 1.0
-    loss = _run_closure(run, fn_index, by_param) * scale
+    loss = _run_closure(run, fn_index, by_param)
     used = [key for key in run.layers if run.ok[key]]
     if not used:
         return
@@ -366,7 +365,7 @@ def _one_layer(
             )
             return
         diag_w, diag_b, spent = _layer_diagonal(gy, call.y, call.x, grouping, chunk_size)
-    run.outcome.num_products += spent
+    run.outcome.num_matvecs += spent
     for k in layer.indices:
         run.outcome.groupings[run.op.names[k]] = grouping.name
     run.add(key, diag_w, diag_b, 1.0)
@@ -377,7 +376,7 @@ def _first_valid_grouping(
 ) -> _Grouping | None:
     for grouping in _groupings(call.x.shape[0], sizes, layer.in_features):
         ok, spent = _decoupled(gy, call.y, grouping, gen)
-        run.outcome.num_products += spent
+        run.outcome.num_matvecs += spent
         if ok:
             return grouping
     return None
@@ -404,9 +403,7 @@ def layerwise_diagonal(op: HessianOperator, chunk_size: int = 16) -> LayerwiseOu
             continue
         for k, full in ((layer.weight_index, run.acc_w[key]), (layer.bias_index, run.acc_b[key])):
             if k is not None:
-                idx = op._index[k]
-                flat = full.reshape(-1)
-                run.outcome.parts[k] = flat if idx is None else flat.index_select(0, idx.to(flat.device))
+                run.outcome.parts[k] = op.select_entries(k, full)
     return run.outcome
 
 
@@ -422,7 +419,7 @@ def _agree_across_processes(run: _Pass) -> None:
 
 
 def layerwise_cost(op: HessianOperator) -> tuple[int, set[int]]:
-    """Upper bound on the products :func:`layerwise_diagonal` spends, and the op indices it covers.
+    """Upper bound on the matvecs :func:`layerwise_diagonal` spends, and the op indices it covers.
 
     Runs the first closure once (a forward pass, no product) to find the linear layers; assumes
     the most expensive candidate grouping and every check run in full.

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal, Protocol, Union, runtime_checkable
 
@@ -61,11 +60,15 @@ class LinearOperator(Protocol):
     """What the algorithms in this package need: a symmetric operator on flat vectors.
 
     ``matvec`` takes and returns a 1-D tensor of length ``dim`` (dtype ``dtype``, device ``device``)
-    and must count itself in ``num_products``.
+    and must count itself in ``num_matvecs``. The flat vector is laid out in blocks: ``names[i]``
+    owns the next ``sizes[i]`` entries; ``split`` and ``unflatten`` give a flat vector per block (a
+    bare matrix is one block, ``"matrix"``).
     """
 
     dim: int
-    num_products: int
+    num_matvecs: int
+    names: list[str]
+    sizes: list[int]
 
     @property
     def dtype(self) -> torch.dtype: ...
@@ -74,6 +77,10 @@ class LinearOperator(Protocol):
     def device(self) -> torch.device: ...
 
     def matvec(self, v: Tensor) -> Tensor: ...
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]: ...
+
+    def unflatten(self, flat: Tensor, fill: float = float("nan")) -> dict[str, Tensor]: ...
 
 
 class MatrixOperator:
@@ -90,7 +97,7 @@ class MatrixOperator:
             raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
         self.matrix = matrix
         self.dim = int(matrix.shape[0])
-        self.num_products = 0
+        self.num_matvecs = 0
         self.names = list(names) if names is not None else ["matrix"]
         self.sizes = list(sizes) if sizes is not None else [self.dim]
         if sum(self.sizes) != self.dim or len(self.sizes) != len(self.names):
@@ -105,30 +112,20 @@ class MatrixOperator:
         return self.matrix.device
 
     def matvec(self, v: Tensor) -> Tensor:
-        self.num_products += 1
+        self.num_matvecs += 1
         return self.matrix @ v.to(self.matrix.dtype)
 
-    def matmat(self, v: Tensor, *, batched: bool | None = None) -> Tensor:
-        """Products with the rows of ``v`` (shape ``(k, dim)``), one matrix product; counts ``k`` products.
-
-        ``batched`` is deprecated and ignored (see :meth:`HessianOperator.matmat`).
-        """
-        _warn_batched(batched)
-        self.num_products += int(v.shape[0])
+    def matmat(self, v: Tensor) -> Tensor:
+        """Products with the rows of ``v`` (shape ``(k, dim)``), one matrix product; counts ``k`` matvecs."""
+        self.num_matvecs += int(v.shape[0])
         return v.to(self.matrix.dtype) @ self.matrix.T
 
     def split(self, flat: Tensor) -> dict[str, Tensor]:
         return dict(zip(self.names, torch.split(flat, self.sizes, dim=-1)))
 
-
-def _warn_batched(batched: bool | None) -> None:
-    if batched is not None:
-        warnings.warn(
-            "matmat(batched=...) is deprecated and ignored: vmapped products were mostly slower per "
-            "product than a loop on CPU; matmat runs the loop",
-            FutureWarning,
-            stacklevel=3,
-        )
+    def unflatten(self, flat: Tensor, fill: float = float("nan")) -> dict[str, Tensor]:
+        """The blocks of ``flat``, as :meth:`split` (a matrix has no parameter shapes to restore)."""
+        return {name: part.clone() for name, part in self.split(flat).items()}
 
 
 def _normalize_params(params: ParamsLike) -> tuple[list[str], list[Tensor]]:
@@ -162,7 +159,8 @@ def _normalize_params(params: ParamsLike) -> tuple[list[str], list[Tensor]]:
     return names, tensors
 
 
-def _check_loss(loss: object, index: int) -> Tensor:
+def check_loss(loss: object, index: int) -> Tensor:
+    """``loss`` as a 0-d tensor, or a ``ValueError`` saying why it cannot be differentiated twice."""
     where = f"loss_fn #{index}" if index else "loss_fn"
     if not isinstance(loss, Tensor):
         raise ValueError(f"{where} must return a scalar torch.Tensor, got {type(loss).__name__}")
@@ -215,7 +213,7 @@ class HessianOperator:
 
     Attributes:
         dim: number of selected entries (the size of vectors ``matvec`` takes).
-        num_products: Hessian-vector products done so far (a batched product of ``k`` counts ``k``).
+        num_matvecs: Hessian-vector products done so far (a batched product of ``k`` counts ``k``).
         names, sizes: the selected parameters and how many entries each contributes to ``dim``.
         loss: the (reduced) loss value, a float.
 
@@ -252,7 +250,7 @@ class HessianOperator:
         self.check_finite = check_finite
         self.module = module
         self.eval_mode = eval_mode
-        self.num_products = 0
+        self.num_matvecs = 0
 
         all_names, all_params = _normalize_params(params)
         mask_list = self._normalize_masks(masks, all_names, all_params)
@@ -290,7 +288,7 @@ class HessianOperator:
         self._device = self.params[0].device
 
         with self.autograd_context():
-            losses = [_check_loss(fn(), i) for i, fn in enumerate(self.loss_fns)]
+            losses = [check_loss(fn(), i) for i, fn in enumerate(self.loss_fns)]
             total = torch.stack(losses).sum()
             if combine == "mean":
                 total = total / len(losses)
@@ -392,12 +390,35 @@ class HessianOperator:
             for m, training in modes:
                 m.training = training
 
-    def evaluate_losses(self) -> list[Tensor]:
-        """Run every closure again (under :meth:`autograd_context`) and return the checked losses.
+    def evaluate_loss(self, index: int) -> Tensor:
+        """Run closure ``index`` again and return its checked loss, weighted as in the combined loss.
 
-        The caller must be inside ``autograd_context``.
+        The caller must be inside :meth:`autograd_context`. Used by the exact diagonal rules, which
+        record what the model computes while the loss is evaluated.
         """
-        return [_check_loss(fn(), i) for i, fn in enumerate(self.loss_fns)]
+        scale = 1.0 / len(self.loss_fns) if self.combine == "mean" else 1.0
+        return check_loss(self.loss_fns[index](), index) * scale
+
+    # ------------------------------------------------------------------ per-parameter access
+    def entry_indices(self, k: int) -> Tensor | None:
+        """Flat indices of the selected entries of parameter ``k`` (``None``: every entry)."""
+        return self._index[k]
+
+    def select_entries(self, k: int, full: Tensor) -> Tensor:
+        """The selected entries of a flat tensor with parameter ``k``'s ``numel`` entries."""
+        idx = self._index[k]
+        flat = full.reshape(-1)
+        return flat if idx is None else flat.index_select(0, idx.to(flat.device))
+
+    def gradient(self, k: int) -> Tensor | None:
+        """The gradient of the loss w.r.t. parameter ``k`` with its graph; ``None`` when the loss is linear in it."""
+        if self._grads is None:
+            raise RuntimeError("the operator was released; build a new one")
+        return self._grads[self._outputs.index(k)] if k in self._outputs else None
+
+    def block_range(self, k: int) -> tuple[int, int]:
+        """Where parameter ``k``'s entries lie in the flat vector: ``(start, stop)``."""
+        return self._offsets[k], self._offsets[k + 1]
 
     # ------------------------------------------------------------------ vector layout
     @property
@@ -483,26 +504,23 @@ class HessianOperator:
             raise ValueError(f"expected a vector of length {self.dim}, got shape {tuple(v.shape)}")
         v = v.to(device=self._device)
         hv = self._raw_products(self._scatter(v))
-        self.num_products += 1
+        self.num_matvecs += 1
         return self._finish(self.flatten(hv).to(self._dtype))
 
     __call__ = matvec
 
-    def matmat(self, v: Tensor, *, batched: bool | None = None) -> Tensor:
-        """``H`` applied to every row of ``v`` (shape ``(k, dim)``); counts ``k`` products.
+    def matmat(self, v: Tensor) -> Tensor:
+        """``H`` applied to every row of ``v`` (shape ``(k, dim)``); counts ``k`` matvecs.
 
         The products run one after the other and ``reduce`` is called once, on the ``(k, dim)``
-        result (one collective under DDP instead of ``k``). ``batched`` is deprecated and ignored:
-        the vmapped backward (``is_grads_batched=True``) it used to select measured 1.04-1.9x *slower*
-        per product than this loop on CPU for an MLP and a CNN, and only 15% faster on a small
-        transformer (``benchmarks/README.md``), not worth a second code path.
+        result (one collective under DDP instead of ``k``). A vmapped backward was slower per product
+        on CPU for most models (figures in ``benchmarks/README.md``), so there is no second code path.
         """
-        _warn_batched(batched)
         if v.ndim != 2 or v.shape[1] != self.dim:
             raise ValueError(f"expected shape (k, {self.dim}), got {tuple(v.shape)}")
         v = v.to(device=self._device)
         rows = torch.stack([self.flatten(self._raw_products(self._scatter(r))) for r in v])
-        self.num_products += int(v.shape[0])
+        self.num_matvecs += int(v.shape[0])
         return self._finish(rows.to(self._dtype))
 
     @contextlib.contextmanager
@@ -540,7 +558,7 @@ class HessianOperator:
     def __repr__(self) -> str:
         return (
             f"HessianOperator(dim={self.dim}, parameters={len(self.params)}, batches={len(self.loss_fns)}, "
-            f"combine={self.combine!r}, reduce={'yes' if self.reduce else 'no'}, products={self.num_products})"
+            f"combine={self.combine!r}, reduce={'yes' if self.reduce else 'no'}, matvecs={self.num_matvecs})"
         )
 
 
@@ -557,18 +575,18 @@ class BlockOperator:
         order = [k for k, n in enumerate(parent.names) if n in set(names)]
         self.names = [parent.names[k] for k in order]
         self.sizes = [parent.sizes[k] for k in order]
-        self._ranges = [(parent._offsets[k], parent._offsets[k + 1]) for k in order]
+        self._ranges = [parent.block_range(k) for k in order]
         self._order = order
         self.dim = int(sum(self.sizes))
         self.loss = parent.loss
 
     @property
-    def num_products(self) -> int:
-        return self.parent.num_products
+    def num_matvecs(self) -> int:
+        return self.parent.num_matvecs
 
-    @num_products.setter
-    def num_products(self, value: int) -> None:
-        self.parent.num_products = value
+    @num_matvecs.setter
+    def num_matvecs(self, value: int) -> None:
+        self.parent.num_matvecs = value
 
     @property
     def dtype(self) -> torch.dtype:

@@ -44,7 +44,7 @@ from torch.func import functional_call, jvp, vjp, vmap
 
 from lightning_gradmask.curvature._random import gaussian
 from lightning_gradmask.curvature.layerwise import _batched_grad, _close, _decoupled, _Grouping
-from lightning_gradmask.curvature.operator import HessianOperator, _check_loss
+from lightning_gradmask.curvature.operator import HessianOperator
 
 __all__ = ["PiecewiseOutcome", "piecewise_diagonal"]
 
@@ -59,7 +59,7 @@ class PiecewiseOutcome:
 
     parts: dict[int, Tensor] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
-    num_products: int = 0
+    num_matvecs: int = 0
 
 
 @dataclass
@@ -178,9 +178,8 @@ def _one_closure(run: _Run, fn_index: int, gen: torch.Generator) -> None:
     op = run.op
     assert op.module is not None
     calls: list[_Forward] = []
-    scale = 1.0 / len(op.loss_fns) if op.combine == "mean" else 1.0
     with _capturing(op.module, calls), op.autograd_context():
-        loss = _check_loss(op.loss_fns[fn_index](), fn_index) * scale
+        loss = op.evaluate_loss(fn_index)
     if len(calls) != 1:
         return run.fail_all(f"the model was called {len(calls)} times in one loss evaluation (needs exactly 1)")
     with op.autograd_context():
@@ -209,7 +208,7 @@ def _accumulate(run: _Run, loss: Tensor, model: _Model, gen: torch.Generator) ->
             run.fail(k, "gradient does not pass through the model output only (a penalty inside the loss?)")
     rows = _Grouping("rows", torch.arange(f.shape[0]), torch.zeros(f.shape[0], dtype=torch.long), f.shape[0], 1)
     decoupled, spent = _decoupled(g_f, f, rows, gen)
-    run.outcome.num_products += spent
+    run.outcome.num_matvecs += spent
     if not decoupled:
         return run.fail_all("the loss couples the samples' outputs")
     try:
@@ -239,7 +238,7 @@ def _ggn_diagonal(run: _Run, model: _Model, g_f: Tensor, f: Tensor) -> None:
     blocks = _output_hessian_blocks(g_f, f)
     lam, vecs = torch.linalg.eigh(blocks.detach())  # (N, C), (N, C, C)
     n, classes = blocks.shape[0], blocks.shape[1]
-    run.outcome.num_products += 2 * classes
+    run.outcome.num_matvecs += 2 * classes
     params = {op.names[k]: op.params[k].detach() for k in run.indices}
     numel = sum(p.numel() for p in params.values())
     per_pass = max(1, min(classes, _PASS_BYTES // max(1, n * numel * f.element_size())))
@@ -282,7 +281,5 @@ def piecewise_diagonal(op: HessianOperator, indices: list[int], seed: int = 2024
             _one_closure(run, fn_index, gen)
     _agree_across_processes(run)
     for k in run.indices:
-        idx = op._index[k]
-        flat = run.acc[k]
-        run.outcome.parts[k] = flat if idx is None else flat.index_select(0, idx.to(flat.device))
+        run.outcome.parts[k] = op.select_entries(k, run.acc[k])
     return run.outcome

@@ -42,8 +42,8 @@ class Saver(TinyRegressor):
         latest = self.monitor.latest
         torch.save(
             {
-                "trace": latest.trace,
-                "eigenvalues": latest.eigenvalues,
+                "trace": latest.trace.trace,
+                "eigenvalues": latest.eigen.eigenvalues,
                 "diagonal": latest.diagonal,
                 "batch": self.monitor._batches[0],
                 "state": {k: v.detach().clone() for k, v in self.state_dict().items()},

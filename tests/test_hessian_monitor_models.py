@@ -93,7 +93,7 @@ def token_data(labels: int | None, n=16, length=8, seed=0):
 def test_transformers_with_fused_attention_match_the_eager_model(build, labels, name):
     model = HuggingFace(build())
     assert model.model.config._attn_implementation == "sdpa"
-    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, parameters=f"model.{name}", budget=10_000,
+    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, parameters=f"model.{name}", exact_up_to=10_000,
                              max_overhead=None, strict=True)
     keep = KeepFirstBatch()
     trainer(callbacks=[keep, monitor], max_epochs=1).fit(model, token_data(labels))
@@ -164,7 +164,7 @@ def test_batchnorm_cnn_matches_torch_func_in_eval_mode():
     g = torch.Generator().manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(16, 3, 4, 4, generator=g), torch.randint(0, 3, (16,), generator=g)), batch_size=8)
     model, keep = TinyResNet(), KeepFirstBatch()
-    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, parameters="block.0.weight", budget=10_000,
+    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, parameters="block.0.weight", exact_up_to=10_000,
                              max_overhead=None, strict=True)
     trainer(callbacks=[keep, monitor], max_epochs=1).fit(model, data)
     x, y = keep.batch
@@ -178,7 +178,7 @@ def test_batchnorm_cnn_matches_torch_func_in_eval_mode():
 @pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("16-true", torch.float16)])
 def test_half_precision_models_get_statistics_close_to_float32(precision, dtype):
     model, keep = TinyRegressor(hidden=16, optimizer=lambda p: torch.optim.SGD(p, lr=0.0)), KeepFirstBatch()
-    monitor = HessianMonitor(mse, stats=("trace", "eigenvalues", "density"), budget=0, max_overhead=None, strict=True)
+    monitor = HessianMonitor(mse, stats=("trace", "eigenvalues", "density"), exact_up_to=0, max_overhead=None, strict=True)
     trainer(callbacks=[keep, monitor], max_epochs=1, precision=precision).fit(model, loader())
     assert model.net[0].weight.dtype == dtype
     x, y = keep.batch
@@ -256,4 +256,4 @@ def test_mixed_precision_measures_the_float32_model_without_autocast():
         return monitor.latest
 
     mixed, full = top("bf16-mixed"), top("32-true")
-    assert torch.equal(mixed.eigenvalues, full.eigenvalues) and mixed.trace == full.trace
+    assert torch.equal(mixed.eigen.eigenvalues, full.eigen.eigenvalues) and mixed.trace.trace == full.trace.trace

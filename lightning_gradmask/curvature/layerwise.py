@@ -27,23 +27,26 @@ Nothing is assumed, everything is checked, per layer:
   grouping with more positions per group than the layer has inputs is not cheaper than one
   product per entry and is not used.
 
-``torch.nn.functional.linear`` is replaced by a recording wrapper only while the closures run for
-this (in the calling thread's module namespace, restored afterwards); calls that bypass it (a
-matmul written by hand, a copy of ``F.linear`` imported under another name) are simply not seen and
-fail the gradient check, so their parameters take the generic path.
+The calls are recorded by a :class:`torch.overrides.TorchFunctionMode` that is active only while the
+closures run, in the calling thread only (nothing global is replaced). It sees every call of
+``F.linear``, including those inside the Python functions of ``torch.nn.functional`` such as
+``multi_head_attention_forward``; a linear map written by hand (``x @ W.T + b``) is not seen and
+fails the gradient check, so its parameters take the generic path.
 """
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from lightning_gradmask.curvature._random import gaussian
 from lightning_gradmask.curvature.operator import HessianOperator
@@ -117,14 +120,50 @@ class LayerwiseOutcome:
 # ------------------------------------------------------------------------------------ recording
 
 
-@contextlib.contextmanager
-def _recording(layers: dict[int, _Layer], by_param: dict[int, int]) -> Iterator[None]:
-    """Record every ``F.linear`` call whose weight or bias is one of the watched parameters."""
-    original = F.linear
+class _LinearCalls(TorchFunctionMode):
+    """While active (in this thread): ``on_call(input, weight, bias, output)`` for every ``F.linear`` call.
 
-    def recording_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    ``on_call`` returns what the caller of ``F.linear`` gets. Python functions of
+    ``torch.nn.functional`` (``multi_head_attention_forward``) dispatch to the mode once, on entry,
+    and would then run with the mode off; they are run with it on, so their own ``F.linear`` calls
+    are seen too.
+    """
+
+    def __init__(self, on_call: Callable[[Tensor, Tensor, Tensor | None, Tensor], Tensor]) -> None:
+        super().__init__()
+        self.on_call = on_call
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            input, weight, bias = _linear_arguments(*args, **kwargs)
+            return self.on_call(input, weight, bias, func(*args, **kwargs))
+        if _SKIP_NEXT is not None and inspect.isfunction(func) and func.__module__ == F.__name__:
+            with self:  # the function's own dispatch on entry is skipped once, then its body runs under the mode
+                _SKIP_NEXT(True)
+                try:
+                    return func(*args, **kwargs)
+                finally:
+                    _SKIP_NEXT(False)
+        return func(*args, **kwargs)
+
+
+_SKIP_NEXT: Callable[[bool], None] | None = getattr(torch._C, "_set_skip_next_torch_function", None)
+"""Skips the next ``__torch_function__`` dispatch of this thread (without it: attention projections
+are not seen and take the generic path, correct but slower)."""
+
+
+def _linear_arguments(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    return input, weight, bias
+
+
+def _recording(layers: dict[int, _Layer], by_param: dict[int, int]) -> _LinearCalls:
+    """Record every ``F.linear`` call whose weight or bias is one of the watched parameters."""
+
+    def record(input: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
         key = by_param.get(id(weight), by_param.get(id(bias), -1) if bias is not None else -1)
-        out = original(input, weight, bias)
         if key < 0:
             return out
         x = input.detach()
@@ -132,11 +171,7 @@ def _recording(layers: dict[int, _Layer], by_param: dict[int, int]) -> Iterator[
         layers[key].calls.append(_Call(x.reshape(-1, x.shape[-1]).to(torch.float64, copy=True), out, lead))
         return out.clone()  # in-place ops downstream must not touch the recorded output
 
-    F.linear = recording_linear
-    try:
-        yield
-    finally:
-        F.linear = original
+    return _LinearCalls(record)
 
 
 def linear_layers(op: HessianOperator) -> tuple[dict[int, _Layer], dict[int, int]]:
@@ -146,19 +181,14 @@ def linear_layers(op: HessianOperator) -> tuple[dict[int, _Layer], dict[int, int
     """
     index_of = {id(p): k for k, p in enumerate(op.params)}
     seen: list[tuple[Tensor, Tensor | None, tuple[int, ...]]] = []
-    original = F.linear
 
-    def spy(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    def spy(input: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
         if id(weight) in index_of or (bias is not None and id(bias) in index_of):
             seen.append((weight, bias, tuple(input.shape[:-1])))
-        return original(input, weight, bias)
+        return out
 
-    F.linear = spy
-    try:
-        with op.autograd_context():
-            op.evaluate_loss(0)
-    finally:
-        F.linear = original
+    with _LinearCalls(spy), op.autograd_context():
+        op.evaluate_loss(0)
     layers: dict[int, _Layer] = {}
     by_param: dict[int, int] = {}
     for weight, bias, lead in seen:

@@ -44,7 +44,7 @@ class Saver(TinyRegressor):
             {
                 "trace": latest.trace.trace,
                 "eigenvalues": latest.eigen.eigenvalues,
-                "diagonal": latest.diagonal,
+                "diagonal": latest.diagonal.per_parameter,
                 "batch": self.monitor._batches[0],
                 "state": {k: v.detach().clone() for k, v in self.state_dict().items()},
                 "evaluations": self.monitor._overhead.evaluations,

@@ -19,15 +19,15 @@ Exact (:func:`exact_diagonal`), two paths chosen per parameter:
   computed exactly from ``C`` per-sample gradient passes for ``C`` outputs per sample; every
   assumption is checked, see :mod:`lightning_gradmask.curvature.piecewise`.
 * ``"products"`` (fallback, any module, e.g. LayerNorm before another normalization, embeddings,
-  convolutions followed by tanh, or a layer whose checks failed): one product per selected entry, ``d(dL/dp[j]) / dp`` restricted to the
-  parameter itself, keeping entry ``j`` (the textbook recipe), vmapped in chunks where that is
+  convolutions followed by tanh, or a layer whose checks failed): one matvec per selected entry,
+  ``d(dL/dp[j]) / dp`` restricted to the parameter itself, keeping entry ``j`` (the textbook recipe), vmapped in chunks where that is
   faster (timed on the spot). :attr:`DiagonalResult.methods` and :attr:`DiagonalResult.notes` say
   which path each parameter took and why, :attr:`DiagonalResult.groupings` which row grouping.
 
 Estimated (:func:`estimate_diagonal`): XDiag-style (the XTrace products, deflated) or Hutchinson
 ``mean(v * Hv)``, with a per-entry standard error. The per-entry error is about
-``sqrt(sum_{j != i} H_ij^2 / m)``; on the benchmark MLPs the off-diagonal mass is so large that 100
-products gave a relative L2 error above 100%, i.e. the estimate is noise there. Prefer the exact
+``sqrt(sum_{j != i} H_ij^2 / m)``; on the benchmark MLPs the off-diagonal mass is so large that the
+estimate is noise at 100 matvecs (figures in ``benchmarks/README.md``). Prefer the exact
 diagonal wherever the layerwise path applies (it was also faster than 100 products).
 
 Example::
@@ -132,8 +132,8 @@ def exact_diagonal(
             products elsewhere) or ``"products"`` (one product per entry everywhere: the slow
             reference).
         chunk_size: output columns per vmapped product in the layerwise path (capped so that the
-            probes of one chunk take at most 256 MiB). 16 was fastest or within 3% of it on an MLP,
-            a CNN head and a transformer block (64: 1.2-1.4x slower).
+            probes of one chunk take at most 256 MiB). 16 was the fastest choice measured on an
+            MLP, a CNN head and a transformer block (figures in ``benchmarks/README.md``).
         skip_slow: leave out the parameters the layerwise and piecewise rules cannot handle (their
             entries are NaN and their method ``"skipped"``) instead of spending one product per
             entry on them.

@@ -48,6 +48,25 @@ def test_layerwise_mlp_is_exact_with_inplace_relu():
     assert res.num_matvecs < op.dim  # out_features products per layer + row checks
 
 
+def test_linear_calls_are_recorded_without_replacing_f_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = inputs(24, 5)
+    original = F.linear
+    unpatched: list[bool] = []
+
+    def closure() -> torch.Tensor:
+        unpatched.append(torch.nn.functional.linear is original)  # what other threads would see too
+        return F.cross_entropy(model(x), y)
+
+    op = HessianOperator.from_module(model, closure)
+    res = exact_diagonal(op)
+    assert set(res.methods.values()) == {"layerwise"}
+    assert len(unpatched) >= 3 and all(unpatched)  # operator, layer discovery, recording
+    assert_rel(res.diagonal, reference_diagonal(model, ce_of(x, y)), 1e-10)
+    assert not torch.overrides._get_current_function_mode_stack()  # the recording mode is gone
+
+
 def test_layerwise_float32_within_1e5():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))

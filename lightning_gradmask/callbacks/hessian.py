@@ -414,42 +414,46 @@ class HessianMonitor(Callback):
                     raise ValueError("HessianMonitor(dataloader=...) yielded no batch")
                 batch = batches[0]
             loss = self._resolve_loss(pl_module)
-            operator = None
             with self._evaluation_context(trainer), _modes_restored(pl_module):
                 pl_module.eval()
                 with torch.inference_mode(False), torch.enable_grad():
                     value = _call_loss(self.loss_fn, loss, pl_module, batch)
                     _check_graph(self.loss_fn, value)
                 del value
-                try:
-                    built = time.perf_counter()
-                    operator = self._operator(trainer, pl_module, [batch])
-                    multiplied = time.perf_counter()
-                    operator.matvec(torch.zeros(operator.dim, dtype=operator.dtype, device=operator.device))
-                    finished = time.perf_counter()
-                    planned = planned_matvecs(
-                        operator.dim, self.stats, top_k=self.top_k, exact_up_to=self.exact_up_to,
-                        trace_matvecs=self.trace_matvecs, options=self.options,
-                    )
-                    # the graph and every product scale with the number of batches
-                    self._overhead.expect(self.num_batches * (multiplied - built + planned * (finished - multiplied)))
-                except NonFiniteLossError:
-                    pass  # not a configuration mistake: the evaluations log NaN
-                except ValueError as err:
-                    raise ValueError(f"HessianMonitor: {err}") from err
-                except Exception as err:
-                    if self.strict:
-                        raise
-                    self._warn_once(
-                        "trial",
-                        f"HessianMonitor: a trial Hessian-vector product at train start failed: "
-                        f"{type(err).__name__}: {err}. {_remedy(err)} Training goes on; the evaluations will "
-                        "log NaN if this persists (strict=True raises instead).",
-                    )
-                finally:
-                    if operator is not None:
-                        operator.release()
+                self._trial_matvec(trainer, pl_module, batch)
         self._overhead.spend(time.perf_counter() - started, evaluation=False)
+
+    def _trial_matvec(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """One matvec on ``batch``: the expected cost of an evaluation, and errors of the operator itself."""
+        operator = None
+        try:
+            built = time.perf_counter()
+            operator = self._operator(trainer, pl_module, [batch])
+            multiplied = time.perf_counter()
+            operator.matvec(torch.zeros(operator.dim, dtype=operator.dtype, device=operator.device))
+            finished = time.perf_counter()
+            planned = planned_matvecs(
+                operator.dim, self.stats, top_k=self.top_k, exact_up_to=self.exact_up_to,
+                trace_matvecs=self.trace_matvecs, options=self.options,
+            )
+            # the graph and every product scale with the number of batches
+            self._overhead.expect(self.num_batches * (multiplied - built + planned * (finished - multiplied)))
+        except NonFiniteLossError:
+            pass  # not a configuration mistake: the evaluations log NaN
+        except ValueError as err:
+            raise ValueError(f"HessianMonitor: {err}") from err
+        except Exception as err:
+            if self.strict:
+                raise
+            self._warn_once(
+                "trial",
+                f"HessianMonitor: a trial Hessian-vector product at train start failed: "
+                f"{type(err).__name__}: {err}. {_remedy(err)} Training goes on; the evaluations will "
+                "log NaN if this persists (strict=True raises instead).",
+            )
+        finally:
+            if operator is not None:
+                operator.release()
 
     # ------------------------------------------------------------------ selection
     def _select(self, pl_module: pl.LightningModule) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,13 +47,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from lightning_gradmask.curvature._random import gaussian
+from lightning_gradmask.curvature._output_hessian import Grouping, batched_grad, close, decoupled
 from lightning_gradmask.curvature.operator import HessianOperator
 
 __all__ = ["LayerwiseOutcome", "layerwise_diagonal", "linear_layers"]
 
-_COUPLING_TOL = 1e-6
-_GRADIENT_TOL = 1e-4
 _PROBE_BYTES = 256 * 2**20  # probes (and their products) held at once: chunk_size is capped by this
 
 
@@ -81,23 +78,6 @@ class _Layer:
     @property
     def indices(self) -> list[int]:
         return [k for k in (self.weight_index, self.bias_index) if k is not None]
-
-
-@dataclass
-class _Grouping:
-    """Rows split into ``groups`` non-interacting groups of ``size`` rows each."""
-
-    name: str
-    group: Tensor  # (rows,) group index of each row
-    position: Tensor  # (rows,) position of each row within its group
-    groups: int
-    size: int
-
-    def partner(self, c: int) -> Tensor:
-        """For each row, the row at position ``c`` of the same group."""
-        table = torch.empty(self.groups, self.size, dtype=torch.long)
-        table[self.group, self.position] = torch.arange(self.group.numel())
-        return table[self.group, c]
 
 
 @dataclass
@@ -207,36 +187,21 @@ def linear_layers(op: HessianOperator) -> tuple[dict[int, _Layer], dict[int, int
 # ------------------------------------------------------------------------------------ groupings
 
 
-def _groupings(rows: int, sizes: set[int], in_features: int) -> list[_Grouping]:
+def _groupings(rows: int, sizes: set[int], in_features: int) -> list[Grouping]:
     """Candidate groupings of ``rows`` rows, cheapest (fewest rows per group) first."""
-    out = [_Grouping("rows", torch.arange(rows), torch.zeros(rows, dtype=torch.long), rows, 1)]
+    out = [Grouping("rows", torch.arange(rows), torch.zeros(rows, dtype=torch.long), rows, 1)]
     r = torch.arange(rows)
     for groups in sorted((g for g in sizes if 1 < g < rows and rows % g == 0), reverse=True):
         size = rows // groups
         if size > in_features:
             continue
-        out.append(_Grouping(f"contiguous {groups}x{size}", r // size, r % size, groups, size))
-        out.append(_Grouping(f"strided {groups}x{size}", r % groups, r // groups, groups, size))
+        out.append(Grouping(f"contiguous {groups}x{size}", r // size, r % size, groups, size))
+        out.append(Grouping(f"strided {groups}x{size}", r % groups, r // groups, groups, size))
     return out
 
 
 def _batch_like_sizes(layers: dict[int, _Layer]) -> set[int]:
     return {d for layer in layers.values() for call in layer.calls for d in call.lead}
-
-
-def _decoupled(g: Tensor, y: Tensor, grouping: _Grouping, gen: torch.Generator) -> tuple[bool, int]:
-    """Whether the Hessian w.r.t. ``y`` has no entry across groups; and the products spent."""
-    flat_shape = (grouping.group.numel(), y.shape[-1])
-    bits = math.ceil(math.log2(grouping.groups)) if grouping.groups > 1 else 0
-    for bit in range(bits):
-        clear = ((grouping.group >> bit) & 1) == 0
-        v = gaussian(flat_shape, gen, y.dtype, y.device) * clear.to(y.device, y.dtype).unsqueeze(1)
-        (h,) = torch.autograd.grad(g, y, grad_outputs=v.reshape(y.shape), retain_graph=True, materialize_grads=True)
-        h = h.reshape(flat_shape)
-        across = h[~clear.to(h.device)]
-        if across.numel() and float(across.abs().max()) > _COUPLING_TOL * max(float(h.abs().max()), 1e-300):
-            return False, bit + 1
-    return True, bits
 
 
 # ------------------------------------------------------------------------------------ the rule
@@ -249,12 +214,12 @@ def _columns_hessian(g: Tensor, y: Tensor, rows_c: Tensor, c0: int, c1: int) -> 
     idx = torch.arange(c1 - c0, device=y.device)
     probe = torch.zeros(c1 - c0, rows, out, dtype=y.dtype, device=y.device)
     probe[idx.unsqueeze(1), rows_c.to(y.device).unsqueeze(0), (c0 + idx).unsqueeze(1)] = 1.0
-    h = _batched_grad(g, y, probe.reshape(c1 - c0, *y.shape)).reshape(c1 - c0, -1, out)
+    h = batched_grad(g, y, probe.reshape(c1 - c0, *y.shape)).reshape(c1 - c0, -1, out)
     return h[idx, :, c0 + idx].to(torch.float64)
 
 
 def _layer_diagonal(
-    g: Tensor, y: Tensor, x: Tensor, grouping: _Grouping, chunk_size: int
+    g: Tensor, y: Tensor, x: Tensor, grouping: Grouping, chunk_size: int
 ) -> tuple[Tensor, Tensor, int]:
     """``(diag of W, diag of b, products)`` for one call, given a valid grouping."""
     out = y.shape[-1]
@@ -272,38 +237,15 @@ def _layer_diagonal(
     return diag_w, diag_b, grouping.size * out
 
 
-def _batched_grad(g: Tensor, y: Tensor, probes: Tensor) -> Tensor:
-    """Products of the Hessian w.r.t. ``y`` with each slice of ``probes`` (vmapped, loop fallback)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            (h,) = torch.autograd.grad(g, y, grad_outputs=probes, retain_graph=True, is_grads_batched=True)
-        return h
-    except RuntimeError:
-        return torch.stack(
-            [
-                torch.autograd.grad(g, y, grad_outputs=p, retain_graph=True, allow_unused=True, materialize_grads=True)[
-                    0
-                ]
-                for p in probes
-            ]
-        )
-
-
 def _gradient_matches(layer: _Layer, call: _Call, gy: Tensor, grads: Mapping[int, Tensor | None]) -> bool:
     gy2 = gy.detach().reshape(-1, gy.shape[-1]).to(torch.float64)
     for k, rebuilt in ((layer.weight_index, lambda: gy2.T @ call.x), (layer.bias_index, lambda: gy2.sum(dim=0))):
         if k is None:
             continue
         gp = grads.get(k)
-        if gp is None or not _close(rebuilt().reshape(-1), gp.detach().reshape(-1).to(torch.float64)):
+        if gp is None or not close(rebuilt().reshape(-1), gp.detach().reshape(-1).to(torch.float64)):
             return False
     return True
-
-
-def _close(a: Tensor, b: Tensor) -> bool:
-    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
-    return float((a - b).abs().max()) <= _GRADIENT_TOL * scale
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -403,9 +345,9 @@ def _one_layer(
 
 def _first_valid_grouping(
     run: _Pass, gy: Tensor, call: _Call, layer: _Layer, sizes: set[int], gen: torch.Generator
-) -> _Grouping | None:
+) -> Grouping | None:
     for grouping in _groupings(call.x.shape[0], sizes, layer.in_features):
-        ok, spent = _decoupled(gy, call.y, grouping, gen)
+        ok, spent = decoupled(gy, call.y, grouping, gen)
         run.outcome.num_matvecs += spent
         if ok:
             return grouping

@@ -253,9 +253,16 @@ class HessianOperator:
         self.num_matvecs = 0
 
         all_names, all_params = _normalize_params(params)
-        mask_list = self._normalize_masks(masks, all_names, all_params)
+        self._select(all_names, all_params, self._normalize_masks(masks, all_names, all_params))
+        dtypes = {p.dtype for p in self.params}
+        self._dtype = torch.promote_types(*dtypes) if len(dtypes) > 1 else self.params[0].dtype
+        if dtype is not None:  # e.g. float32 vectors for a bfloat16 model: products in the model's dtype
+            self._dtype = dtype
+        self._device = self.params[0].device
+        self._build_gradient_graph()
 
-        # Keep only parameters with at least one selected entry.
+    def _select(self, all_names: list[str], all_params: list[Tensor], mask_list: list[Tensor | None]) -> None:
+        """Keep only parameters with at least one selected entry; their flat layout."""
         self.names: list[str] = []
         self.params: list[Tensor] = []
         self._index: list[Tensor | None] = []  # flat indices of selected entries, None = all
@@ -281,22 +288,22 @@ class HessianOperator:
         if not self.params:
             raise ValueError("the masks select no entry of any parameter")
         self.dim = int(sum(self.sizes))
-        dtypes = {p.dtype for p in self.params}
-        self._dtype = torch.promote_types(*dtypes) if len(dtypes) > 1 else self.params[0].dtype
-        if dtype is not None:  # e.g. float32 vectors for a bfloat16 model: products in the model's dtype
-            self._dtype = dtype
-        self._device = self.params[0].device
+        self._offsets = [0]
+        for size in self.sizes:
+            self._offsets.append(self._offsets[-1] + size)
 
+    def _build_gradient_graph(self) -> None:
+        """Run every closure once and keep the first-order gradient graph (checked, reduced loss)."""
         with self.autograd_context():
             losses = [check_loss(fn(), i) for i, fn in enumerate(self.loss_fns)]
             total = torch.stack(losses).sum()
-            if combine == "mean":
+            if self.combine == "mean":
                 total = total / len(losses)
             value = total.detach().reshape(1).to(torch.float64)
-            if reduce is not None:
-                value = reduce(value)
+            if self.reduce is not None:
+                value = self.reduce(value)
             self.loss = float(value.reshape(-1)[0])
-            if check_finite and not math.isfinite(self.loss):
+            if self.check_finite and not math.isfinite(self.loss):
                 raise NonFiniteLossError(f"the loss is not finite ({self.loss}); no Hessian statistics can be computed")
             grads = torch.autograd.grad(total, self.params, create_graph=True, allow_unused=True)
         # Gradients that do not depend on any parameter (loss linear in that parameter, or unused)
@@ -305,9 +312,6 @@ class HessianOperator:
         self._grads: list[Tensor] | None = [grads[i] for i in self._outputs]
         if all(g is None for g in grads):
             raise ValueError("the loss does not depend on any of the selected parameters")
-        self._offsets = [0]
-        for s in self.sizes:
-            self._offsets.append(self._offsets[-1] + s)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod

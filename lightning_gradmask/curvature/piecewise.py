@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
+from lightning_gradmask.curvature._output_hessian import Grouping, batched_grad, close, decoupled
 from lightning_gradmask.curvature._random import gaussian
-from lightning_gradmask.curvature.layerwise import _batched_grad, _close, _decoupled, _Grouping
 from lightning_gradmask.curvature.operator import HessianOperator
 
 __all__ = ["PiecewiseOutcome", "piecewise_diagonal"]
@@ -153,7 +153,7 @@ def _output_hessian_blocks(g_f: Tensor, f: Tensor) -> Tensor:
     c = f[0].numel()
     probes = torch.zeros(c, n, c, dtype=f.dtype, device=f.device)
     probes[torch.arange(c), :, torch.arange(c)] = 1.0
-    h = _batched_grad(g_f, f, probes.reshape(c, *f.shape)).reshape(c, n, c)
+    h = batched_grad(g_f, f, probes.reshape(c, *f.shape)).reshape(c, n, c)
     blocks = h.permute(1, 2, 0).to(torch.float64)  # [n, row, column]
     return 0.5 * (blocks + blocks.transpose(1, 2))
 
@@ -204,12 +204,12 @@ def _accumulate(run: _Run, loss: Tensor, model: _Model, gen: torch.Generator) ->
     rebuilt = torch.autograd.grad(f, list(params.values()), grad_outputs=g_f.detach(), retain_graph=True,
                                   allow_unused=True, materialize_grads=True)
     for k, got, want in zip(list(run.indices), rebuilt, grads[1:]):
-        if want is None or not _close(got.reshape(-1).double(), want.detach().reshape(-1).double()):
+        if want is None or not close(got.reshape(-1).double(), want.detach().reshape(-1).double()):
             run.fail(k, "gradient does not pass through the model output only (a penalty inside the loss?)")
-    rows = _Grouping("rows", torch.arange(f.shape[0]), torch.zeros(f.shape[0], dtype=torch.long), f.shape[0], 1)
-    decoupled, spent = _decoupled(g_f, f, rows, gen)
+    rows = Grouping("rows", torch.arange(f.shape[0]), torch.zeros(f.shape[0], dtype=torch.long), f.shape[0], 1)
+    independent, spent = decoupled(g_f, f, rows, gen)
     run.outcome.num_matvecs += spent
-    if not decoupled:
+    if not independent:
         return run.fail_all("the loss couples the samples' outputs")
     try:
         for k in list(run.indices):

@@ -251,35 +251,64 @@ def _xtrace_finish(
 ) -> TraceEstimate:
     """Second half of XTrace, given the test vectors (rows of ``om``) and ``H Omega^T = Q R``."""
     names, sizes = _layout(op)
-    n = op.dim
-    s = om.shape[0]
     f64 = torch.float64
     r = r.to(f64)
     zt = _apply_rows(op, q.T.contiguous())  # rows: H q_k
     h = (zt @ q).to(f64)  # Q^T H Q
     h = 0.5 * (h + h.T)
-
     svals = torch.linalg.svdvals(r)
     rcond = 10 * torch.finfo(op.dtype).eps
     if float(svals[-1]) <= rcond * float(svals[0]):
-        # rank(H Omega) < s: then range(Y) = range(H) (almost surely), so the projection is exact:
-        # tr(H) = tr(Q^T H Q) and diag(H) = diag(H Q Q^T), up to rounding.
-        diag_exact = (zt.T * q).sum(dim=1).to(f64)
-        pp = _segment_sums(diag_exact.unsqueeze(0), sizes)[0].cpu()
-        total = float(torch.trace(h))
-        return TraceEstimate(
-            trace=total,
-            stderr=0.0,
-            per_parameter=dict(zip(names, pp.tolist())),
-            per_parameter_stderr=dict.fromkeys(names, 0.0),
-            num_matvecs=op.num_matvecs - start,
-            method="xtrace",
-            samples=torch.full((s,), total, dtype=f64),
-            diagonal=diag_exact if diagonal else None,
-            diagonal_stderr=torch.zeros_like(diag_exact) if diagonal else None,
-            exact=True,
-        )
+        return _xtrace_exact(op, q, zt, h, om.shape[0], diagonal, start)
+    parts = _xtrace_parts(om, q, r, h, probes, op.dim)
+    samples = (torch.trace(h) - parts.s_h_s + parts.gamma * parts.quad).cpu()
+    pp_samples = _xtrace_per_parameter(om, q, zt, r, parts, sizes)
+    diag = diag_se = None
+    if diagonal:
+        diag, diag_se = _xtrace_diagonal(op.dtype, om, q, zt, r, parts)
+    method = "xtrace" if probes == "gaussian" else "xtrace-rademacher"
+    return _estimate(op, start, method, names, samples, pp_samples, diag, diag_se)
 
+
+def _xtrace_exact(
+    op: LinearOperator, q: Tensor, zt: Tensor, h: Tensor, s: int, diagonal: bool, start: int
+) -> TraceEstimate:
+    """rank(H Omega) < s: then range(Y) = range(H) (almost surely), so the projection is exact:
+    tr(H) = tr(Q^T H Q) and diag(H) = diag(H Q Q^T), up to rounding."""
+    names, sizes = _layout(op)
+    f64 = torch.float64
+    diag_exact = (zt.T * q).sum(dim=1).to(f64)
+    pp = _segment_sums(diag_exact.unsqueeze(0), sizes)[0].cpu()
+    total = float(torch.trace(h))
+    return TraceEstimate(
+        trace=total,
+        stderr=0.0,
+        per_parameter=dict(zip(names, pp.tolist())),
+        per_parameter_stderr=dict.fromkeys(names, 0.0),
+        num_matvecs=op.num_matvecs - start,
+        method="xtrace",
+        samples=torch.full((s,), total, dtype=f64),
+        diagonal=diag_exact if diagonal else None,
+        diagonal_stderr=torch.zeros_like(diag_exact) if diagonal else None,
+        exact=True,
+    )
+
+
+@dataclass
+class _XTraceParts:
+    """The ``s x s`` quantities every XTrace sample is made of (float64)."""
+
+    w: Tensor  # column i: w_i = Q^T omega_i
+    sm: Tensor  # column i: s_i, the unit normal of range(R_{-i}) inside range(Q)
+    a: Tensor  # column i: a_i = w_i - c_i s_i, so u_i = omega_i - Q a_i
+    s_h_s: Tensor  # s_i^T H s_i
+    quad: Tensor  # u_i^T H u_i
+    gamma: Tensor  # normalization of each residual probe
+
+
+def _xtrace_parts(om: Tensor, q: Tensor, r: Tensor, h: Tensor, probes: str, n: int) -> _XTraceParts:
+    s = om.shape[0]
+    f64 = torch.float64
     w = (om @ q).T.to(f64)  # (s, s): column i is w_i = Q^T omega_i
     # s_i: unit normal of range(R_{-i}) inside range(Q), i.e. the normalized columns of R^{-T}.
     eye = torch.eye(s, dtype=f64, device=r.device)
@@ -296,9 +325,15 @@ def _xtrace_finish(
         gamma = (n - s + 1) / unorm2
     else:
         gamma = torch.ones(s, dtype=f64, device=r.device)
-    samples = (torch.trace(h) - s_h_s + gamma * quad).cpu()
+    return _XTraceParts(w, sm, a, s_h_s, quad, gamma)
 
-    # Per parameter block P: the same sum restricted to P's entries, from s x s Gram blocks.
+
+def _xtrace_per_parameter(
+    om: Tensor, q: Tensor, zt: Tensor, r: Tensor, parts: _XTraceParts, sizes: list[int]
+) -> Tensor:
+    """Per parameter block P: the samples restricted to P's entries, from ``s x s`` Gram blocks."""
+    f64 = torch.float64
+    sm, a, gamma = parts.sm, parts.a, parts.gamma
     pp_rows = []
     offset = 0
     for size in sizes:
@@ -315,19 +350,18 @@ def _xtrace_finish(
         t4 = ((m_zq @ a) * a).sum(dim=0)  # a_i^T Q_P^T Z_P a_i
         low = torch.trace(m_zq) - (sm * (m_zq @ sm)).sum(dim=0)  # tr(E_P H P_i)
         pp_rows.append(low + gamma * (t1 - t2 - t3 + t4))
-    pp_samples = torch.stack(pp_rows, dim=1).cpu()  # (s, n_params)
+    return torch.stack(pp_rows, dim=1).cpu()  # (s, n_params)
 
-    diag = diag_se = None
-    if diagonal:
-        # diag(H P_i) + gamma_i u_i * H u_i, entry by entry; H u_i = Q r_i - Z a_i.
-        dt = op.dtype
-        smd, ad, rd = sm.to(dt), a.to(dt), r.to(dt)
-        z = zt.T
-        per_i = (z * q).sum(dim=1, keepdim=True) - (z @ smd) * (q @ smd)
-        per_i += gamma.to(dt) * (om.T - q @ ad) * (q @ rd - z @ ad)  # (n, s)
-        diag, diag_se = _mean_stderr(per_i.T.to(f64))
-    method = "xtrace" if probes == "gaussian" else "xtrace-rademacher"
-    return _estimate(op, start, method, names, samples, pp_samples, diag, diag_se)
+
+def _xtrace_diagonal(
+    dt: torch.dtype, om: Tensor, q: Tensor, zt: Tensor, r: Tensor, parts: _XTraceParts
+) -> tuple[Tensor, Tensor]:
+    """diag(H P_i) + gamma_i u_i * H u_i, entry by entry (H u_i = Q r_i - Z a_i); mean and stderr."""
+    smd, ad, rd = parts.sm.to(dt), parts.a.to(dt), r.to(dt)
+    z = zt.T
+    per_i = (z * q).sum(dim=1, keepdim=True) - (z @ smd) * (q @ smd)
+    per_i += parts.gamma.to(dt) * (om.T - q @ ad) * (q @ rd - z @ ad)  # (n, s)
+    return _mean_stderr(per_i.T.to(torch.float64))
 
 
 def _adaptive(op: LinearOperator, m: int, gen: torch.Generator, diagonal: bool) -> TraceEstimate:

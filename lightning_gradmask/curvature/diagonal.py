@@ -92,9 +92,8 @@ def _owner_notes(op: HessianOperator, covered: set[int]) -> dict[str, str]:
     owners: dict[int, str] = {}
     if op.module is not None:
         for mod in op.module.modules():
-            for p in mod._parameters.values():
-                if p is not None:
-                    owners.setdefault(id(p), type(mod).__name__)
+            for _, p in mod.named_parameters(recurse=False):
+                owners.setdefault(id(p), type(mod).__name__)
     notes = {}
     for k, (name, param) in enumerate(zip(op.names, op.params)):
         if k not in covered:

@@ -62,6 +62,9 @@ def test_logs_exact_trace_and_algebraically_largest_eigenvalues(tmp_path):
     assert float(logged["hessian/trace"]) == pytest.approx(float(reference.trace()), rel=1e-5)
     for k in range(3):
         assert float(logged[f"hessian/eigenvalue_{k + 1}"]) == pytest.approx(float(eigenvalues[k]), rel=1e-4)
+    # exactly the keys of HessianStatistics.scalars(), plus the monitor's two timings
+    assert set(logged) == set(monitor.latest.scalars()) | {"hessian/seconds", "hessian/overhead"}
+    assert float(logged["hessian/matvecs"]) == monitor.latest.num_matvecs
     saved = torch.load(Path(logger.log_dir) / "hessian" / "epoch=0.pt", weights_only=False)
     assert torch.equal(saved["eigen"]["eigenvalues"], monitor.latest.eigen.eigenvalues)
 

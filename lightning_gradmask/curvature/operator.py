@@ -36,6 +36,7 @@ __all__ = [
     "MatrixOperator",
     "NonFiniteLossError",
     "ParamsLike",
+    "check_loss",
 ]
 
 ParamsLike = Union[Mapping[str, Tensor], Iterable[tuple[str, Tensor]], Iterable[Tensor]]

@@ -221,7 +221,7 @@ def reference_top_eigenvalue(model: nn.Module, x: torch.Tensor, y: torch.Tensor)
     m64 = copy.deepcopy(model).double()
     x64 = x.double()
     op = HessianOperator.from_module(m64, lambda: F.cross_entropy(m64(x64), y))
-    res = lanczos(op, k=1, max_iter=300, tol=1e-10, seed=12345)
+    res = lanczos(op, k=1, num_matvecs=300, tol=1e-10, seed=12345)
     return float(res.eigenvalues[0])
 
 
@@ -255,7 +255,7 @@ def eigen_section(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     for seed in range(seeds):
         op = operator(model, x, y)
         res, t = timed(lambda: lanczos(op, k=1, seed=seed))
-        rows.append(("ours", abs(float(res.eigenvalues[0]) - ref) / abs(ref), res.num_products, t))  # type: ignore[attr-defined]
+        rows.append(("ours", abs(float(res.eigenvalues[0]) - ref) / abs(ref), res.num_matvecs, t))  # type: ignore[attr-defined]
         torch.manual_seed(seed)
         ph = CountingPyHessian(model, x, y)
         val, t = timed(lambda: ph.eigenvalue(tol=1e-3))
@@ -297,7 +297,7 @@ def trace_section(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             errs.append(abs(est.trace - true) / abs(true))  # type: ignore[attr-defined]
             zs.append((est.trace - true) / est.stderr if est.stderr > 0 else 0.0)  # type: ignore[attr-defined]
             secs.append(t)
-            prods.append(est.num_products)  # type: ignore[attr-defined]
+            prods.append(est.num_matvecs)  # type: ignore[attr-defined]
             chosen.add(est.method)  # type: ignore[attr-defined]
         z = math.sqrt(statistics.fmean(v * v for v in zs))
         label = f"`estimate_trace` {method}" + (
@@ -327,11 +327,11 @@ def trace_section(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     errs, secs, prods, notes = [], [], [], set()
     for seed in range(seeds):
         op = operator(model, x, y)
-        st, t = timed(lambda: hessian_statistics(op, ("trace",), trace_products=100, seed=seed))
-        errs.append(abs(st.trace - true) / abs(true))  # type: ignore[attr-defined]
+        st, t = timed(lambda: hessian_statistics(op, ("trace",), trace_matvecs=100, seed=seed))
+        errs.append(abs(st.trace.trace - true) / abs(true))  # type: ignore[attr-defined]
         secs.append(t)
-        prods.append(st.num_products)  # type: ignore[attr-defined]
-        notes.add(st.trace_method)  # type: ignore[attr-defined]
+        prods.append(st.num_matvecs)  # type: ignore[attr-defined]
+        notes.add(st.trace.method)  # type: ignore[attr-defined]
     results["default"] = (statistics.fmean(errs), statistics.fmean(secs))
     print(
         f"| `hessian_statistics` default ({', '.join(sorted(notes))}) | {statistics.fmean(errs):.2e} | {max(errs):.2e} | n/a | {statistics.fmean(prods):.0f} | {statistics.fmean(secs):.2f} |"
@@ -394,10 +394,10 @@ def diagonal_section(seeds: int) -> None:
     print("|---|---|---|---|---|")
     print(f"| per-element `torch.autograd.grad` loop | {rel(loops[0][0]):.1e} | {n} | {t_loop:.3f} | 1.0x |")  # type: ignore[arg-type]
     print(
-        f"| `exact_diagonal` (layerwise) | {rel(res.diagonal):.1e} | {res.num_products} | {t_ours:.4f} | {t_loop / t_ours:.0f}x |"
+        f"| `exact_diagonal` (layerwise) | {rel(res.diagonal):.1e} | {res.num_matvecs} | {t_ours:.4f} | {t_loop / t_ours:.0f}x |"
     )  # type: ignore[attr-defined]
     print(
-        f'| `exact_diagonal(method="products")` (fallback) | {rel(prod_res.diagonal):.1e} | {prod_res.num_products} | {t_prod:.3f} | {t_loop / t_prod:.1f}x |'
+        f'| `exact_diagonal(method="products")` (fallback) | {rel(prod_res.diagonal):.1e} | {prod_res.num_matvecs} | {t_prod:.3f} | {t_loop / t_prod:.1f}x |'
     )  # type: ignore[attr-defined]
 
     # stochastic diagonal on the 100k MLP, against its exact (layerwise) diagonal
@@ -440,7 +440,7 @@ def reference_top(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int) ->
     m64 = copy.deepcopy(model).double()
     x64 = x.double()
     op = HessianOperator.from_module(m64, lambda: F.cross_entropy(m64(x64), y))
-    res = lanczos(op, k=k, max_iter=400, tol=1e-11, seed=12345)
+    res = lanczos(op, k=k, num_matvecs=400, tol=1e-11, seed=12345)
     assert res.converged, "reference Lanczos did not converge"
     return res.eigenvalues
 
@@ -452,7 +452,7 @@ def _rel_error(values: torch.Tensor, ref: torch.Tensor) -> float:
 def _ours_top(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, int, float, bool]:
     op = operator(model, x, y)
     res, t = timed(lambda: lanczos(op, k=k, seed=seed))
-    return res.eigenvalues, res.num_products, t, res.converged  # type: ignore[attr-defined]
+    return res.eigenvalues, res.num_matvecs, t, res.converged  # type: ignore[attr-defined]
 
 
 def _curvlinops_top(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, seed: int):  # noqa: ANN202
@@ -599,7 +599,7 @@ def exact_diagonal_section() -> None:
         methods = ", ".join(sorted(set(res.methods.values())))  # type: ignore[attr-defined]
         true = float(res.diagonal.sum())  # type: ignore[attr-defined]
         stats = hessian_statistics(operator(model, x, y), ("trace",), seed=0)
-        trace_err = abs(stats.trace - true) / abs(true)  # type: ignore[operator]
+        trace_err = abs(stats.trace.trace - true) / abs(true)  # type: ignore[operator]
         if "backpack" in got:
             theirs, t_bp = got["backpack"]
             diff = float((res.diagonal - theirs.double()).abs().max() / res.diagonal.abs().max())  # type: ignore[attr-defined, union-attr]
@@ -611,8 +611,8 @@ def exact_diagonal_section() -> None:
         else:
             bp_cols = "none (no attention support) | - | -"
         print(
-            f"| {kind} {state} | {op.dim} | {methods} | {res.num_products} | {t_ours:.3f} | {bp_cols} "  # type: ignore[attr-defined]
-            f"| {t_hutch:.3f} | {t_ours / t_hutch:.1f}x | {trace_err:.1e} ({stats.trace_method}) |"
+            f"| {kind} {state} | {op.dim} | {methods} | {res.num_matvecs} | {t_ours:.3f} | {bp_cols} "  # type: ignore[attr-defined]
+            f"| {t_hutch:.3f} | {t_ours / t_hutch:.1f}x | {trace_err:.1e} ({stats.trace.method}) |"
         )
 
 

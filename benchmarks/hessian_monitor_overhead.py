@@ -142,7 +142,7 @@ def compare(name: str, build, data_fn, epochs: int, rounds: int, monitor_kwargs:
     print(f"  training time with monitor    : {with_monitor:.2f} s (median)")
     print(f"  monitor cost                  : {with_monitor / base - 1:+.1%} of training time")
     print(f"  evaluations run               : {budget.evaluations} ({'last one' if budget.evaluations else 'estimated'} {budget.last_cost:.2f} s, "
-          f"{last.latest.num_products if last.latest else 0} products); monitor's own share {budget.overhead():.1%}")
+          f"{last.latest.num_matvecs if last.latest else 0} products); monitor's own share {budget.overhead():.1%}")
 
 
 def classification_data(batches: int, batch_size: int, shape: tuple[int, ...], seed: int = 0) -> DataLoader:
@@ -166,7 +166,7 @@ class Tracked(Callback):
         latest = self.monitor.latest
         if latest is not None and latest is not self.last:
             self.last = latest
-            self.products.append(latest.num_products)
+            self.products.append(latest.num_matvecs)
 
 
 class ColdMonitor(HessianMonitor):

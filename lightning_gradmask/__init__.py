@@ -48,6 +48,7 @@ from lightning_gradmask.errors import (
     GradmaskConfigTypeError,
     MaskSpecError,
     NoiseStdError,
+    NonFiniteLossError,
     UnsupportedStrategyError,
 )
 from lightning_gradmask.functional.blinding import IndependenceReport, verify_independence
@@ -71,6 +72,7 @@ __all__ = [
     "MaskedL1Mixin",
     "MaskedL1Term",
     "NoiseStdError",
+    "NonFiniteLossError",
     "SensitiveColumnBlinding",
     "UnsupportedStrategyError",
     "WeightNoise",

@@ -21,6 +21,7 @@ __all__ = [
     "GradmaskConfigTypeError",
     "MaskSpecError",
     "NoiseStdError",
+    "NonFiniteLossError",
     "UnsupportedStrategyError",
 ]
 
@@ -57,3 +58,16 @@ class NoiseStdError(GradmaskConfigError):
 
 class UnsupportedStrategyError(RuntimeError):
     """The Trainer's strategy hides or shards gradients in a way the callback cannot serve."""
+
+
+class NonFiniteLossError(ValueError):
+    """The loss (or a Hessian-vector product) is NaN or infinite.
+
+    A subclass of :class:`ValueError`, so ``except ValueError`` still catches it, while a caller that
+    wants to skip a step on a diverged loss can catch exactly this class::
+
+        try:
+            op = HessianOperator.from_module(model, closure)  # lightning_gradmask.curvature
+        except NonFiniteLossError:
+            return  # nothing sensible to measure
+    """

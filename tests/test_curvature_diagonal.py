@@ -45,7 +45,26 @@ def test_layerwise_mlp_is_exact_with_inplace_relu():
     assert res.exact and res.stderr is None
     assert_rel(res.diagonal, ref, 1e-10)
     assert res.per_parameter["0.weight"].shape == (8, 5)
-    assert res.num_products < op.dim  # out_features products per layer + row checks
+    assert res.num_matvecs < op.dim  # out_features products per layer + row checks
+
+
+def test_linear_calls_are_recorded_without_replacing_f_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = inputs(24, 5)
+    original = F.linear
+    unpatched: list[bool] = []
+
+    def closure() -> torch.Tensor:
+        unpatched.append(torch.nn.functional.linear is original)  # what other threads would see too
+        return F.cross_entropy(model(x), y)
+
+    op = HessianOperator.from_module(model, closure)
+    res = exact_diagonal(op)
+    assert set(res.methods.values()) == {"layerwise"}
+    assert len(unpatched) >= 3 and all(unpatched)  # operator, layer discovery, recording
+    assert_rel(res.diagonal, reference_diagonal(model, ce_of(x, y)), 1e-10)
+    assert not torch.overrides._get_current_function_mode_stack()  # the recording mode is gone
 
 
 def test_layerwise_float32_within_1e5():
@@ -205,7 +224,7 @@ def test_transformer_linear_maps_are_exact_per_layer(batch_first):
     assert res.groupings["head.weight"] == "rows"
     assert_rel(res.diagonal, ref, 1e-10)
     norms = sum(op.sizes[k] for k, n in enumerate(op.names) if "norm" in n)
-    assert res.num_products < 0.6 * op.dim and exact_diagonal_cost(op) >= res.num_products - norms
+    assert res.num_matvecs < 0.6 * op.dim and exact_diagonal_cost(op) >= res.num_matvecs - norms
 
 
 def test_linear_layer_without_module_is_layerwise():
@@ -249,7 +268,7 @@ def test_piecewise_linear_cnn_with_batchnorm_and_residual_is_exact_without_per_e
     assert res.methods["head.weight"] == "layerwise"
     assert {res.methods[n] for n in op.names if not n.startswith("head.")} == {"piecewise"}
     assert_rel(res.diagonal, ref, 1e-10)
-    assert res.num_products < 60 < op.dim  # about 2 * classes + checks, not one product per entry
+    assert res.num_matvecs < 60 < op.dim  # about 2 * classes + checks, not one product per entry
 
 
 def test_piecewise_rule_refuses_smooth_activations_and_train_mode_batchnorm():

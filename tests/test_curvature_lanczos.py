@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_gradmask.curvature import HessianOperator, MatrixOperator, default_max_iter, lanczos
+from lightning_gradmask.curvature import HessianOperator, MatrixOperator, default_lanczos_matvecs, lanczos
 
 from reference import cross_entropy_of, reference_hessian
 
@@ -32,9 +32,9 @@ def test_top_eigenvalues_match_eigvalsh():
     assert res.converged
     rel = ((res.eigenvalues - exact[:3]).abs() / exact[:3].abs()).max()
     assert rel < 1e-4
-    assert res.num_products == op.num_products < op.dim
+    assert res.num_matvecs == op.num_matvecs < op.dim
     assert torch.all(res.eigenvalues[:-1] >= res.eigenvalues[1:])  # descending
-    assert res.alphas.numel() == res.num_products and res.betas.numel() == res.num_products - 1
+    assert res.alphas.numel() == res.num_matvecs and res.betas.numel() == res.num_matvecs - 1
 
 
 def test_eigenvectors_and_residuals():
@@ -95,7 +95,7 @@ def test_exhausting_the_space_is_exact():
     a = torch.diag(torch.tensor([3.0, -7.0, 1.0, 0.5], dtype=torch.float64))
     res = lanczos(MatrixOperator(a), k=4, seed=0, tol=1e-12)
     torch.testing.assert_close(res.eigenvalues, torch.tensor([3.0, 1.0, 0.5, -7.0], dtype=torch.float64))
-    assert res.converged and res.num_products <= 4
+    assert res.converged and res.num_matvecs <= 4
 
 
 def clustered_matrix(n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,17 +120,17 @@ def test_eigenvalue_hidden_in_a_cluster_is_found():
 
 def test_budget_running_out_is_reported():
     op, _ = mlp_and_hessian()
-    res = lanczos(op, k=3, max_iter=5, tol=1e-10, seed=0)
-    assert not res.converged and res.stop_reason == "max_iter"
-    assert res.num_products == op.num_products == 5
+    res = lanczos(op, k=3, num_matvecs=5, tol=1e-10, seed=0)
+    assert not res.converged and res.stop_reason == "num_matvecs"
+    assert res.num_matvecs == op.num_matvecs == 5
     exact = lanczos(MatrixOperator(torch.diag(torch.tensor([3.0, -7.0, 1.0], dtype=torch.float64))), k=2)
     assert exact.converged and exact.stop_reason == "exhausted"
 
 
 def test_default_budget_is_generous_but_capped_by_dim():
-    assert default_max_iter(10_000, 1) == 100
-    assert default_max_iter(10_000, 5) == 190
-    assert default_max_iter(50, 5) == 50
+    assert default_lanczos_matvecs(10_000, 1) == 100
+    assert default_lanczos_matvecs(10_000, 5) == 190
+    assert default_lanczos_matvecs(50, 5) == 50
 
 
 def test_warm_start_from_previous_eigenvectors():
@@ -140,7 +140,7 @@ def test_warm_start_from_previous_eigenvectors():
     assert cold.eigenvectors is not None
     warm = lanczos(op, k=2, tol=1e-8, seed=1, init=cold.eigenvectors)
     torch.testing.assert_close(warm.eigenvalues, exact, rtol=1e-6, atol=0)
-    assert warm.converged and warm.num_products < cold.num_products
+    assert warm.converged and warm.num_matvecs < cold.num_matvecs
     one = lanczos(op, k=1, tol=1e-8, seed=1, init=cold.eigenvectors[:, 0])  # a (dim,) vector works too
     torch.testing.assert_close(one.eigenvalues, exact[:1], rtol=1e-6, atol=0)
 
@@ -153,4 +153,4 @@ def test_bad_start_arguments_are_rejected():
         lanczos(op, init=torch.zeros(op.dim, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="either v0"):
         lanczos(op, v0=torch.ones(op.dim), init=torch.ones(op.dim))
-    assert op.num_products == 0
+    assert op.num_matvecs == 0

@@ -47,12 +47,13 @@ def test_hvp_matches_torch_func_hessian(make):
     for _ in range(3):
         v = torch.randn(op.dim, generator=g, dtype=torch.float64)
         torch.testing.assert_close(op.matvec(v), h @ v, rtol=1e-10, atol=1e-12)
-    assert op.num_products == 3
+    assert op.num_matvecs == 3
     rows = torch.randn(4, op.dim, generator=g, dtype=torch.float64)
     torch.testing.assert_close(op.matmat(rows), rows @ h, rtol=1e-10, atol=1e-12)
-    with pytest.warns(FutureWarning, match="batched"):  # deprecated, ignored: the loop was faster
-        torch.testing.assert_close(op.matmat(rows, batched=True), rows @ h, rtol=1e-10, atol=1e-12)
-    assert op.num_products == 11
+    with pytest.raises(TypeError):  # the vmapped variant is gone: the loop was faster (benchmarks/README.md)
+        op.matmat(rows, batched=True)  # type: ignore[call-arg]
+    torch.testing.assert_close(op.matmat(rows), rows @ h, rtol=1e-10, atol=1e-12)
+    assert op.num_matvecs == 11
 
 
 def test_masked_operator_is_the_sub_hessian():
@@ -184,4 +185,4 @@ def test_matrix_operator():
     torch.testing.assert_close(
         op.matvec(torch.ones(3, dtype=torch.float64)), torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
     )
-    assert op.num_products == 1
+    assert op.num_matvecs == 1

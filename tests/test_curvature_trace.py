@@ -31,7 +31,7 @@ def test_estimate_within_reported_error(moderate, method):
     assert op.dim > 1000
     for seed in range(3):
         est = estimate_trace(op, 60, method=method, seed=seed)
-        assert est.num_products == 60
+        assert est.num_matvecs == 60
         assert est.stderr > 0
         assert abs(est.trace - true) <= 4 * est.stderr, (seed, est.trace, true, est.stderr)
         assert abs(sum(est.per_parameter.values()) - est.trace) <= 1e-8 * abs(true)

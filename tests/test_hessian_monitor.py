@@ -51,9 +51,9 @@ def test_logs_exact_trace_and_algebraically_largest_eigenvalues(tmp_path):
     reference = exact_hessian(model, keep.batch)
     eigenvalues = torch.linalg.eigvalsh(reference).flip(0)[:3]
     assert monitor.latest.exact["trace"] and monitor.latest.exact["eigenvalues"]
-    assert monitor.latest.trace == pytest.approx(float(reference.trace()), rel=1e-5)
-    assert torch.allclose(monitor.latest.eigenvalues.double(), eigenvalues, rtol=1e-4)
-    diagonal = torch.cat([monitor.latest.diagonal[n].reshape(-1) for n, _ in model.named_parameters()])
+    assert monitor.latest.trace.trace == pytest.approx(float(reference.trace()), rel=1e-5)
+    assert torch.allclose(monitor.latest.eigen.eigenvalues.double(), eigenvalues, rtol=1e-4)
+    diagonal = torch.cat([monitor.latest.diagonal.per_parameter[n].reshape(-1) for n, _ in model.named_parameters()])
     assert torch.allclose(diagonal.double(), reference.diagonal(), rtol=1e-5, atol=1e-7)
 
     metrics = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
@@ -62,8 +62,11 @@ def test_logs_exact_trace_and_algebraically_largest_eigenvalues(tmp_path):
     assert float(logged["hessian/trace"]) == pytest.approx(float(reference.trace()), rel=1e-5)
     for k in range(3):
         assert float(logged[f"hessian/eigenvalue_{k + 1}"]) == pytest.approx(float(eigenvalues[k]), rel=1e-4)
+    # exactly the keys of HessianStatistics.scalars(), plus the monitor's two timings
+    assert set(logged) == set(monitor.latest.scalars()) | {"hessian/seconds", "hessian/overhead"}
+    assert float(logged["hessian/matvecs"]) == monitor.latest.num_matvecs
     saved = torch.load(Path(logger.log_dir) / "hessian" / "epoch=0.pt", weights_only=False)
-    assert torch.equal(saved["eigenvalues"], monitor.latest.eigenvalues)
+    assert torch.equal(saved["eigen"]["eigenvalues"], monitor.latest.eigen.eigenvalues)
 
 
 def test_only_trainable_entries_of_a_gradient_mask_count():
@@ -76,7 +79,7 @@ def test_only_trainable_entries_of_a_gradient_mask_count():
     trainer(callbacks=[GradientMask(mask), keep, monitor], max_epochs=1).fit(model, loader())
     reference = exact_hessian(model, keep.batch, mask)
     assert monitor.latest.dim == reference.shape[0] == 24 + 8 + 8
-    assert monitor.latest.trace == pytest.approx(float(reference.trace()), rel=1e-5)
+    assert monitor.latest.trace.trace == pytest.approx(float(reference.trace()), rel=1e-5)
 
 
 class Watched(L.LightningModule):
@@ -148,7 +151,7 @@ def test_explicit_dataloader_and_subset_of_parameters():
     batch = next(iter(probe))
     full = exact_hessian(model, batch)
     assert monitor.latest.dim == 9
-    assert monitor.latest.trace == pytest.approx(float(full.diagonal()[-9:].sum()), rel=1e-5)
+    assert monitor.latest.trace.trace == pytest.approx(float(full.diagonal()[-9:].sum()), rel=1e-5)
 
 
 def test_every_n_epochs_and_density_figure_for_tensorboard(tmp_path):
@@ -162,8 +165,8 @@ def test_every_n_epochs_and_density_figure_for_tensorboard(tmp_path):
         "epoch=1.pt",
         "epoch=3.pt",
     ]
-    density = monitor.latest.density.double()
-    grid = monitor.latest.density_grid.double()
+    density = monitor.latest.density.density.double()
+    grid = monitor.latest.density.grid.double()
     assert float(torch.trapezoid(density, grid)) == pytest.approx(1.0, abs=0.05)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -236,7 +239,7 @@ def test_ddp_every_rank_logs_the_union_batch_statistics(tmp_path):
     closures = [lambda b=b: mse(model, b) for b in (ranks[0]["batch"], ranks[1]["batch"])]
     operator = HessianOperator(closures, model.named_parameters(), masks={"net.0.weight": edges}, module=model, eval_mode=True)
     single = hessian_statistics(operator, ("trace", "eigenvalues", "diagonal"), top_k=2, seed=0)
-    assert ranks[0]["trace"] == pytest.approx(single.trace, rel=1e-6)
-    assert torch.allclose(ranks[0]["eigenvalues"], single.eigenvalues, rtol=1e-6)
-    for name, diagonal in single.diagonal.items():
+    assert ranks[0]["trace"] == pytest.approx(single.trace.trace, rel=1e-6)
+    assert torch.allclose(ranks[0]["eigenvalues"], single.eigen.eigenvalues, rtol=1e-6)
+    for name, diagonal in single.diagonal.per_parameter.items():
         assert torch.allclose(ranks[0]["diagonal"][name], diagonal, rtol=1e-5, atol=1e-8, equal_nan=True), name

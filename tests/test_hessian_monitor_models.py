@@ -93,7 +93,7 @@ def token_data(labels: int | None, n=16, length=8, seed=0):
 def test_transformers_with_fused_attention_match_the_eager_model(build, labels, name):
     model = HuggingFace(build())
     assert model.model.config._attn_implementation == "sdpa"
-    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, params=f"model.{name}", budget=10_000,
+    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, params=f"model.{name}", exact_up_to=10_000,
                              max_overhead=None, strict=True)
     keep = KeepFirstBatch()
     trainer(callbacks=[keep, monitor], max_epochs=1).fit(model, token_data(labels))
@@ -106,8 +106,8 @@ def test_transformers_with_fused_attention_match_the_eager_model(build, labels, 
     eigenvalues = torch.linalg.eigvalsh(reference).flip(0)[:2]
     assert monitor.latest.exact["eigenvalues"]
     assert float(eigenvalues[0]) > 1e-3  # the attention's curvature is really measured
-    assert torch.allclose(monitor.latest.eigenvalues.double(), eigenvalues, rtol=1e-4)
-    assert monitor.latest.trace == pytest.approx(float(reference.trace()), rel=1e-4, abs=1e-6)
+    assert torch.allclose(monitor.latest.eigen.eigenvalues.double(), eigenvalues, rtol=1e-4)
+    assert monitor.latest.trace.trace == pytest.approx(float(reference.trace()), rel=1e-4, abs=1e-6)
 
 
 def test_gpt2_tied_embedding_selected_by_its_second_name_counts_once():
@@ -164,21 +164,21 @@ def test_batchnorm_cnn_matches_torch_func_in_eval_mode():
     g = torch.Generator().manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(16, 3, 4, 4, generator=g), torch.randint(0, 3, (16,), generator=g)), batch_size=8)
     model, keep = TinyResNet(), KeepFirstBatch()
-    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, params="block.0.weight", budget=10_000,
+    monitor = HessianMonitor(stats=("trace", "eigenvalues"), top_k=2, params="block.0.weight", exact_up_to=10_000,
                              max_overhead=None, strict=True)
     trainer(callbacks=[keep, monitor], max_epochs=1).fit(model, data)
     x, y = keep.batch
     model.eval()  # the monitor's BatchNorm uses the running statistics
     reference = subset_hessian(model, "block.0.weight", lambda call: F.cross_entropy(call(x), y))
     model.train()
-    assert torch.allclose(monitor.latest.eigenvalues.double(), torch.linalg.eigvalsh(reference).flip(0)[:2], rtol=1e-4)
-    assert monitor.latest.trace == pytest.approx(float(reference.trace()), rel=1e-4)
+    assert torch.allclose(monitor.latest.eigen.eigenvalues.double(), torch.linalg.eigvalsh(reference).flip(0)[:2], rtol=1e-4)
+    assert monitor.latest.trace.trace == pytest.approx(float(reference.trace()), rel=1e-4)
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("16-true", torch.float16)])
 def test_half_precision_models_get_statistics_close_to_float32(precision, dtype):
     model, keep = TinyRegressor(hidden=16, optimizer=lambda p: torch.optim.SGD(p, lr=0.0)), KeepFirstBatch()
-    monitor = HessianMonitor(mse, stats=("trace", "eigenvalues", "density"), budget=0, max_overhead=None, strict=True)
+    monitor = HessianMonitor(mse, stats=("trace", "eigenvalues", "density"), exact_up_to=0, max_overhead=None, strict=True)
     trainer(callbacks=[keep, monitor], max_epochs=1, precision=precision).fit(model, loader())
     assert model.net[0].weight.dtype == dtype
     x, y = keep.batch
@@ -186,10 +186,10 @@ def test_half_precision_models_get_statistics_close_to_float32(precision, dtype)
     full.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     reference = reference_hessian(full, lambda m, params: F.mse_loss(functional_call(m, params, (x.double(),)), y.double()))
     top = float(torch.linalg.eigvalsh(reference)[-1])
-    assert float(monitor.latest.eigenvalues[0]) == pytest.approx(top, rel=2e-3)  # measured: about 1e-4
+    assert float(monitor.latest.eigen.eigenvalues[0]) == pytest.approx(top, rel=2e-3)  # measured: about 1e-4
     assert not monitor.latest.exact["trace"]  # an estimate: within its own error bar
-    assert abs(monitor.latest.trace - float(reference.trace())) <= 4 * monitor.latest.trace_stderr + 1e-3
-    assert bool(torch.isfinite(monitor.latest.density).all())
+    assert abs(monitor.latest.trace.trace - float(reference.trace())) <= 4 * monitor.latest.trace.stderr + 1e-3
+    assert bool(torch.isfinite(monitor.latest.density.density).all())
 
 
 def test_model_pruning_renames_and_only_unpruned_entries_count():
@@ -256,4 +256,4 @@ def test_mixed_precision_measures_the_float32_model_without_autocast():
         return monitor.latest
 
     mixed, full = top("bf16-mixed"), top("32-true")
-    assert torch.equal(mixed.eigenvalues, full.eigenvalues) and mixed.trace == full.trace
+    assert torch.equal(mixed.eigen.eigenvalues, full.eigen.eigenvalues) and mixed.trace.trace == full.trace.trace

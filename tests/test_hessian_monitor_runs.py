@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from lightning_gradmask import HessianMonitor
 from lightning_gradmask.callbacks._hessian_output import density_figure
+from lightning_gradmask.curvature import StatisticsOptions
 
 from reference import reference_hessian
 from utils import TinyRegressor, loader, regression_data, snapshot, trainer
@@ -137,10 +138,9 @@ def test_trial_with_a_probe_dataloader_runs_at_train_start():
         (dict(dataloader={"x": 1}), TypeError, "got dict"),
         (dict(loss_fn=lambda batch: batch), ValueError, "cannot be called as loss_fn\\(pl_module, batch\\)"),
         (dict(loss_fn="not a name"), ValueError, "is not a method name"),
-        (dict(statistics_kwargs={"lanczos_tolerance": 1e-3}), ValueError, "unknown key 'lanczos_tolerance'; choose from .*lanczos_tol"),
-        (dict(statistics_kwargs={"top_k": 2}), ValueError, "'top_k' is set by the monitor"),
-        (dict(statistics_kwargs={"trace_method": "exactly"}), ValueError, "choose from \\['auto', 'adaptive'"),
-        (dict(statistics_kwargs=[("lanczos_tol", 1)]), TypeError, "must be a dict"),
+        (dict(options={"lanczos_tol": 1e-3}), TypeError, "options=...\\) must be a lightning_gradmask.curvature.StatisticsOptions"),
+        (dict(options=[("lanczos_tol", 1)]), TypeError, "StatisticsOptions or None, got list"),
+        (dict(exact_up_to=-1), ValueError, "exact_up_to=...\\) must be a non-negative integer"),
         (dict(max_overhead=0), ValueError, "max_overhead"),
         (dict(max_overhead="10%"), ValueError, "max_overhead"),
         (dict(every_n_steps=0), ValueError, "every_n_steps"),
@@ -152,6 +152,15 @@ def test_trial_with_a_probe_dataloader_runs_at_train_start():
 def test_every_constructor_argument_is_checked_at_construction(kwargs, error, message):
     with pytest.raises(error, match=message):
         HessianMonitor(**({"loss_fn": mse} | kwargs))
+
+
+def test_estimator_options_are_checked_when_made():
+    with pytest.raises(TypeError, match="lanczos_tolerance"):  # not an option
+        StatisticsOptions(lanczos_tolerance=1e-3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="top_k"):  # an argument of the monitor itself, not an option
+        StatisticsOptions(top_k=2)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="choose from \\['auto', 'adaptive'"):
+        StatisticsOptions(trace_method="exactly")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------- random streams
@@ -241,14 +250,14 @@ class Evaluations(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.monitor.latest is not None and self.monitor.latest is not self.last:
             self.last = self.monitor.latest
-            self.seen.append((trainer.global_step, self.last.num_products))
+            self.seen.append((trainer.global_step, self.last.num_matvecs))
 
 
 def test_every_n_steps_tracks_the_top_eigenvalue_with_warm_started_lanczos():
     model = TinyRegressor(hidden=48, optimizer=lambda p: torch.optim.SGD(p, lr=1e-3))  # 385 entries: Lanczos
     probe = loader(regression_data(n=16, seed=5), batch_size=16)
     monitor = HessianMonitor(mse, stats=("eigenvalues",), every_n_steps=2, dataloader=probe, max_overhead=None,
-                             statistics_kwargs={"lanczos_tol": 1e-6})
+                             options=StatisticsOptions(lanczos_tol=1e-6))
     evaluations = Evaluations(monitor)
     fit = trainer(callbacks=[monitor, evaluations], max_epochs=3)
     fit.fit(model, loader())
@@ -258,7 +267,7 @@ def test_every_n_steps_tracks_the_top_eigenvalue_with_warm_started_lanczos():
     assert "hessian/eigenvalue_1" in fit.callback_metrics
     batch = next(iter(probe))
     reference = reference_hessian(model, lambda m, params: mse(lambda x: torch.func.functional_call(m, params, (x,)), batch))
-    assert float(monitor.latest.eigenvalues[0]) == pytest.approx(float(torch.linalg.eigvalsh(reference.double())[-1]), rel=1e-5)
+    assert float(monitor.latest.eigen.eigenvalues[0]) == pytest.approx(float(torch.linalg.eigvalsh(reference.double())[-1]), rel=1e-5)
 
 
 # ---------------------------------------------------------------------- pictures and files
@@ -336,4 +345,4 @@ def test_density_figure_has_a_readable_scale_labels_and_eigenvalue_markers():
     assert axes.get_yscale() == "log" and 3 <= math.log10(high / low) <= 5
     assert axes.get_xlabel() == "eigenvalue" and "density" in axes.get_ylabel()
     marked = sorted(line.get_xdata()[0] for line in axes.get_lines()[1:])
-    assert marked == pytest.approx(sorted(monitor.latest.eigenvalues.tolist()))
+    assert marked == pytest.approx(sorted(monitor.latest.eigen.eigenvalues.tolist()))

@@ -104,7 +104,7 @@ def test_blinding_noise_and_hessian_monitor_under_pytorch_lightning() -> None:
     pl_trainer(callbacks=callbacks).fit(model, loader())
     assert torch.equal(model.net[0].weight[:, :2], torch.zeros(8, 2))
     assert not torch.equal(model.net[2].weight, before["net.2.weight"])
-    assert monitor.latest is not None and torch.isfinite(torch.as_tensor(monitor.latest.trace))
+    assert monitor.latest is not None and torch.isfinite(torch.as_tensor(monitor.latest.trace.trace))
 
 
 def test_masked_l1_mixin_on_a_pytorch_lightning_module() -> None:
@@ -165,4 +165,4 @@ def test_two_hessian_monitors_share_a_pytorch_lightning_trainer() -> None:
     per_step = HessianMonitor(loss_fn=loss, stats=("eigenvalues",), every_n_steps=2, max_overhead=None)
     pl_trainer(callbacks=[per_epoch, per_step]).fit(PLRegressor(), loader())
     assert per_epoch.latest is not None and per_epoch.latest.trace is not None
-    assert per_step.latest is not None and per_step.latest.eigenvalues is not None
+    assert per_step.latest is not None and per_step.latest.eigen is not None

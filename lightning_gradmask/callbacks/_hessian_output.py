@@ -63,9 +63,9 @@ def density_figure(result: HessianStatistics, title: str) -> Any:
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    assert result.density is not None and result.density_grid is not None
-    grid = result.density_grid.double().cpu()
-    density = result.density.double().cpu()
+    assert result.density is not None
+    grid = result.density.grid.double().cpu()
+    density = result.density.density.double().cpu()
     finite = density[density.isfinite()]
     peak = float(finite.max()) if finite.numel() else 1.0
     peak = peak if peak > 0 and math.isfinite(peak) else 1.0
@@ -75,8 +75,8 @@ def density_figure(result: HessianStatistics, title: str) -> Any:
     axes.plot(grid.numpy(), density.clamp_min(floor).numpy(), color="tab:blue", label="density")
     axes.set_yscale("log")
     axes.set_ylim(floor, peak * 2.0)
-    if result.eigenvalues is not None:
-        for index, value in enumerate(result.eigenvalues.tolist(), start=1):
+    if result.eigen is not None:
+        for index, value in enumerate(result.eigen.eigenvalues.tolist(), start=1):
             axes.axvline(value, color="tab:red", linestyle="--", linewidth=0.8,
                          label="top eigenvalues" if index == 1 else None)
     axes.set_xlabel("eigenvalue")

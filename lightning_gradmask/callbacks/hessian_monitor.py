@@ -6,7 +6,6 @@ import contextlib
 import inspect
 import math
 import time
-import typing
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,9 +31,10 @@ from lightning_gradmask.curvature import (
     HessianOperator,
     HessianStatistics,
     NonFiniteLossError,
+    StatisticsOptions,
     hessian_statistics,
+    planned_matvecs,
 )
-from lightning_gradmask.curvature.statistics import planned_matvecs
 from lightning_gradmask.errors import GradmaskConfigError, GradmaskConfigTypeError
 from lightning_gradmask.functional.constraints import parameter_constraints
 from lightning_gradmask.functional.selection import ParameterTable, ParamSelector, normalize_selector
@@ -44,7 +44,6 @@ __all__ = ["HessianMonitor"]
 LossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
 StatName = Literal["trace", "eigenvalues", "diagonal", "density"]
 
-_SET_BY_MONITOR = ("operator", "stats", "top_k", "budget", "seed", "trace_products", "lanczos_v0", "return_eigenvectors")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -63,18 +62,20 @@ class HessianMonitor(Callback):
     optimizer state, BatchNorm running statistics, the module's train/eval mode and every random
     number generator are left as they were.
 
-    Where the number of selected entries is within the product budget, trace, eigenvalues and
-    diagonal are computed exactly; otherwise the trace is an XTrace estimate with a standard error,
-    the eigenvalues come from Lanczos with full reorthogonalization (the *algebraically* largest, in
-    descending order; with ``every_n_steps`` warm-started from the previous top eigenvectors), and the
-    diagonal is exact per layer where that is cheap, estimated otherwise. Half-precision models
+    Where the number of selected entries is at most ``exact_up_to`` (by default: whenever that costs
+    no more matvecs than the estimates), trace, eigenvalues and diagonal are computed exactly;
+    otherwise the trace is an XTrace estimate with a standard error, the eigenvalues come from Lanczos
+    with full reorthogonalization (the *algebraically* largest, in descending order; with
+    ``every_n_steps`` warm-started from the previous top eigenvectors), and the diagonal is exact per
+    layer where that is cheap, estimated otherwise. Half-precision models
     (``bf16-true``, ``16-true``): products run in the model's dtype, the algorithms in float32.
 
     Logged with ``pl_module.log`` (every logger gets them), identical on every DDP rank:
     ``hessian/trace``, ``hessian/trace_stderr``, ``hessian/eigenvalue_1`` ... ``hessian/eigenvalue_k``,
-    ``hessian/products`` (Hessian-vector products spent), ``hessian/seconds`` (wall time),
+    ``hessian/matvecs`` (Hessian-vector products spent), ``hessian/seconds`` (wall time),
     ``hessian/overhead`` (the monitor's time as a fraction of training time so far), and with
-    ``per_parameter=True`` ``hessian/trace/<parameter>``. The full result is in :attr:`latest` and is
+    ``per_parameter=True`` ``hessian/trace/<parameter>``: the keys of
+    :meth:`~lightning_gradmask.curvature.HessianStatistics.scalars` plus the two timings. The full result is in :attr:`latest` and is
     saved as ``<run dir>/epoch=<n>.pt`` (``step=<n>.pt``); the spectral density is drawn to
     ``<run dir>/density_epoch=<n>.png`` and sent to TensorBoard, MLflow and W&B at the scalars' step.
     ``<run dir>`` is ``<log_dir>/hessian`` for TensorBoard and CSV loggers, otherwise
@@ -95,13 +96,14 @@ class HessianMonitor(Callback):
         params: which parameters (default: all trainable ones): names, ``re:`` patterns or
             ``nn.Module`` subclasses, one or a list (see :mod:`lightning_gradmask.functional.selection`).
         per_parameter: also log the trace of each parameter's block.
-        trace_products: Hessian-vector products for the trace estimate.
-        budget: compute every statistic exactly when the selected entries are at most this many
+        trace_matvecs: Hessian-vector products (matvecs) for the trace estimate.
+        exact_up_to: compute every statistic exactly when the selected entries are at most this many
             (default: whenever exact is no more expensive than the estimates).
         seed: probes are drawn from ``seed`` and the epoch (or step), the same on every rank.
         save: save the full result (and the density figure) in the run's directory.
-        statistics_kwargs: further keyword arguments for
-            :func:`lightning_gradmask.curvature.hessian_statistics` (e.g. ``lanczos_tol``).
+        options: the finer estimator options, a
+            :class:`~lightning_gradmask.curvature.StatisticsOptions` (e.g.
+            ``StatisticsOptions(lanczos_tol=1e-6)``; in a YAML config a mapping ``options: {lanczos_tol: 1.0e-6}``).
         max_overhead: the share of training time the monitor may take (default 0.1). An evaluation
             is skipped (with one warning) when it would bring the monitor's total time above
             ``max_overhead`` times the training time so far; its cost is the last evaluation's, or
@@ -121,19 +123,19 @@ class HessianMonitor(Callback):
         )
         trainer = L.Trainer(callbacks=[monitor], max_epochs=10)
         trainer.fit(model, data)
-        monitor.latest.eigenvalues    # tensor of the 3 algebraically largest eigenvalues
+        monitor.latest.eigen.eigenvalues    # tensor of the 3 algebraically largest eigenvalues
 
         # sharpness every 100 steps, at most 5% of the training time
         HessianMonitor(loss_fn, stats="eigenvalues", every_n_steps=100, max_overhead=0.05)
 
     Raises:
-        ValueError: (at construction) unknown statistics or ``statistics_kwargs`` keys, counts below
-            1, a ``loss_fn`` that cannot take ``(pl_module, batch)``; (at ``setup``) no ``loss_fn``
+        ValueError: (at construction) unknown statistics, counts below 1, a ``loss_fn`` that cannot take ``(pl_module, batch)``; (at ``setup``) no ``loss_fn``
             and no ``hessian_loss`` method, a ``params`` item matching nothing; (at train
             start, before the first optimizer step, by a trial evaluation) ``top_k`` above the
             number of trainable entries, a ``loss_fn`` that raises, returns a non-scalar or a tensor
             without a graph, or runs through reentrant activation checkpointing.
-        TypeError: (at construction) arguments of the wrong type, e.g. ``dataloader="abc"``.
+        TypeError: (at construction) arguments of the wrong type, e.g. ``dataloader="abc"`` or
+            ``options`` that is not a ``StatisticsOptions``.
         UnsupportedStrategyError: FSDP, DeepSpeed and other sharding strategies.
 
     A NaN or infinite loss never stops training: the statistics are logged as NaN with a warning.
@@ -149,29 +151,24 @@ class HessianMonitor(Callback):
         dataloader: Union[DataLoader, Iterable[Any], None] = None,
         params: Optional[ParamSelector] = None,
         per_parameter: bool = False,
-        trace_products: int = 40,
-        budget: int | None = None,
+        trace_matvecs: int = 40,
+        exact_up_to: int | None = None,
         seed: int = 0,
         save: bool = True,
-        statistics_kwargs: dict[str, Any] | None = None,
+        options: StatisticsOptions | None = None,
         every_n_steps: int | None = None,
         max_overhead: float | None = 0.1,
         strict: bool = False,
     ) -> None:
         _check_loss_fn(loss_fn)
-        stats = (stats,) if isinstance(stats, str) else tuple(stats)
-        unknown = [s for s in stats if s not in STATS]
-        if unknown or not stats:
-            raise GradmaskConfigError(f"HessianMonitor(stats=...): unknown statistics {unknown}; choose from {list(STATS)}")
+        chosen = _check_stats(stats)
         if every_n_epochs is None and every_n_steps is None:
             every_n_epochs = 1
-        counts = {"top_k": top_k, "num_batches": num_batches, "trace_products": trace_products}
-        counts.update({k: v for k, v in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)) if v is not None})
-        for name, value in counts.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise GradmaskConfigError(f"HessianMonitor({name}=...) must be an integer >= 1, got {value!r}")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
-            raise GradmaskConfigError(f"HessianMonitor(budget=...) must be a non-negative integer, got {budget!r}")
+        _check_counts(
+            top_k=top_k, num_batches=num_batches, trace_matvecs=trace_matvecs,
+            every_n_epochs=every_n_epochs, every_n_steps=every_n_steps,
+        )
+        _check_exact_up_to(exact_up_to)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise GradmaskConfigTypeError(f"HessianMonitor(seed=...) must be an int, got {seed!r}")
         _check_dataloader(dataloader)
@@ -179,12 +176,14 @@ class HessianMonitor(Callback):
         for name, flag in (("per_parameter", per_parameter), ("save", save), ("strict", strict)):
             if not isinstance(flag, bool):
                 raise GradmaskConfigTypeError(f"HessianMonitor({name}=...) must be True or False, got {flag!r}")
-        if max_overhead is not None and (
-            isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not max_overhead > 0
-        ):
-            raise GradmaskConfigError(f"HessianMonitor(max_overhead=...) must be a fraction > 0 (e.g. 0.1) or None, got {max_overhead!r}")
+        _check_max_overhead(max_overhead)
+        if options is not None and not isinstance(options, StatisticsOptions):
+            raise GradmaskConfigTypeError(
+                "HessianMonitor(options=...) must be a lightning_gradmask.curvature.StatisticsOptions or None, "
+                f"got {type(options).__name__}"
+            )
         self.loss_fn = loss_fn
-        self.stats = stats
+        self.stats = chosen
         self.top_k = top_k
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
@@ -192,11 +191,11 @@ class HessianMonitor(Callback):
         self.dataloader = dataloader
         self.params = params
         self.per_parameter = per_parameter
-        self.trace_products = trace_products
-        self.budget = budget
+        self.trace_matvecs = trace_matvecs
+        self.exact_up_to = exact_up_to
         self.seed = seed
         self.save = save
-        self.statistics_kwargs = _check_statistics_kwargs(statistics_kwargs)
+        self.options = options if options is not None else StatisticsOptions()
         self.max_overhead = max_overhead
         self.strict = strict
         self.latest: HessianStatistics | None = None
@@ -368,18 +367,18 @@ class HessianMonitor(Callback):
                     operator,
                     self.stats,
                     top_k=self.top_k,
-                    budget=self.budget,
+                    exact_up_to=self.exact_up_to,
+                    trace_matvecs=self.trace_matvecs,
                     seed=self.seed * 1_000_003 + seed_index,
-                    trace_products=self.trace_products,
+                    options=self.options,
                     lanczos_v0=warm,
                     return_eigenvectors=self.every_n_steps is not None,
-                    **self.statistics_kwargs,
                 )
             finally:
                 operator.release()
-        if result.eigenvectors is not None:
-            self._warm_start = (_layout(operator), result.eigenvectors.sum(dim=1).detach())
-            result.eigenvectors = None  # (dim, k): kept for the warm start only, not in latest or files
+        if result.eigen is not None and result.eigen.eigenvectors is not None:
+            self._warm_start = (_layout(operator), result.eigen.eigenvectors.sum(dim=1).detach())
+            result.eigen.eigenvectors = None  # (dim, k): kept for the warm start only, not in latest or files
         return result
 
     def _operator(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> HessianOperator:
@@ -422,42 +421,46 @@ class HessianMonitor(Callback):
                     raise GradmaskConfigError("HessianMonitor(dataloader=...) yielded no batch")
                 batch = batches[0]
             loss = self._resolve_loss(pl_module)
-            operator = None
             with self._evaluation_context(trainer), _modes_restored(pl_module):
                 pl_module.eval()
                 with torch.inference_mode(False), torch.enable_grad():
                     value = _call_loss(self.loss_fn, loss, pl_module, batch)
                     _check_graph(self.loss_fn, value)
                 del value
-                try:
-                    built = time.perf_counter()
-                    operator = self._operator(trainer, pl_module, [batch])
-                    multiplied = time.perf_counter()
-                    operator.matvec(torch.zeros(operator.dim, dtype=operator.dtype, device=operator.device))
-                    finished = time.perf_counter()
-                    planned = planned_matvecs(
-                        operator.dim, self.stats, top_k=self.top_k, budget=self.budget,
-                        trace_products=self.trace_products, **self.statistics_kwargs,
-                    )
-                    # the graph and every product scale with the number of batches
-                    self._overhead.expect(self.num_batches * (multiplied - built + planned * (finished - multiplied)))
-                except NonFiniteLossError:
-                    pass  # not a configuration mistake: the evaluations log NaN
-                except ValueError as err:
-                    raise ValueError(f"HessianMonitor: {err}") from err
-                except Exception as err:
-                    if self.strict:
-                        raise
-                    self._warn_once(
-                        "trial",
-                        f"HessianMonitor: a trial Hessian-vector product at train start failed: "
-                        f"{type(err).__name__}: {err}. {_remedy(err)} Training goes on; the evaluations will "
-                        "log NaN if this persists (strict=True raises instead).",
-                    )
-                finally:
-                    if operator is not None:
-                        operator.release()
+                self._trial_matvec(trainer, pl_module, batch)
         self._overhead.spend(time.perf_counter() - started, evaluation=False)
+
+    def _trial_matvec(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """One matvec on ``batch``: the expected cost of an evaluation, and errors of the operator itself."""
+        operator = None
+        try:
+            built = time.perf_counter()
+            operator = self._operator(trainer, pl_module, [batch])
+            multiplied = time.perf_counter()
+            operator.matvec(torch.zeros(operator.dim, dtype=operator.dtype, device=operator.device))
+            finished = time.perf_counter()
+            planned = planned_matvecs(
+                operator.dim, self.stats, top_k=self.top_k, exact_up_to=self.exact_up_to,
+                trace_matvecs=self.trace_matvecs, options=self.options,
+            )
+            # the graph and every product scale with the number of batches
+            self._overhead.expect(self.num_batches * (multiplied - built + planned * (finished - multiplied)))
+        except NonFiniteLossError:
+            pass  # not a configuration mistake: the evaluations log NaN
+        except ValueError as err:
+            raise GradmaskConfigError(f"HessianMonitor: {err}") from err
+        except Exception as err:
+            if self.strict:
+                raise
+            self._warn_once(
+                "trial",
+                f"HessianMonitor: a trial Hessian-vector product at train start failed: "
+                f"{type(err).__name__}: {err}. {_remedy(err)} Training goes on; the evaluations will "
+                "log NaN if this persists (strict=True raises instead).",
+            )
+        finally:
+            if operator is not None:
+                operator.release()
 
     # ------------------------------------------------------------------ selection
     def _select(self, pl_module: pl.LightningModule) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -484,20 +487,9 @@ class HessianMonitor(Callback):
 
     # ------------------------------------------------------------------ output
     def _log(self, pl_module: pl.LightningModule, result: HessianStatistics, seconds: float, on_step: bool) -> None:
-        values: dict[str, float] = {
-            "hessian/products": float(result.num_products),
-            "hessian/seconds": seconds,
-            "hessian/overhead": self._overhead.overhead(),
-        }
-        if result.trace is not None:
-            values["hessian/trace"] = float(result.trace)
-            values["hessian/trace_stderr"] = float(result.trace_stderr or 0.0)
-            if self.per_parameter and result.trace_per_parameter:
-                for name, value in result.trace_per_parameter.items():
-                    values[f"hessian/trace/{name}"] = float(value)
-        if result.eigenvalues is not None:
-            for index, value in enumerate(result.eigenvalues.tolist(), start=1):
-                values[f"hessian/eigenvalue_{index}"] = float(value)
+        values = result.scalars("hessian/", per_parameter=self.per_parameter)
+        values["hessian/seconds"] = seconds
+        values["hessian/overhead"] = self._overhead.overhead()
         _log_same_on_every_rank(pl_module, values, on_step)
 
     def _log_nan(self, pl_module: pl.LightningModule, on_step: bool) -> None:
@@ -513,7 +505,7 @@ class HessianMonitor(Callback):
     def _save(self, trainer: pl.Trainer, result: HessianStatistics, tag: str, epoch_end: bool) -> None:
         assert self._directory is not None
         self._directory.mkdir(parents=True, exist_ok=True)
-        record = {key: _to_cpu(value) for key, value in asdict(result).items() if key != "eigenvectors"}
+        record = {key: _to_cpu(value) for key, value in asdict(result).items()}  # eigenvectors: already dropped
         torch.save(record, self._directory / f"{tag}.pt")
         if result.density is None:
             return
@@ -579,6 +571,32 @@ def _check_loss_fn(loss_fn: object) -> None:
         ) from None
 
 
+def _check_stats(stats: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    chosen = (stats,) if isinstance(stats, str) else tuple(stats)
+    unknown = [s for s in chosen if s not in STATS]
+    if unknown or not chosen:
+        raise GradmaskConfigError(f"HessianMonitor(stats=...): unknown statistics {unknown}; choose from {list(STATS)}")
+    return chosen
+
+
+def _check_counts(**counts: int | None) -> None:
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise GradmaskConfigError(f"HessianMonitor({name}=...) must be an integer >= 1, got {value!r}")
+
+
+def _check_exact_up_to(exact_up_to: object) -> None:
+    if exact_up_to is not None and (isinstance(exact_up_to, bool) or not isinstance(exact_up_to, int) or exact_up_to < 0):
+        raise GradmaskConfigError(f"HessianMonitor(exact_up_to=...) must be a non-negative integer, got {exact_up_to!r}")
+
+
+def _check_max_overhead(max_overhead: object) -> None:
+    if max_overhead is not None and (
+        isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not max_overhead > 0
+    ):
+        raise GradmaskConfigError(f"HessianMonitor(max_overhead=...) must be a fraction > 0 (e.g. 0.1) or None, got {max_overhead!r}")
+
+
 def _check_dataloader(dataloader: object) -> None:
     if dataloader is None:
         return
@@ -587,26 +605,6 @@ def _check_dataloader(dataloader: object) -> None:
             "HessianMonitor(dataloader=...) must be a DataLoader (or another iterable of batches), "
             f"got {type(dataloader).__name__}"
         )
-
-
-def _check_statistics_kwargs(kwargs: object) -> dict[str, Any]:
-    if kwargs is None:
-        return {}
-    if not isinstance(kwargs, Mapping):
-        raise GradmaskConfigTypeError(f"HessianMonitor(statistics_kwargs=...) must be a dict, got {type(kwargs).__name__}")
-    signature = inspect.signature(hessian_statistics)
-    allowed = [n for n in signature.parameters if n not in _SET_BY_MONITOR]
-    for key in kwargs:
-        if key in _SET_BY_MONITOR:
-            raise GradmaskConfigError(f"HessianMonitor(statistics_kwargs=...): {key!r} is set by the monitor; pass it to HessianMonitor directly")
-        if key not in allowed:
-            raise GradmaskConfigError(f"HessianMonitor(statistics_kwargs=...): unknown key {key!r}; choose from {allowed}")
-    hints = typing.get_type_hints(hessian_statistics)
-    for key, value in kwargs.items():
-        choices = typing.get_args(hints.get(key)) if typing.get_origin(hints.get(key)) is typing.Literal else ()
-        if choices and value not in choices:
-            raise GradmaskConfigError(f"HessianMonitor(statistics_kwargs={{{key!r}: {value!r}}}): choose from {list(choices)}")
-    return dict(kwargs)
 
 
 def _call_loss(loss_fn: object, loss: LossFn, module: pl.LightningModule, batch: Any) -> Any:

@@ -10,7 +10,7 @@ Example::
     model.eval()
     op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
     stats = hessian_statistics(op, ("trace", "eigenvalues", "diagonal", "density"), top_k=3, seed=0)
-    print(stats.trace, "+-", stats.trace_stderr, stats.eigenvalues, stats.exact)
+    print(stats.trace.trace, "+-", stats.trace.stderr, stats.eigen.eigenvalues, stats.exact)
 
 Building blocks, each usable alone:
 
@@ -24,14 +24,9 @@ Building blocks, each usable alone:
 """
 
 from lightning_gradmask.curvature.density import SpectralDensity, broaden, spectral_density
-from lightning_gradmask.curvature.diagonal import (
-    DiagonalResult,
-    estimate_diagonal,
-    exact_diagonal,
-    exact_diagonal_cost,
-)
+from lightning_gradmask.curvature.diagonal import DiagonalResult, estimate_diagonal, exact_diagonal, exact_diagonal_cost
 from lightning_gradmask.curvature.exact import ExactStatistics, dense_hessian, exact_statistics
-from lightning_gradmask.curvature.lanczos import LanczosResult, default_max_iter, lanczos
+from lightning_gradmask.curvature.lanczos import LanczosResult, default_lanczos_matvecs, lanczos
 from lightning_gradmask.curvature.operator import (
     BlockOperator,
     HessianOperator,
@@ -39,7 +34,8 @@ from lightning_gradmask.curvature.operator import (
     MatrixOperator,
     NonFiniteLossError,
 )
-from lightning_gradmask.curvature.statistics import STATS, HessianStatistics, hessian_statistics
+from lightning_gradmask.curvature.options import StatisticsOptions
+from lightning_gradmask.curvature.statistics import STATS, HessianStatistics, hessian_statistics, planned_matvecs
 from lightning_gradmask.curvature.trace import TraceEstimate, estimate_trace
 
 __all__ = [
@@ -54,9 +50,10 @@ __all__ = [
     "MatrixOperator",
     "NonFiniteLossError",
     "SpectralDensity",
+    "StatisticsOptions",
     "TraceEstimate",
     "broaden",
-    "default_max_iter",
+    "default_lanczos_matvecs",
     "dense_hessian",
     "estimate_diagonal",
     "estimate_trace",
@@ -65,5 +62,6 @@ __all__ = [
     "exact_statistics",
     "hessian_statistics",
     "lanczos",
+    "planned_matvecs",
     "spectral_density",
 ]

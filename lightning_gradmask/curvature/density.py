@@ -8,7 +8,7 @@ density ``(1/n) sum_i delta(t - lambda_i)``; it integrates to 1.
 
 Example::
 
-    dens = spectral_density(op, num_runs=4, num_steps=40, seed=0)
+    dens = spectral_density(op, num_runs=4, matvecs_per_run=40, seed=0)
     plt.semilogy(dens.grid, dens.density)
     dens.nodes, dens.weights            # raw quadrature, one row per run
 """
@@ -36,7 +36,7 @@ class SpectralDensity:
         grid, density: ``(grid_size,)`` float64; ``density`` integrates to ~1 over ``grid``.
         nodes, weights: ``(runs, steps)`` float64 quadrature nodes (Ritz values) and weights (each
             row of ``weights`` sums to 1; rows shorter than ``steps`` are padded with weight 0).
-        sigma: the Gaussian width used. num_products: products spent. exact: nodes are the exact
+        sigma: the Gaussian width used. num_matvecs: products spent. exact: nodes are the exact
             eigenvalues (weights ``1/dim``).
     """
 
@@ -45,7 +45,7 @@ class SpectralDensity:
     nodes: Tensor
     weights: Tensor
     sigma: float
-    num_products: int
+    num_matvecs: int
     exact: bool = False
 
 
@@ -85,13 +85,13 @@ def spectral_density(
     op: LinearOperator,
     *,
     num_runs: int = 4,
-    num_steps: int = 40,
+    matvecs_per_run: int = 40,
     grid_size: int = 256,
     sigma: float | None = None,
     seed: Seed = 0,
     reuse: Sequence[LanczosResult] = (),
 ) -> SpectralDensity:
-    """SLQ spectral density: ``num_runs`` Lanczos runs of ``num_steps`` products each.
+    """SLQ spectral density: ``num_runs`` Lanczos runs of ``matvecs_per_run`` matvecs each.
 
     Args:
         reuse: Lanczos runs already made from random start vectors (e.g. the one that computed the
@@ -103,16 +103,16 @@ def spectral_density(
         top = lanczos(op, k=1, seed=1)
         dens = spectral_density(op, num_runs=4, reuse=[top], seed=2)
     """
-    if num_runs < 1 or num_steps < 1:
-        raise ValueError("num_runs and num_steps must be positive")
-    steps = min(num_steps, op.dim)
-    start = op.num_products
+    if num_runs < 1 or matvecs_per_run < 1:
+        raise ValueError("num_runs and matvecs_per_run must be positive")
+    steps = min(matvecs_per_run, op.dim)
+    start = op.num_matvecs
     gen = as_generator(seed) if isinstance(seed, torch.Generator) else None
     runs: list[LanczosResult] = list(reuse)
     j = 0
     while len(runs) < num_runs:
         run_seed: Seed = gen if gen is not None else subseed(int(seed), j)  # type: ignore[arg-type]
-        runs.append(lanczos(op, k=1, max_iter=steps, tol=0.0, seed=run_seed, restart=False))
+        runs.append(lanczos(op, k=1, num_matvecs=steps, tol=0.0, seed=run_seed, restart=False))
         j += 1
     width = max(r.alphas.numel() for r in runs)
     nodes = torch.zeros(len(runs), width, dtype=torch.float64)
@@ -128,5 +128,5 @@ def spectral_density(
         nodes=nodes,
         weights=weights,
         sigma=sig,
-        num_products=op.num_products - start,
+        num_matvecs=op.num_matvecs - start,
     )

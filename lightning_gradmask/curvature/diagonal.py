@@ -19,15 +19,15 @@ Exact (:func:`exact_diagonal`), two paths chosen per parameter:
   computed exactly from ``C`` per-sample gradient passes for ``C`` outputs per sample; every
   assumption is checked, see :mod:`lightning_gradmask.curvature.piecewise`.
 * ``"products"`` (fallback, any module, e.g. LayerNorm before another normalization, embeddings,
-  convolutions followed by tanh, or a layer whose checks failed): one product per selected entry, ``d(dL/dp[j]) / dp`` restricted to the
-  parameter itself, keeping entry ``j`` (the textbook recipe), vmapped in chunks where that is
+  convolutions followed by tanh, or a layer whose checks failed): one matvec per selected entry,
+  ``d(dL/dp[j]) / dp`` restricted to the parameter itself, keeping entry ``j`` (the textbook recipe), vmapped in chunks where that is
   faster (timed on the spot). :attr:`DiagonalResult.methods` and :attr:`DiagonalResult.notes` say
   which path each parameter took and why, :attr:`DiagonalResult.groupings` which row grouping.
 
 Estimated (:func:`estimate_diagonal`): XDiag-style (the XTrace products, deflated) or Hutchinson
 ``mean(v * Hv)``, with a per-entry standard error. The per-entry error is about
-``sqrt(sum_{j != i} H_ij^2 / m)``; on the benchmark MLPs the off-diagonal mass is so large that 100
-products gave a relative L2 error above 100%, i.e. the estimate is noise there. Prefer the exact
+``sqrt(sum_{j != i} H_ij^2 / m)``; on the benchmark MLPs the off-diagonal mass is so large that the
+estimate is noise at 100 matvecs (figures in ``benchmarks/README.md``). Prefer the exact
 diagonal wherever the layerwise path applies (it was also faster than 100 products).
 
 Example::
@@ -55,7 +55,7 @@ from lightning_gradmask.curvature.operator import HessianOperator, LinearOperato
 from lightning_gradmask.curvature.piecewise import PiecewiseOutcome, piecewise_diagonal
 from lightning_gradmask.curvature.trace import estimate_trace
 
-__all__ = ["DiagonalResult", "estimate_diagonal", "exact_diagonal", "exact_diagonal_cost"]
+__all__ = ["DiagonalResult", "estimate_diagonal", "exact_diagonal", "exact_diagonal_cost", "parameter_diagonal"]
 
 
 @dataclass
@@ -68,7 +68,7 @@ class DiagonalResult:
         per_parameter: ``{name: tensor of the parameter's shape}``, NaN outside the mask.
         methods: ``{name: "layerwise" | "piecewise" | "products" | "xtrace" | "hutchinson" | ...}``.
         notes: ``{name: why the fast path was not taken}``.
-        num_products: Hessian-vector products spent (including the row-independence checks and the
+        num_matvecs: Hessian-vector products spent (including the row-independence checks and the
             products with the Hessian w.r.t. layer outputs).
         exact: ``True`` for :func:`exact_diagonal`.
         notes: ``{name: why the fast path was not taken}``.
@@ -81,7 +81,7 @@ class DiagonalResult:
     stderr: Tensor | None
     per_parameter: dict[str, Tensor]
     methods: dict[str, str]
-    num_products: int
+    num_matvecs: int
     exact: bool
     notes: dict[str, str] = field(default_factory=dict)
     groupings: dict[str, str] = field(default_factory=dict)
@@ -92,9 +92,8 @@ def _owner_notes(op: HessianOperator, covered: set[int]) -> dict[str, str]:
     owners: dict[int, str] = {}
     if op.module is not None:
         for mod in op.module.modules():
-            for p in mod._parameters.values():
-                if p is not None:
-                    owners.setdefault(id(p), type(mod).__name__)
+            for _, p in mod.named_parameters(recurse=False):
+                owners.setdefault(id(p), type(mod).__name__)
     notes = {}
     for k, (name, param) in enumerate(zip(op.names, op.params)):
         if k not in covered:
@@ -105,12 +104,12 @@ def _owner_notes(op: HessianOperator, covered: set[int]) -> dict[str, str]:
 
 
 def exact_diagonal_cost(op: HessianOperator) -> int:
-    """Upper bound on the products :func:`exact_diagonal` spends (no product is run).
+    """Upper bound on the matvecs :func:`exact_diagonal` spends (no matvec is run).
 
     Runs the first closure once (forward only) to find the linear layers. Layerwise parameters
-    cost ``out_features`` products with the layer-output Hessian per layer and closure, times the
+    cost ``out_features`` matvecs with the layer-output Hessian per layer and closure, times the
     rows per group (1 for an MLP or a feed-forward layer, up to the sequence length for attention
-    projections), plus the grouping checks; every other selected entry costs one product.
+    projections), plus the grouping checks; every other selected entry costs one matvec.
     """
     cost, covered = layerwise_cost(op)
     return cost + sum(size for k, size in enumerate(op.sizes) if k not in covered)
@@ -132,8 +131,8 @@ def exact_diagonal(
             products elsewhere) or ``"products"`` (one product per entry everywhere: the slow
             reference).
         chunk_size: output columns per vmapped product in the layerwise path (capped so that the
-            probes of one chunk take at most 256 MiB). 16 was fastest or within 3% of it on an MLP,
-            a CNN head and a transformer block (64: 1.2-1.4x slower).
+            probes of one chunk take at most 256 MiB). 16 was the fastest choice measured on an
+            MLP, a CNN head and a transformer block (figures in ``benchmarks/README.md``).
         skip_slow: leave out the parameters the layerwise and piecewise rules cannot handle (their
             entries are NaN and their method ``"skipped"``) instead of spending one product per
             entry on them.
@@ -146,7 +145,7 @@ def exact_diagonal(
         res = exact_diagonal(op)
         torch.testing.assert_close(res.diagonal, torch.diagonal(dense_hessian(op)))
     """
-    start = op.num_products
+    start = op.num_matvecs
     outcome = layerwise_diagonal(op, chunk_size) if method == "auto" else LayerwiseOutcome()
     diag_parts = dict(outcome.parts)
     notes = _owner_notes(op, set(diag_parts) | {op.names.index(n) for n in outcome.notes})
@@ -169,40 +168,40 @@ def exact_diagonal(
             diag_parts[k] = torch.full((op.sizes[k],), float("nan"), dtype=torch.float64, device=op.device)
         else:
             methods[name] = "products"
-            diag_parts[k] = _diag_by_products(op, k)
+            diag_parts[k] = parameter_diagonal(op, k)
     flat = torch.cat([diag_parts[k].to(torch.float64) for k in range(len(op.names))])
     if op.reduce is not None:
         flat = op.reduce(flat)
-    op.num_products += outcome.num_products + piecewise.num_products
+    op.num_matvecs += outcome.num_matvecs + piecewise.num_matvecs
     return DiagonalResult(
         diagonal=flat,
         stderr=None,
         per_parameter=op.unflatten(flat),
         methods=methods,
-        num_products=op.num_products - start,
+        num_matvecs=op.num_matvecs - start,
         exact=True,
         notes={n: v for n, v in notes.items() if methods.get(n) == "products" or methods.get(n) == "skipped"},
         groupings={n: g for n, g in outcome.groupings.items() if methods.get(n) == "layerwise"},
     )
 
 
-def _diag_by_products(op: HessianOperator, k: int, chunk_size: int = 8) -> Tensor:
-    """Diagonal of parameter ``k``'s selected block by one-hot products (local, not reduced).
+def parameter_diagonal(op: HessianOperator, k: int, chunk_size: int = 8) -> Tensor:
+    """Diagonal of parameter ``k``'s selected block by one-hot matvecs (local, not reduced).
 
-    Each product is ``d(g_k[j]) / d p_k`` only (the textbook per-entry recipe, restricted to the
+    Each matvec is ``d(g_k[j]) / d p_k`` only (the textbook per-entry recipe, restricted to the
     parameter itself), batched ``chunk_size`` entries at a time with ``is_grads_batched`` where the
     graph supports it and it is faster (timed on the first two chunks); entry by entry otherwise.
+    Counts one matvec per selected entry.
     """
     size = op.sizes[k]
     p = op.params[k]
     out = torch.zeros(size, dtype=torch.float64, device=op.device)
-    op.num_products += size
-    if op._grads is None:
-        raise RuntimeError("the operator was released; build a new one")
-    if k not in op._outputs:  # the gradient of p_k has no graph: the loss is linear in p_k
+    op.num_matvecs += size
+    gradient = op.gradient(k)
+    if gradient is None:  # the gradient of p_k has no graph: the loss is linear in p_k
         return out
-    g = op._grads[op._outputs.index(k)].reshape(-1)
-    idx = op._index[k]
+    g = gradient.reshape(-1)
+    idx = op.entry_indices(k)
     entries = torch.arange(p.numel(), device=p.device) if idx is None else idx
     # Batched (vmapped) backward is faster for some graphs (Linear) and slower for others
     # (convolutions): time one chunk each way, keep the faster.
@@ -210,40 +209,14 @@ def _diag_by_products(op: HessianOperator, k: int, chunk_size: int = 8) -> Tenso
     with torch.inference_mode(False), torch.enable_grad():
         for chunk_no, c0 in enumerate(range(0, size, chunk_size)):
             sel = entries[c0 : c0 + chunk_size]
-            rows = torch.arange(sel.numel(), device=p.device)
             if chunk_no < 2:
                 use_batched = chunk_no == 0
             else:
                 use_batched = per_entry.get(True, math.inf) < per_entry.get(False, math.inf)
-            h = None
             t0 = time.perf_counter()
-            if use_batched:
-                onehot = torch.zeros(sel.numel(), p.numel(), dtype=g.dtype, device=p.device)
-                onehot[rows, sel] = 1.0
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        (h,) = torch.autograd.grad(
-                            g,
-                            p,
-                            grad_outputs=onehot,
-                            retain_graph=True,
-                            is_grads_batched=True,
-                            allow_unused=True,
-                            materialize_grads=True,
-                        )
-                    h = h.reshape(sel.numel(), -1)[rows, sel]
-                except RuntimeError:
-                    h = None
+            h = _entries_batched(g, p, sel) if use_batched else None
             if h is None:
-                h = torch.stack(
-                    [
-                        torch.autograd.grad(g[j], p, retain_graph=True, allow_unused=True, materialize_grads=True)[
-                            0
-                        ].reshape(-1)[j]
-                        for j in sel.tolist()
-                    ]
-                )
+                h = _entries_one_by_one(g, p, sel)
                 use_batched = False
             if chunk_no < 2:
                 per_entry[use_batched] = (time.perf_counter() - t0) / sel.numel()
@@ -251,9 +224,41 @@ def _diag_by_products(op: HessianOperator, k: int, chunk_size: int = 8) -> Tenso
     return out
 
 
+def _entries_batched(g: Tensor, p: Tensor, sel: Tensor) -> Tensor | None:
+    """``d g[j] / d p[j]`` for the entries ``sel`` in one vmapped backward; ``None`` if the graph refuses."""
+    rows = torch.arange(sel.numel(), device=p.device)
+    onehot = torch.zeros(sel.numel(), p.numel(), dtype=g.dtype, device=p.device)
+    onehot[rows, sel] = 1.0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (h,) = torch.autograd.grad(
+                g,
+                p,
+                grad_outputs=onehot,
+                retain_graph=True,
+                is_grads_batched=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+    except RuntimeError:
+        return None
+    return h.reshape(sel.numel(), -1)[rows, sel]
+
+
+def _entries_one_by_one(g: Tensor, p: Tensor, sel: Tensor) -> Tensor:
+    """``d g[j] / d p[j]`` for the entries ``sel``, one backward each."""
+    return torch.stack(
+        [
+            torch.autograd.grad(g[j], p, retain_graph=True, allow_unused=True, materialize_grads=True)[0].reshape(-1)[j]
+            for j in sel.tolist()
+        ]
+    )
+
+
 def estimate_diagonal(
     op: LinearOperator,
-    num_products: int = 100,
+    num_matvecs: int = 100,
     *,
     method: Literal["auto", "adaptive", "xtrace", "xtrace-rademacher", "hutchinson", "hutch++"] = "auto",
     seed: Seed = 0,
@@ -270,16 +275,13 @@ def estimate_diagonal(
         est = estimate_diagonal(op, 100, seed=0)
         est.per_parameter["0.weight"], est.stderr
     """
-    est = estimate_trace(op, num_products, method=method, seed=as_generator(seed), diagonal=True)
+    est = estimate_trace(op, num_matvecs, method=method, seed=as_generator(seed), diagonal=True)
     assert est.diagonal is not None
-    unflatten = getattr(op, "unflatten", None)
-    names = list(getattr(op, "names", ["all"]))
-    per = unflatten(est.diagonal) if unflatten is not None else {"all": est.diagonal}
     return DiagonalResult(
         diagonal=est.diagonal,
         stderr=est.diagonal_stderr,
-        per_parameter=per,
-        methods=dict.fromkeys(names, est.method),
-        num_products=est.num_products,
+        per_parameter=op.unflatten(est.diagonal),
+        methods=dict.fromkeys(op.names, est.method),
+        num_matvecs=est.num_matvecs,
         exact=est.exact,
     )

@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,15 +24,13 @@ from lightning_gradmask.curvature.operator import HessianOperator, LinearOperato
 __all__ = ["ExactStatistics", "dense_hessian", "exact_statistics"]
 
 
-def dense_hessian(op: LinearOperator, *, chunk_size: int = 32, batched: bool | None = None) -> Tensor:
+def dense_hessian(op: LinearOperator, *, chunk_size: int = 32) -> Tensor:
     """The full ``(dim, dim)`` float64 Hessian by ``dim`` products with unit vectors, symmetrized.
 
     With a :class:`HessianOperator` the products go in chunks of ``chunk_size`` rows through
-    ``op.matmat`` (``batched`` is deprecated and ignored, as in :meth:`HessianOperator.matmat`). The Hessian is linear in the loss, so the products stay local and the
+    ``op.matmat``. The Hessian is linear in the loss, so the products stay local and the
     operator's ``reduce`` hook is applied once, to the whole matrix (one collective under DDP).
     """
-    if batched is not None:
-        warnings.warn("dense_hessian(batched=...) is deprecated and ignored", FutureWarning, stacklevel=2)
     dim = int(op.dim)
     out = torch.empty(dim, dim, dtype=torch.float64, device=op.device)
     matmat = getattr(op, "matmat", None)

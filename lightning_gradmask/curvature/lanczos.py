@@ -11,8 +11,8 @@ Example::
     op = HessianOperator.from_module(model, closure)
     res = lanczos(op, k=3, seed=0)
     res.eigenvalues        # float64, descending: the three algebraically largest
-    res.num_products       # products used (early stop on convergence)
-    res.stop_reason        # "converged", "invariant", "exhausted" or "max_iter" (budget ran out)
+    res.num_matvecs       # products used (early stop on convergence)
+    res.stop_reason        # "converged", "invariant", "exhausted" or "num_matvecs" (ran out of matvecs)
 
 Warm start from earlier eigenvectors (a ``(dim,)`` vector or a ``(dim, m)`` block)::
 
@@ -32,10 +32,10 @@ from torch import Tensor
 from lightning_gradmask.curvature._random import Seed, as_generator, gaussian
 from lightning_gradmask.curvature.operator import LinearOperator
 
-__all__ = ["LanczosResult", "StopReason", "default_max_iter", "lanczos", "tridiagonal"]
+__all__ = ["LanczosResult", "StopReason", "default_lanczos_matvecs", "lanczos", "tridiagonal"]
 
-StopReason = Literal["converged", "invariant", "exhausted", "max_iter"]
-"""Why :func:`lanczos` stopped; only ``"max_iter"`` means the budget ran out before the tolerance."""
+StopReason = Literal["converged", "invariant", "exhausted", "num_matvecs"]
+"""Why :func:`lanczos` stopped; only ``"num_matvecs"`` means the matvecs ran out before the tolerance was met."""
 
 
 @dataclass
@@ -55,11 +55,11 @@ class LanczosResult:
         alphas: ``(m,)`` float64 diagonal of the tridiagonal matrix ``T_m``.
         betas: ``(m-1,)`` float64 off-diagonal of ``T_m`` (a 0 marks a restart after an invariant
             subspace was found).
-        num_products: operator products used (``m``).
+        num_matvecs: operator products used (``m``).
         converged: every returned pair met the tolerance (or the Krylov space is exhausted).
         stop_reason: ``"converged"`` (tolerance met), ``"invariant"`` (restarts found no further
-            eigenvalue: exact), ``"exhausted"`` (``m == dim``: exact), or ``"max_iter"``: the
-            budget ran out first and ``converged`` is ``False`` (with ``tol=0`` that is the request).
+            eigenvalue: exact), ``"exhausted"`` (``m == dim``: exact), or ``"num_matvecs"``: the
+            ``num_matvecs`` ran out first and ``converged`` is ``False`` (with ``tol=0`` that is the request).
     """
 
     eigenvalues: Tensor
@@ -68,7 +68,7 @@ class LanczosResult:
     error_bounds: Tensor
     alphas: Tensor
     betas: Tensor
-    num_products: int
+    num_matvecs: int
     converged: bool
     stop_reason: StopReason = "converged"
 
@@ -112,10 +112,10 @@ def tridiagonal(alphas: Tensor, betas: Tensor) -> Tensor:
     return t
 
 
-def default_max_iter(dim: int, k: int) -> int:
-    """The default product budget of :func:`lanczos`: ``min(dim, max(100, 30 k + 40))``.
+def default_lanczos_matvecs(dim: int, k: int) -> int:
+    """The default ``num_matvecs`` of :func:`lanczos`: ``min(dim, max(100, 30 k + 40))``.
 
-    Generous on purpose: the iteration stops as soon as the tolerance is met, so a large budget only
+    Generous on purpose: the iteration stops as soon as the tolerance is met, so a large limit only
     costs where it is needed, i.e. on clustered spectra (at initialization the top eigenvalues of a
     network Hessian often lie within 1-5% of each other; five of them took 121 products with
     ARPACK's restarted Lanczos and about as many here).
@@ -228,7 +228,7 @@ class _Confirmation:
     time the tolerance is met at step ``m``, the iteration goes on for ``ceil(m / 4)`` more steps
     and stops only if the tolerance still holds and none of the top ``k`` moved by more than
     ``tol`` (relative) meanwhile; otherwise the count starts again. A heuristic (no finite Krylov
-    method can rule out a hidden eigenvalue), measured to cost about 25% more products.
+    method can rule out a hidden eigenvalue); its cost in matvecs is in ``benchmarks/README.md``.
     """
 
     def __init__(self, k: int, tol: float) -> None:
@@ -248,24 +248,24 @@ class _Confirmation:
         return m >= self.met_at + math.ceil(self.met_at * _CONFIRM_FRACTION)
 
 
-def _validate(dim: int, k: int, max_iter: int | None, criterion: str) -> int:
+def _validate(dim: int, k: int, num_matvecs: int | None, criterion: str) -> int:
     if k < 1:
         raise ValueError("k must be at least 1")
     if k > dim:
         raise ValueError(f"k={k} exceeds the operator dimension {dim}")
     if criterion not in ("gap", "residual"):
         raise ValueError(f"criterion must be 'gap' or 'residual', got {criterion!r}")
-    budget = default_max_iter(dim, k) if max_iter is None else min(int(max_iter), dim)
-    if budget < k:
-        raise ValueError(f"max_iter={budget} is smaller than k={k}")
-    return budget
+    limit = default_lanczos_matvecs(dim, k) if num_matvecs is None else min(int(num_matvecs), dim)
+    if limit < k:
+        raise ValueError(f"num_matvecs={limit} is smaller than k={k}")
+    return limit
 
 
 def lanczos(
     op: LinearOperator,
     k: int = 1,
     *,
-    max_iter: int | None = None,
+    num_matvecs: int | None = None,
     tol: float = 1e-4,
     seed: Seed = 0,
     v0: Tensor | None = None,
@@ -282,13 +282,13 @@ def lanczos(
     vector orthogonal to the basis (so repeated eigenvalues are found with their multiplicity).
     The iteration only stops early when *every one* of the ``k`` values meets the tolerance and has
     kept meeting it, unmoved, for another quarter of the steps taken (a hidden eigenvalue, e.g. in
-    a cluster, shows up in that time); if the budget runs out first, the result says so
-    (``converged=False``, ``stop_reason="max_iter"``).
+    a cluster, shows up in that time); if the matvecs run out first, the result says so
+    (``converged=False``, ``stop_reason="num_matvecs"``).
 
     Args:
         op: the operator (:class:`HessianOperator`, :class:`MatrixOperator`, ...).
         k: number of eigenvalues wanted.
-        max_iter: most products to spend (default :func:`default_max_iter`:
+        num_matvecs: most matvecs to spend, an upper bound (default :func:`default_lanczos_matvecs`:
             ``min(dim, max(100, 30k + 40))``; the products are only spent if needed).
         tol: relative accuracy wanted for each of the ``k`` top eigenvalues. With the residual norm
             ``r = |beta_m * (last component of the Ritz vector)|`` (``= ||H y - theta y||``) and
@@ -297,7 +297,7 @@ def lanczos(
             (``criterion="gap"``, the default: the Ritz value error is about ``r**2 / gap``) or
             when ``r <= tol * |theta|`` (``criterion="residual"``: a rigorous but much more
             expensive bound, since ``|theta - lambda| <= r`` always holds). ``tol=0`` runs all
-            ``max_iter`` steps (what stochastic Lanczos quadrature wants).
+            ``num_matvecs`` steps (what stochastic Lanczos quadrature wants).
         seed: ``int`` or CPU ``torch.Generator`` for the start vector; the same seed gives the same
             vector on every process.
         v0: explicit start vector, used exactly (``seed`` then only draws restart vectors); what
@@ -318,11 +318,11 @@ def lanczos(
 
         res = lanczos(op, k=2, tol=1e-6, seed=123)
         top, second = res.eigenvalues.tolist()
-        if not res.converged:       # res.stop_reason == "max_iter"
-            res = lanczos(op, k=2, tol=1e-6, max_iter=4 * res.num_products, init=res.eigenvectors)
+        if not res.converged:       # res.stop_reason == "num_matvecs"
+            res = lanczos(op, k=2, tol=1e-6, num_matvecs=4 * res.num_matvecs, init=res.eigenvectors)
     """
     dim = int(op.dim)
-    max_iter = _validate(dim, k, max_iter, criterion)
+    limit = _validate(dim, k, num_matvecs, criterion)
     dtype, device = op.dtype, op.device
     gen = as_generator(seed)
 
@@ -330,11 +330,11 @@ def lanczos(
         return gaussian((dim,), gen, dtype, device)
 
     q = _start_vector(dim, init, v0, random_vector)
-    basis = _Basis(dim, dtype, device, max_iter)
+    basis = _Basis(dim, dtype, device, limit)
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0  # running estimate of ||T||, for breakdown tests
-    stop: StopReason = "max_iter"
+    stop: StopReason = "num_matvecs"
     last_invariant_top: Tensor | None = None
     watch = _Confirmation(k, tol)
     while True:
@@ -362,7 +362,7 @@ def lanczos(
         elif m >= k and tol > 0 and watch.confirmed(m, ritz, _tolerance_met(ritz, k, tol, criterion, scale)):
             stop = "converged"
             break
-        if m == max_iter:
+        if m == limit:
             if watch.met_at is not None:  # met now, not yet confirmed: still within tolerance
                 stop = "converged"
             break
@@ -407,7 +407,7 @@ def _result(
         error_bounds=_error_bound(ritz.theta, ritz.residuals, k).clone(),
         alphas=torch.tensor(alphas, dtype=torch.float64),
         betas=torch.tensor(betas[: m - 1], dtype=torch.float64),
-        num_products=m,
-        converged=stop != "max_iter" and m >= k,
+        num_matvecs=m,
+        converged=stop != "num_matvecs" and m >= k,
         stop_reason=stop,
     )

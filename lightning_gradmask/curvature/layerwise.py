@@ -27,31 +27,31 @@ Nothing is assumed, everything is checked, per layer:
   grouping with more positions per group than the layer has inputs is not cheaper than one
   product per entry and is not used.
 
-``torch.nn.functional.linear`` is replaced by a recording wrapper only while the closures run for
-this (in the calling thread's module namespace, restored afterwards); calls that bypass it (a
-matmul written by hand, a copy of ``F.linear`` imported under another name) are simply not seen and
-fail the gradient check, so their parameters take the generic path.
+The calls are recorded by a :class:`torch.overrides.TorchFunctionMode` that is active only while the
+closures run, in the calling thread only (nothing global is replaced). It sees every call of
+``F.linear``, including those inside the Python functions of ``torch.nn.functional`` such as
+``multi_head_attention_forward``; a linear map written by hand (``x @ W.T + b``) is not seen and
+fails the gradient check, so its parameters take the generic path.
 """
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import math
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
-from lightning_gradmask.curvature._random import gaussian
-from lightning_gradmask.curvature.operator import HessianOperator, _check_loss
+from lightning_gradmask.curvature._output_hessian import Grouping, batched_grad, close, decoupled
+from lightning_gradmask.curvature.operator import HessianOperator
 
 __all__ = ["LayerwiseOutcome", "layerwise_diagonal", "linear_layers"]
 
-_COUPLING_TOL = 1e-6
-_GRADIENT_TOL = 1e-4
 _PROBE_BYTES = 256 * 2**20  # probes (and their products) held at once: chunk_size is capped by this
 
 
@@ -81,23 +81,6 @@ class _Layer:
 
 
 @dataclass
-class _Grouping:
-    """Rows split into ``groups`` non-interacting groups of ``size`` rows each."""
-
-    name: str
-    group: Tensor  # (rows,) group index of each row
-    position: Tensor  # (rows,) position of each row within its group
-    groups: int
-    size: int
-
-    def partner(self, c: int) -> Tensor:
-        """For each row, the row at position ``c`` of the same group."""
-        table = torch.empty(self.groups, self.size, dtype=torch.long)
-        table[self.group, self.position] = torch.arange(self.group.numel())
-        return table[self.group, c]
-
-
-@dataclass
 class LayerwiseOutcome:
     """What :func:`layerwise_diagonal` computed.
 
@@ -105,26 +88,62 @@ class LayerwiseOutcome:
         parts: ``{op index: flat diagonal of the selected entries}`` (local, not reduced).
         notes: ``{parameter name: why the layerwise rule was not used}``.
         groupings: ``{parameter name: the row grouping used}`` (``"rows"``, ``"contiguous G x S"``, ...).
-        num_products: products with layer-output Hessians spent (checks included).
+        num_matvecs: products with layer-output Hessians spent (checks included).
     """
 
     parts: dict[int, Tensor] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     groupings: dict[str, str] = field(default_factory=dict)
-    num_products: int = 0
+    num_matvecs: int = 0
 
 
 # ------------------------------------------------------------------------------------ recording
 
 
-@contextlib.contextmanager
-def _recording(layers: dict[int, _Layer], by_param: dict[int, int]) -> Iterator[None]:
-    """Record every ``F.linear`` call whose weight or bias is one of the watched parameters."""
-    original = F.linear
+class _LinearCalls(TorchFunctionMode):
+    """While active (in this thread): ``on_call(input, weight, bias, output)`` for every ``F.linear`` call.
 
-    def recording_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    ``on_call`` returns what the caller of ``F.linear`` gets. Python functions of
+    ``torch.nn.functional`` (``multi_head_attention_forward``) dispatch to the mode once, on entry,
+    and would then run with the mode off; they are run with it on, so their own ``F.linear`` calls
+    are seen too.
+    """
+
+    def __init__(self, on_call: Callable[[Tensor, Tensor, Tensor | None, Tensor], Tensor]) -> None:
+        super().__init__()
+        self.on_call = on_call
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            input, weight, bias = _linear_arguments(*args, **kwargs)
+            return self.on_call(input, weight, bias, func(*args, **kwargs))
+        if _SKIP_NEXT is not None and inspect.isfunction(func) and func.__module__ == F.__name__:
+            with self:  # the function's own dispatch on entry is skipped once, then its body runs under the mode
+                _SKIP_NEXT(True)
+                try:
+                    return func(*args, **kwargs)
+                finally:
+                    _SKIP_NEXT(False)
+        return func(*args, **kwargs)
+
+
+_SKIP_NEXT: Callable[[bool], None] | None = getattr(torch._C, "_set_skip_next_torch_function", None)
+"""Skips the next ``__torch_function__`` dispatch of this thread (without it: attention projections
+are not seen and take the generic path, correct but slower)."""
+
+
+def _linear_arguments(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    return input, weight, bias
+
+
+def _recording(layers: dict[int, _Layer], by_param: dict[int, int]) -> _LinearCalls:
+    """Record every ``F.linear`` call whose weight or bias is one of the watched parameters."""
+
+    def record(input: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
         key = by_param.get(id(weight), by_param.get(id(bias), -1) if bias is not None else -1)
-        out = original(input, weight, bias)
         if key < 0:
             return out
         x = input.detach()
@@ -132,11 +151,7 @@ def _recording(layers: dict[int, _Layer], by_param: dict[int, int]) -> Iterator[
         layers[key].calls.append(_Call(x.reshape(-1, x.shape[-1]).to(torch.float64, copy=True), out, lead))
         return out.clone()  # in-place ops downstream must not touch the recorded output
 
-    F.linear = recording_linear
-    try:
-        yield
-    finally:
-        F.linear = original
+    return _LinearCalls(record)
 
 
 def linear_layers(op: HessianOperator) -> tuple[dict[int, _Layer], dict[int, int]]:
@@ -146,19 +161,14 @@ def linear_layers(op: HessianOperator) -> tuple[dict[int, _Layer], dict[int, int
     """
     index_of = {id(p): k for k, p in enumerate(op.params)}
     seen: list[tuple[Tensor, Tensor | None, tuple[int, ...]]] = []
-    original = F.linear
 
-    def spy(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    def spy(input: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
         if id(weight) in index_of or (bias is not None and id(bias) in index_of):
             seen.append((weight, bias, tuple(input.shape[:-1])))
-        return original(input, weight, bias)
+        return out
 
-    F.linear = spy
-    try:
-        with op.autograd_context():
-            _check_loss(op.loss_fns[0](), 0)
-    finally:
-        F.linear = original
+    with _LinearCalls(spy), op.autograd_context():
+        op.evaluate_loss(0)
     layers: dict[int, _Layer] = {}
     by_param: dict[int, int] = {}
     for weight, bias, lead in seen:
@@ -177,36 +187,21 @@ def linear_layers(op: HessianOperator) -> tuple[dict[int, _Layer], dict[int, int
 # ------------------------------------------------------------------------------------ groupings
 
 
-def _groupings(rows: int, sizes: set[int], in_features: int) -> list[_Grouping]:
+def _groupings(rows: int, sizes: set[int], in_features: int) -> list[Grouping]:
     """Candidate groupings of ``rows`` rows, cheapest (fewest rows per group) first."""
-    out = [_Grouping("rows", torch.arange(rows), torch.zeros(rows, dtype=torch.long), rows, 1)]
+    out = [Grouping("rows", torch.arange(rows), torch.zeros(rows, dtype=torch.long), rows, 1)]
     r = torch.arange(rows)
     for groups in sorted((g for g in sizes if 1 < g < rows and rows % g == 0), reverse=True):
         size = rows // groups
         if size > in_features:
             continue
-        out.append(_Grouping(f"contiguous {groups}x{size}", r // size, r % size, groups, size))
-        out.append(_Grouping(f"strided {groups}x{size}", r % groups, r // groups, groups, size))
+        out.append(Grouping(f"contiguous {groups}x{size}", r // size, r % size, groups, size))
+        out.append(Grouping(f"strided {groups}x{size}", r % groups, r // groups, groups, size))
     return out
 
 
 def _batch_like_sizes(layers: dict[int, _Layer]) -> set[int]:
     return {d for layer in layers.values() for call in layer.calls for d in call.lead}
-
-
-def _decoupled(g: Tensor, y: Tensor, grouping: _Grouping, gen: torch.Generator) -> tuple[bool, int]:
-    """Whether the Hessian w.r.t. ``y`` has no entry across groups; and the products spent."""
-    flat_shape = (grouping.group.numel(), y.shape[-1])
-    bits = math.ceil(math.log2(grouping.groups)) if grouping.groups > 1 else 0
-    for bit in range(bits):
-        clear = ((grouping.group >> bit) & 1) == 0
-        v = gaussian(flat_shape, gen, y.dtype, y.device) * clear.to(y.device, y.dtype).unsqueeze(1)
-        (h,) = torch.autograd.grad(g, y, grad_outputs=v.reshape(y.shape), retain_graph=True, materialize_grads=True)
-        h = h.reshape(flat_shape)
-        across = h[~clear.to(h.device)]
-        if across.numel() and float(across.abs().max()) > _COUPLING_TOL * max(float(h.abs().max()), 1e-300):
-            return False, bit + 1
-    return True, bits
 
 
 # ------------------------------------------------------------------------------------ the rule
@@ -219,12 +214,12 @@ def _columns_hessian(g: Tensor, y: Tensor, rows_c: Tensor, c0: int, c1: int) -> 
     idx = torch.arange(c1 - c0, device=y.device)
     probe = torch.zeros(c1 - c0, rows, out, dtype=y.dtype, device=y.device)
     probe[idx.unsqueeze(1), rows_c.to(y.device).unsqueeze(0), (c0 + idx).unsqueeze(1)] = 1.0
-    h = _batched_grad(g, y, probe.reshape(c1 - c0, *y.shape)).reshape(c1 - c0, -1, out)
+    h = batched_grad(g, y, probe.reshape(c1 - c0, *y.shape)).reshape(c1 - c0, -1, out)
     return h[idx, :, c0 + idx].to(torch.float64)
 
 
 def _layer_diagonal(
-    g: Tensor, y: Tensor, x: Tensor, grouping: _Grouping, chunk_size: int
+    g: Tensor, y: Tensor, x: Tensor, grouping: Grouping, chunk_size: int
 ) -> tuple[Tensor, Tensor, int]:
     """``(diag of W, diag of b, products)`` for one call, given a valid grouping."""
     out = y.shape[-1]
@@ -242,38 +237,15 @@ def _layer_diagonal(
     return diag_w, diag_b, grouping.size * out
 
 
-def _batched_grad(g: Tensor, y: Tensor, probes: Tensor) -> Tensor:
-    """Products of the Hessian w.r.t. ``y`` with each slice of ``probes`` (vmapped, loop fallback)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            (h,) = torch.autograd.grad(g, y, grad_outputs=probes, retain_graph=True, is_grads_batched=True)
-        return h
-    except RuntimeError:
-        return torch.stack(
-            [
-                torch.autograd.grad(g, y, grad_outputs=p, retain_graph=True, allow_unused=True, materialize_grads=True)[
-                    0
-                ]
-                for p in probes
-            ]
-        )
-
-
 def _gradient_matches(layer: _Layer, call: _Call, gy: Tensor, grads: Mapping[int, Tensor | None]) -> bool:
     gy2 = gy.detach().reshape(-1, gy.shape[-1]).to(torch.float64)
     for k, rebuilt in ((layer.weight_index, lambda: gy2.T @ call.x), (layer.bias_index, lambda: gy2.sum(dim=0))):
         if k is None:
             continue
         gp = grads.get(k)
-        if gp is None or not _close(rebuilt().reshape(-1), gp.detach().reshape(-1).to(torch.float64)):
+        if gp is None or not close(rebuilt().reshape(-1), gp.detach().reshape(-1).to(torch.float64)):
             return False
     return True
-
-
-def _close(a: Tensor, b: Tensor) -> bool:
-    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
-    return float((a - b).abs().max()) <= _GRADIENT_TOL * scale
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -305,7 +277,7 @@ def _run_closure(run: _Pass, fn_index: int, by_param: dict[int, int]) -> Tensor:
     for layer in run.layers.values():
         layer.calls = []
     with _recording(run.layers, by_param), op.autograd_context():
-        loss = _check_loss(op.loss_fns[fn_index](), fn_index)
+        loss = op.evaluate_loss(fn_index)
     for key, layer in run.layers.items():
         if len(layer.calls) != 1:
             run.fail(key, f"layer called {len(layer.calls)} times in one loss evaluation (needs exactly 1)")
@@ -314,8 +286,7 @@ def _run_closure(run: _Pass, fn_index: int, by_param: dict[int, int]) -> Tensor:
 
 def _one_closure(run: _Pass, fn_index: int, by_param: dict[int, int], chunk_size: int) -> None:
     op = run.op
-    scale = 1.0 / len(op.loss_fns) if op.combine == "mean" else 1.0
-    loss = _run_closure(run, fn_index, by_param) * scale
+    loss = _run_closure(run, fn_index, by_param)
     used = [key for key in run.layers if run.ok[key]]
     if not used:
         return
@@ -366,7 +337,7 @@ def _one_layer(
             )
             return
         diag_w, diag_b, spent = _layer_diagonal(gy, call.y, call.x, grouping, chunk_size)
-    run.outcome.num_products += spent
+    run.outcome.num_matvecs += spent
     for k in layer.indices:
         run.outcome.groupings[run.op.names[k]] = grouping.name
     run.add(key, diag_w, diag_b, 1.0)
@@ -374,10 +345,10 @@ def _one_layer(
 
 def _first_valid_grouping(
     run: _Pass, gy: Tensor, call: _Call, layer: _Layer, sizes: set[int], gen: torch.Generator
-) -> _Grouping | None:
+) -> Grouping | None:
     for grouping in _groupings(call.x.shape[0], sizes, layer.in_features):
-        ok, spent = _decoupled(gy, call.y, grouping, gen)
-        run.outcome.num_products += spent
+        ok, spent = decoupled(gy, call.y, grouping, gen)
+        run.outcome.num_matvecs += spent
         if ok:
             return grouping
     return None
@@ -404,9 +375,7 @@ def layerwise_diagonal(op: HessianOperator, chunk_size: int = 16) -> LayerwiseOu
             continue
         for k, full in ((layer.weight_index, run.acc_w[key]), (layer.bias_index, run.acc_b[key])):
             if k is not None:
-                idx = op._index[k]
-                flat = full.reshape(-1)
-                run.outcome.parts[k] = flat if idx is None else flat.index_select(0, idx.to(flat.device))
+                run.outcome.parts[k] = op.select_entries(k, full)
     return run.outcome
 
 
@@ -422,7 +391,7 @@ def _agree_across_processes(run: _Pass) -> None:
 
 
 def layerwise_cost(op: HessianOperator) -> tuple[int, set[int]]:
-    """Upper bound on the products :func:`layerwise_diagonal` spends, and the op indices it covers.
+    """Upper bound on the matvecs :func:`layerwise_diagonal` spends, and the op indices it covers.
 
     Runs the first closure once (a forward pass, no product) to find the linear layers; assumes
     the most expensive candidate grouping and every check run in full.

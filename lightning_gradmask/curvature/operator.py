@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from lightning_gradmask.errors import NonFiniteLossError
 
 __all__ = [
     "BlockOperator",
@@ -37,23 +38,13 @@ __all__ = [
     "MatrixOperator",
     "NonFiniteLossError",
     "ParamsLike",
+    "check_loss",
 ]
 
 ParamsLike = Union[Mapping[str, Tensor], Iterable[tuple[str, Tensor]], Iterable[Tensor]]
 """Parameters: a ``{name: tensor}`` mapping, ``module.named_parameters()``, or bare tensors."""
 
 
-class NonFiniteLossError(ValueError):
-    """The loss (or a Hessian-vector product) is NaN or infinite.
-
-    A subclass of :class:`ValueError`, so ``except ValueError`` still catches it, while a caller that
-    wants to skip a step on a diverged loss can catch exactly this class::
-
-        try:
-            op = HessianOperator.from_module(model, closure)
-        except NonFiniteLossError:
-            return  # nothing sensible to measure
-    """
 
 
 @runtime_checkable
@@ -61,11 +52,15 @@ class LinearOperator(Protocol):
     """What the algorithms in this package need: a symmetric operator on flat vectors.
 
     ``matvec`` takes and returns a 1-D tensor of length ``dim`` (dtype ``dtype``, device ``device``)
-    and must count itself in ``num_products``.
+    and must count itself in ``num_matvecs``. The flat vector is laid out in blocks: ``names[i]``
+    owns the next ``sizes[i]`` entries; ``split`` and ``unflatten`` give a flat vector per block (a
+    bare matrix is one block, ``"matrix"``).
     """
 
     dim: int
-    num_products: int
+    num_matvecs: int
+    names: list[str]
+    sizes: list[int]
 
     @property
     def dtype(self) -> torch.dtype: ...
@@ -74,6 +69,10 @@ class LinearOperator(Protocol):
     def device(self) -> torch.device: ...
 
     def matvec(self, v: Tensor) -> Tensor: ...
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]: ...
+
+    def unflatten(self, flat: Tensor, fill: float = float("nan")) -> dict[str, Tensor]: ...
 
 
 class MatrixOperator:
@@ -90,7 +89,7 @@ class MatrixOperator:
             raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
         self.matrix = matrix
         self.dim = int(matrix.shape[0])
-        self.num_products = 0
+        self.num_matvecs = 0
         self.names = list(names) if names is not None else ["matrix"]
         self.sizes = list(sizes) if sizes is not None else [self.dim]
         if sum(self.sizes) != self.dim or len(self.sizes) != len(self.names):
@@ -105,30 +104,20 @@ class MatrixOperator:
         return self.matrix.device
 
     def matvec(self, v: Tensor) -> Tensor:
-        self.num_products += 1
+        self.num_matvecs += 1
         return self.matrix @ v.to(self.matrix.dtype)
 
-    def matmat(self, v: Tensor, *, batched: bool | None = None) -> Tensor:
-        """Products with the rows of ``v`` (shape ``(k, dim)``), one matrix product; counts ``k`` products.
-
-        ``batched`` is deprecated and ignored (see :meth:`HessianOperator.matmat`).
-        """
-        _warn_batched(batched)
-        self.num_products += int(v.shape[0])
+    def matmat(self, v: Tensor) -> Tensor:
+        """Products with the rows of ``v`` (shape ``(k, dim)``), one matrix product; counts ``k`` matvecs."""
+        self.num_matvecs += int(v.shape[0])
         return v.to(self.matrix.dtype) @ self.matrix.T
 
     def split(self, flat: Tensor) -> dict[str, Tensor]:
         return dict(zip(self.names, torch.split(flat, self.sizes, dim=-1)))
 
-
-def _warn_batched(batched: bool | None) -> None:
-    if batched is not None:
-        warnings.warn(
-            "matmat(batched=...) is deprecated and ignored: vmapped products were mostly slower per "
-            "product than a loop on CPU; matmat runs the loop",
-            FutureWarning,
-            stacklevel=3,
-        )
+    def unflatten(self, flat: Tensor, fill: float = float("nan")) -> dict[str, Tensor]:
+        """The blocks of ``flat``, as :meth:`split` (a matrix has no parameter shapes to restore)."""
+        return {name: part.clone() for name, part in self.split(flat).items()}
 
 
 def _normalize_params(params: ParamsLike) -> tuple[list[str], list[Tensor]]:
@@ -162,7 +151,8 @@ def _normalize_params(params: ParamsLike) -> tuple[list[str], list[Tensor]]:
     return names, tensors
 
 
-def _check_loss(loss: object, index: int) -> Tensor:
+def check_loss(loss: object, index: int) -> Tensor:
+    """``loss`` as a 0-d tensor, or a ``ValueError`` saying why it cannot be differentiated twice."""
     where = f"loss_fn #{index}" if index else "loss_fn"
     if not isinstance(loss, Tensor):
         raise ValueError(f"{where} must return a scalar torch.Tensor, got {type(loss).__name__}")
@@ -215,7 +205,7 @@ class HessianOperator:
 
     Attributes:
         dim: number of selected entries (the size of vectors ``matvec`` takes).
-        num_products: Hessian-vector products done so far (a batched product of ``k`` counts ``k``).
+        num_matvecs: Hessian-vector products done so far (a batched product of ``k`` counts ``k``).
         names, sizes: the selected parameters and how many entries each contributes to ``dim``.
         loss: the (reduced) loss value, a float.
 
@@ -252,12 +242,19 @@ class HessianOperator:
         self.check_finite = check_finite
         self.module = module
         self.eval_mode = eval_mode
-        self.num_products = 0
+        self.num_matvecs = 0
 
         all_names, all_params = _normalize_params(params)
-        mask_list = self._normalize_masks(masks, all_names, all_params)
+        self._select(all_names, all_params, self._normalize_masks(masks, all_names, all_params))
+        dtypes = {p.dtype for p in self.params}
+        self._dtype = torch.promote_types(*dtypes) if len(dtypes) > 1 else self.params[0].dtype
+        if dtype is not None:  # e.g. float32 vectors for a bfloat16 model: products in the model's dtype
+            self._dtype = dtype
+        self._device = self.params[0].device
+        self._build_gradient_graph()
 
-        # Keep only parameters with at least one selected entry.
+    def _select(self, all_names: list[str], all_params: list[Tensor], mask_list: list[Tensor | None]) -> None:
+        """Keep only parameters with at least one selected entry; their flat layout."""
         self.names: list[str] = []
         self.params: list[Tensor] = []
         self._index: list[Tensor | None] = []  # flat indices of selected entries, None = all
@@ -283,22 +280,22 @@ class HessianOperator:
         if not self.params:
             raise ValueError("the masks select no entry of any parameter")
         self.dim = int(sum(self.sizes))
-        dtypes = {p.dtype for p in self.params}
-        self._dtype = torch.promote_types(*dtypes) if len(dtypes) > 1 else self.params[0].dtype
-        if dtype is not None:  # e.g. float32 vectors for a bfloat16 model: products in the model's dtype
-            self._dtype = dtype
-        self._device = self.params[0].device
+        self._offsets = [0]
+        for size in self.sizes:
+            self._offsets.append(self._offsets[-1] + size)
 
+    def _build_gradient_graph(self) -> None:
+        """Run every closure once and keep the first-order gradient graph (checked, reduced loss)."""
         with self.autograd_context():
-            losses = [_check_loss(fn(), i) for i, fn in enumerate(self.loss_fns)]
+            losses = [check_loss(fn(), i) for i, fn in enumerate(self.loss_fns)]
             total = torch.stack(losses).sum()
-            if combine == "mean":
+            if self.combine == "mean":
                 total = total / len(losses)
             value = total.detach().reshape(1).to(torch.float64)
-            if reduce is not None:
-                value = reduce(value)
+            if self.reduce is not None:
+                value = self.reduce(value)
             self.loss = float(value.reshape(-1)[0])
-            if check_finite and not math.isfinite(self.loss):
+            if self.check_finite and not math.isfinite(self.loss):
                 raise NonFiniteLossError(f"the loss is not finite ({self.loss}); no Hessian statistics can be computed")
             grads = torch.autograd.grad(total, self.params, create_graph=True, allow_unused=True)
         # Gradients that do not depend on any parameter (loss linear in that parameter, or unused)
@@ -307,9 +304,6 @@ class HessianOperator:
         self._grads: list[Tensor] | None = [grads[i] for i in self._outputs]
         if all(g is None for g in grads):
             raise ValueError("the loss does not depend on any of the selected parameters")
-        self._offsets = [0]
-        for s in self.sizes:
-            self._offsets.append(self._offsets[-1] + s)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -392,12 +386,35 @@ class HessianOperator:
             for m, training in modes:
                 m.training = training
 
-    def evaluate_losses(self) -> list[Tensor]:
-        """Run every closure again (under :meth:`autograd_context`) and return the checked losses.
+    def evaluate_loss(self, index: int) -> Tensor:
+        """Run closure ``index`` again and return its checked loss, weighted as in the combined loss.
 
-        The caller must be inside ``autograd_context``.
+        The caller must be inside :meth:`autograd_context`. Used by the exact diagonal rules, which
+        record what the model computes while the loss is evaluated.
         """
-        return [_check_loss(fn(), i) for i, fn in enumerate(self.loss_fns)]
+        scale = 1.0 / len(self.loss_fns) if self.combine == "mean" else 1.0
+        return check_loss(self.loss_fns[index](), index) * scale
+
+    # ------------------------------------------------------------------ per-parameter access
+    def entry_indices(self, k: int) -> Tensor | None:
+        """Flat indices of the selected entries of parameter ``k`` (``None``: every entry)."""
+        return self._index[k]
+
+    def select_entries(self, k: int, full: Tensor) -> Tensor:
+        """The selected entries of a flat tensor with parameter ``k``'s ``numel`` entries."""
+        idx = self._index[k]
+        flat = full.reshape(-1)
+        return flat if idx is None else flat.index_select(0, idx.to(flat.device))
+
+    def gradient(self, k: int) -> Tensor | None:
+        """The gradient of the loss w.r.t. parameter ``k`` with its graph; ``None`` when the loss is linear in it."""
+        if self._grads is None:
+            raise RuntimeError("the operator was released; build a new one")
+        return self._grads[self._outputs.index(k)] if k in self._outputs else None
+
+    def block_range(self, k: int) -> tuple[int, int]:
+        """Where parameter ``k``'s entries lie in the flat vector: ``(start, stop)``."""
+        return self._offsets[k], self._offsets[k + 1]
 
     # ------------------------------------------------------------------ vector layout
     @property
@@ -483,26 +500,23 @@ class HessianOperator:
             raise ValueError(f"expected a vector of length {self.dim}, got shape {tuple(v.shape)}")
         v = v.to(device=self._device)
         hv = self._raw_products(self._scatter(v))
-        self.num_products += 1
+        self.num_matvecs += 1
         return self._finish(self.flatten(hv).to(self._dtype))
 
     __call__ = matvec
 
-    def matmat(self, v: Tensor, *, batched: bool | None = None) -> Tensor:
-        """``H`` applied to every row of ``v`` (shape ``(k, dim)``); counts ``k`` products.
+    def matmat(self, v: Tensor) -> Tensor:
+        """``H`` applied to every row of ``v`` (shape ``(k, dim)``); counts ``k`` matvecs.
 
         The products run one after the other and ``reduce`` is called once, on the ``(k, dim)``
-        result (one collective under DDP instead of ``k``). ``batched`` is deprecated and ignored:
-        the vmapped backward (``is_grads_batched=True``) it used to select measured 1.04-1.9x *slower*
-        per product than this loop on CPU for an MLP and a CNN, and only 15% faster on a small
-        transformer (``benchmarks/README.md``), not worth a second code path.
+        result (one collective under DDP instead of ``k``). A vmapped backward was slower per product
+        on CPU for most models (figures in ``benchmarks/README.md``), so there is no second code path.
         """
-        _warn_batched(batched)
         if v.ndim != 2 or v.shape[1] != self.dim:
             raise ValueError(f"expected shape (k, {self.dim}), got {tuple(v.shape)}")
         v = v.to(device=self._device)
         rows = torch.stack([self.flatten(self._raw_products(self._scatter(r))) for r in v])
-        self.num_products += int(v.shape[0])
+        self.num_matvecs += int(v.shape[0])
         return self._finish(rows.to(self._dtype))
 
     @contextlib.contextmanager
@@ -540,7 +554,7 @@ class HessianOperator:
     def __repr__(self) -> str:
         return (
             f"HessianOperator(dim={self.dim}, parameters={len(self.params)}, batches={len(self.loss_fns)}, "
-            f"combine={self.combine!r}, reduce={'yes' if self.reduce else 'no'}, products={self.num_products})"
+            f"combine={self.combine!r}, reduce={'yes' if self.reduce else 'no'}, matvecs={self.num_matvecs})"
         )
 
 
@@ -557,18 +571,18 @@ class BlockOperator:
         order = [k for k, n in enumerate(parent.names) if n in set(names)]
         self.names = [parent.names[k] for k in order]
         self.sizes = [parent.sizes[k] for k in order]
-        self._ranges = [(parent._offsets[k], parent._offsets[k + 1]) for k in order]
+        self._ranges = [parent.block_range(k) for k in order]
         self._order = order
         self.dim = int(sum(self.sizes))
         self.loss = parent.loss
 
     @property
-    def num_products(self) -> int:
-        return self.parent.num_products
+    def num_matvecs(self) -> int:
+        return self.parent.num_matvecs
 
-    @num_products.setter
-    def num_products(self, value: int) -> None:
-        self.parent.num_products = value
+    @num_matvecs.setter
+    def num_matvecs(self, value: int) -> None:
+        self.parent.num_matvecs = value
 
     @property
     def dtype(self) -> torch.dtype:

@@ -42,9 +42,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
+from lightning_gradmask.curvature._output_hessian import Grouping, batched_grad, close, decoupled
 from lightning_gradmask.curvature._random import gaussian
-from lightning_gradmask.curvature.layerwise import _batched_grad, _close, _decoupled, _Grouping
-from lightning_gradmask.curvature.operator import HessianOperator, _check_loss
+from lightning_gradmask.curvature.operator import HessianOperator
 
 __all__ = ["PiecewiseOutcome", "piecewise_diagonal"]
 
@@ -59,7 +59,7 @@ class PiecewiseOutcome:
 
     parts: dict[int, Tensor] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
-    num_products: int = 0
+    num_matvecs: int = 0
 
 
 @dataclass
@@ -153,7 +153,7 @@ def _output_hessian_blocks(g_f: Tensor, f: Tensor) -> Tensor:
     c = f[0].numel()
     probes = torch.zeros(c, n, c, dtype=f.dtype, device=f.device)
     probes[torch.arange(c), :, torch.arange(c)] = 1.0
-    h = _batched_grad(g_f, f, probes.reshape(c, *f.shape)).reshape(c, n, c)
+    h = batched_grad(g_f, f, probes.reshape(c, *f.shape)).reshape(c, n, c)
     blocks = h.permute(1, 2, 0).to(torch.float64)  # [n, row, column]
     return 0.5 * (blocks + blocks.transpose(1, 2))
 
@@ -178,9 +178,8 @@ def _one_closure(run: _Run, fn_index: int, gen: torch.Generator) -> None:
     op = run.op
     assert op.module is not None
     calls: list[_Forward] = []
-    scale = 1.0 / len(op.loss_fns) if op.combine == "mean" else 1.0
     with _capturing(op.module, calls), op.autograd_context():
-        loss = _check_loss(op.loss_fns[fn_index](), fn_index) * scale
+        loss = op.evaluate_loss(fn_index)
     if len(calls) != 1:
         return run.fail_all(f"the model was called {len(calls)} times in one loss evaluation (needs exactly 1)")
     with op.autograd_context():
@@ -205,12 +204,12 @@ def _accumulate(run: _Run, loss: Tensor, model: _Model, gen: torch.Generator) ->
     rebuilt = torch.autograd.grad(f, list(params.values()), grad_outputs=g_f.detach(), retain_graph=True,
                                   allow_unused=True, materialize_grads=True)
     for k, got, want in zip(list(run.indices), rebuilt, grads[1:]):
-        if want is None or not _close(got.reshape(-1).double(), want.detach().reshape(-1).double()):
+        if want is None or not close(got.reshape(-1).double(), want.detach().reshape(-1).double()):
             run.fail(k, "gradient does not pass through the model output only (a penalty inside the loss?)")
-    rows = _Grouping("rows", torch.arange(f.shape[0]), torch.zeros(f.shape[0], dtype=torch.long), f.shape[0], 1)
-    decoupled, spent = _decoupled(g_f, f, rows, gen)
-    run.outcome.num_products += spent
-    if not decoupled:
+    rows = Grouping("rows", torch.arange(f.shape[0]), torch.zeros(f.shape[0], dtype=torch.long), f.shape[0], 1)
+    independent, spent = decoupled(g_f, f, rows, gen)
+    run.outcome.num_matvecs += spent
+    if not independent:
         return run.fail_all("the loss couples the samples' outputs")
     try:
         for k in list(run.indices):
@@ -239,7 +238,7 @@ def _ggn_diagonal(run: _Run, model: _Model, g_f: Tensor, f: Tensor) -> None:
     blocks = _output_hessian_blocks(g_f, f)
     lam, vecs = torch.linalg.eigh(blocks.detach())  # (N, C), (N, C, C)
     n, classes = blocks.shape[0], blocks.shape[1]
-    run.outcome.num_products += 2 * classes
+    run.outcome.num_matvecs += 2 * classes
     params = {op.names[k]: op.params[k].detach() for k in run.indices}
     numel = sum(p.numel() for p in params.values())
     per_pass = max(1, min(classes, _PASS_BYTES // max(1, n * numel * f.element_size())))
@@ -282,7 +281,5 @@ def piecewise_diagonal(op: HessianOperator, indices: list[int], seed: int = 2024
             _one_closure(run, fn_index, gen)
     _agree_across_processes(run)
     for k in run.indices:
-        idx = op._index[k]
-        flat = run.acc[k]
-        run.outcome.parts[k] = flat if idx is None else flat.index_select(0, idx.to(flat.device))
+        run.outcome.parts[k] = op.select_entries(k, run.acc[k])
     return run.outcome

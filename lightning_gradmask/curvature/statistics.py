@@ -19,18 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lightning_gradmask.curvature._random import subseed
-from lightning_gradmask.curvature.density import broaden, spectral_density
-from lightning_gradmask.curvature.diagonal import _diag_by_products, exact_diagonal
-from lightning_gradmask.curvature.exact import dense_hessian, exact_statistics
-from lightning_gradmask.curvature.lanczos import default_max_iter, lanczos
+from lightning_gradmask.curvature.density import SpectralDensity, broaden, spectral_density
+from lightning_gradmask.curvature.diagonal import DiagonalResult, exact_diagonal, parameter_diagonal
+from lightning_gradmask.curvature.exact import ExactStatistics, dense_hessian, exact_statistics
+from lightning_gradmask.curvature.lanczos import LanczosResult, default_lanczos_matvecs, lanczos
 from lightning_gradmask.curvature.operator import HessianOperator, LinearOperator
-from lightning_gradmask.curvature.trace import estimate_trace
+from lightning_gradmask.curvature.options import StatisticsOptions
+from lightning_gradmask.curvature.trace import TraceEstimate, estimate_trace
 
 __all__ = ["STATS", "HessianStatistics", "hessian_statistics", "planned_matvecs"]
 
@@ -39,93 +39,67 @@ STATS = ("trace", "eigenvalues", "diagonal", "density")
 
 @dataclass
 class HessianStatistics:
-    """Everything :func:`hessian_statistics` computed. Fields of statistics not asked for are ``None``.
+    """Everything :func:`hessian_statistics` computed: the results it is made of, ``None`` if not asked for.
 
     Attributes:
         dim: number of selected entries the Hessian acts on.
         loss: the (reduced) loss value the Hessian belongs to (``None`` for a bare operator).
-        num_products: Hessian-vector products spent in this call; ``products`` splits it by statistic.
+        num_matvecs: Hessian-vector products spent in this call; ``matvecs`` splits it by statistic
+            (``"dense_hessian"`` on the exact path, where the results below count 0 matvecs each).
         exact: ``{statistic: True if computed exactly}``.
-        trace, trace_stderr: the trace and its standard error (0 when exact).
-        trace_per_parameter, trace_per_parameter_stderr: ``{name: trace of the parameter's block}``.
-        eigenvalues: ``(top_k,)`` float64, algebraically largest first.
-        eigenvalue_residuals: ``(top_k,)`` Lanczos residual norms (0 when exact): each eigenvalue is
-            within this distance of a true one.
-        eigenvalue_error_bounds: ``(top_k,)`` the usual sharper estimate ``min(r, r**2 / gap)``.
-        eigenvectors: ``(dim, top_k)`` Lanczos Ritz vectors with ``return_eigenvectors=True`` (``None``
-            on the exact path): pass ``eigenvectors.sum(1)`` as ``lanczos_v0`` to warm-start the next call.
-        diagonal: ``{name: float64 tensor of the parameter's shape}``, NaN outside the mask.
-        diagonal_stderr: same layout, per-entry standard error (``None`` when exact).
-        diagonal_methods: ``{name: "layerwise" | "piecewise" | "products" | "exact" | "xtrace" | "hutchinson"}``.
-        density_grid, density: broadened spectral density (integrates to ~1).
-        density_nodes, density_weights: raw quadrature (``(runs, steps)``), or the exact spectrum
-            (one row, weights ``1/dim``).
-        density_sigma: broadening width used.
+        trace: a :class:`TraceEstimate` (``trace.trace``, ``trace.stderr``, ``trace.per_parameter``,
+            ``trace.method``: ``"exact"``, ``"exact+adaptive:hutchinson"``, ...).
+        eigen: a :class:`LanczosResult` for the ``top_k`` algebraically largest eigenvalues
+            (``eigen.eigenvalues``, ``eigen.residuals``, ``eigen.error_bounds``, ``eigen.eigenvectors``
+            with ``return_eigenvectors=True``: pass ``eigen.eigenvectors.sum(1)`` as ``lanczos_v0`` to
+            warm-start the next call). On the exact path ``alphas`` holds the whole spectrum,
+            ``residuals`` are 0 and ``stop_reason`` is ``"exhausted"``.
+        diagonal: a :class:`DiagonalResult` (``diagonal.per_parameter[name]`` has the parameter's
+            shape, NaN outside the mask; ``diagonal.methods[name]`` says how it was found).
+        density: a :class:`SpectralDensity` (``density.grid``, ``density.density``, the raw
+            quadrature in ``nodes``/``weights``; on the exact path the spectrum, weights ``1/dim``).
         notes: human-readable remarks (e.g. why a diagonal fell back to the slow path).
     """
 
     dim: int
     loss: float | None = None
-    num_products: int = 0
-    products: dict[str, int] = field(default_factory=dict)
+    num_matvecs: int = 0
+    matvecs: dict[str, int] = field(default_factory=dict)
     exact: dict[str, bool] = field(default_factory=dict)
-    trace: float | None = None
-    trace_stderr: float | None = None
-    trace_per_parameter: dict[str, float] | None = None
-    trace_per_parameter_stderr: dict[str, float] | None = None
-    trace_method: str | None = None
-    eigenvalues: Tensor | None = None
-    eigenvalue_residuals: Tensor | None = None
-    eigenvalue_error_bounds: Tensor | None = None
-    eigenvectors: Tensor | None = None
-    diagonal: dict[str, Tensor] | None = None
-    diagonal_stderr: dict[str, Tensor] | None = None
-    diagonal_methods: dict[str, str] | None = None
-    density_grid: Tensor | None = None
-    density: Tensor | None = None
-    density_nodes: Tensor | None = None
-    density_weights: Tensor | None = None
-    density_sigma: float | None = None
+    trace: TraceEstimate | None = None
+    eigen: LanczosResult | None = None
+    diagonal: DiagonalResult | None = None
+    density: SpectralDensity | None = None
     notes: dict[str, str] = field(default_factory=dict)
 
-    def scalars(self, prefix: str = "hessian/", per_parameter: bool = True) -> dict[str, float]:
-        """Flat ``{name: float}`` for a logger.
+    def scalars(self, prefix: str = "hessian/", per_parameter: bool = False) -> dict[str, float]:
+        """The logged scalars, flat ``{key: float}`` (what ``HessianMonitor`` logs, minus its timings).
 
-        Keys: ``trace``, ``trace_stderr``, ``eig_0`` ... ``eig_{k-1}``, ``trace/<param>`` (if
-        ``per_parameter``), ``diag_mean/<param>`` (mean over selected entries) and ``products``.
+        Keys: ``trace``, ``trace_stderr``, ``trace/<param>`` (with ``per_parameter``),
+        ``eigenvalue_1`` ... ``eigenvalue_k`` and ``matvecs``.
         """
         out: dict[str, float] = {}
         if self.trace is not None:
-            out[f"{prefix}trace"] = float(self.trace)
-            out[f"{prefix}trace_stderr"] = float(self.trace_stderr or 0.0)
-            if per_parameter and self.trace_per_parameter:
-                for name, v in self.trace_per_parameter.items():
-                    out[f"{prefix}trace/{name}"] = float(v)
-        if self.eigenvalues is not None:
-            for i, v in enumerate(self.eigenvalues.tolist()):
-                out[f"{prefix}eig_{i}"] = float(v)
-        if self.diagonal is not None and per_parameter:
-            for name, d in self.diagonal.items():
-                out[f"{prefix}diag_mean/{name}"] = float(torch.nanmean(d.to(torch.float64)))
-        out[f"{prefix}products"] = float(self.num_products)
+            out[f"{prefix}trace"] = float(self.trace.trace)
+            out[f"{prefix}trace_stderr"] = float(self.trace.stderr)
+            if per_parameter:
+                for name, value in self.trace.per_parameter.items():
+                    out[f"{prefix}trace/{name}"] = float(value)
+        if self.eigen is not None:
+            for index, value in enumerate(self.eigen.eigenvalues.tolist(), start=1):
+                out[f"{prefix}eigenvalue_{index}"] = float(value)
+        out[f"{prefix}matvecs"] = float(self.num_matvecs)
         return out
 
 
-def _planned_products(
-    stats: Sequence[str],
-    trace_products: int,
-    lanczos_max_iter: int,
-    diagonal_products: int,
-    density_runs: int,
-    density_steps: int,
-) -> int:
+def _planned(stats: Sequence[str], trace_matvecs: int, lanczos_matvecs: int, options: StatisticsOptions) -> int:
     total = 0
     if "trace" in stats or "diagonal" in stats:
-        total += max(trace_products, diagonal_products if "diagonal" in stats else 0)
+        total += max(trace_matvecs, options.diagonal_matvecs if "diagonal" in stats else 0)
     if "eigenvalues" in stats:
-        total += lanczos_max_iter
+        total += lanczos_matvecs
     if "density" in stats:
-        total += density_runs * density_steps
+        total += options.density_runs * options.density_matvecs_per_run
     return total
 
 
@@ -134,25 +108,24 @@ def planned_matvecs(
     stats: Sequence[str] = ("trace", "eigenvalues"),
     *,
     top_k: int = 1,
-    budget: int | None = None,
-    trace_products: int = 100,
-    lanczos_max_iter: int | None = None,
-    diagonal_products: int = 100,
-    density_runs: int = 4,
-    density_steps: int = 40,
-    **others: object,
+    exact_up_to: int | None = None,
+    trace_matvecs: int = 100,
+    options: StatisticsOptions | None = None,
 ) -> int:
-    """The most Hessian-vector products :func:`hessian_statistics` plans for these arguments.
+    """The most matvecs :func:`hessian_statistics` plans for these arguments (no matvec is run).
 
-    ``dim`` when the exact path is taken, otherwise the sum of each statistic's budget (Lanczos may
-    stop earlier; the layerwise exact diagonal of Linear layers is counted as ``trace_products``).
-    Other keyword arguments of :func:`hessian_statistics` are accepted and ignored, so the same
-    ``**kwargs`` can be passed to both. Example: ``planned_matvecs(op.dim, ("trace",), trace_products=40)``.
+    ``dim`` when the exact path is taken, otherwise the sum of each statistic's ``num_matvecs``
+    (Lanczos may stop earlier; the layerwise exact diagonal of Linear layers is counted as
+    ``trace_matvecs``). Example: ``planned_matvecs(op.dim, ("trace",), trace_matvecs=40)``.
     """
-    max_iter = lanczos_max_iter if lanczos_max_iter is not None else min(dim, max(2 * top_k + 40, 60))
-    planned = _planned_products(stats, trace_products, max_iter, diagonal_products, density_runs, density_steps)
-    limit = planned if budget is None else budget
+    options = options or StatisticsOptions()
+    planned = _planned(stats, trace_matvecs, _lanczos_matvecs(dim, top_k, options), options)
+    limit = planned if exact_up_to is None else exact_up_to
     return dim if dim <= limit else planned
+
+
+def _lanczos_matvecs(dim: int, top_k: int, options: StatisticsOptions) -> int:
+    return options.lanczos_matvecs if options.lanczos_matvecs is not None else default_lanczos_matvecs(dim, top_k)
 
 
 def hessian_statistics(
@@ -160,19 +133,10 @@ def hessian_statistics(
     stats: Sequence[str] = ("trace", "eigenvalues"),
     *,
     top_k: int = 1,
-    budget: int | None = None,
+    exact_up_to: int | None = None,
+    trace_matvecs: int = 100,
     seed: int = 0,
-    trace_products: int = 100,
-    trace_method: Literal["auto", "adaptive", "xtrace", "xtrace-rademacher", "hutchinson", "hutch++"] = "auto",
-    lanczos_max_iter: int | None = None,
-    lanczos_tol: float = 1e-4,
-    diagonal: Literal["auto", "exact", "estimate"] = "auto",
-    diagonal_budget: int = 2048,
-    diagonal_products: int = 100,
-    density_runs: int = 4,
-    density_steps: int = 40,
-    density_grid_size: int = 256,
-    density_sigma: float | None = None,
+    options: StatisticsOptions | None = None,
     lanczos_v0: Tensor | None = None,
     return_eigenvectors: bool = False,
 ) -> HessianStatistics:
@@ -183,34 +147,17 @@ def hessian_statistics(
         stats: any of ``"trace"`` (with per-parameter traces), ``"eigenvalues"`` (the ``top_k``
             algebraically largest), ``"diagonal"``, ``"density"``.
         top_k: number of top eigenvalues.
-        budget: if ``operator.dim <= budget`` the full Hessian is built with ``dim`` products and
-            every statistic is exact. Default: the number of products the estimates would spend,
-            so exact is chosen whenever it is not more expensive.
+        exact_up_to: if ``operator.dim <= exact_up_to`` the full Hessian is built with ``dim``
+            matvecs and every statistic is exact. Default: the number of matvecs the estimates
+            would spend, so exact is chosen whenever it is not more expensive.
+        trace_matvecs: matvecs for the trace estimate (the diagonal estimate shares them); see
+            :attr:`StatisticsOptions.trace_method` for what is computed exactly instead.
         seed: one ``int``; every random draw derives from it (give the same value on every rank).
-        trace_products: products for the trace estimate (the diagonal estimate shares them).
-        trace_method: ``"auto"`` (default): on a :class:`HessianOperator`, the exact diagonal of
-            every parameter the layerwise or piecewise rule of :func:`exact_diagonal` accepts (cheap: about ``out_features`` products
-            w.r.t. the layer output), the remaining parameters exactly by one-hot products if they
-            have at most ``trace_products`` entries (``diagonal_budget`` when the diagonal is
-            wanted), and otherwise estimated with ``trace_products`` products restricted to them
-            (``estimate_trace(..., method="auto")``). ``trace_method`` then reads ``"exact"`` or
-            ``"exact+adaptive:hutchinson"`` etc. Any explicit method of :func:`estimate_trace`
-            estimates the whole trace with that method instead.
-        lanczos_max_iter: see :func:`lanczos` (``max_iter``; default there).
-        lanczos_tol: see :func:`lanczos` (``tol``).
-        diagonal: ``"auto"`` (exact where the rules above make it affordable, estimated
-            elsewhere), ``"exact"`` (exact everywhere, one product per entry outside Linear
-            layers), ``"estimate"`` (stochastic everywhere, sharing the trace's products).
-        diagonal_budget: most one-hot products to spend on the non-Linear rest of the diagonal.
-        diagonal_products: products for a stochastic diagonal (shared with the trace).
-        density_runs: see :func:`spectral_density` (``num_runs``).
-        density_steps: see :func:`spectral_density` (``num_steps``).
-        density_grid_size: see :func:`spectral_density` (``grid_size``).
-        density_sigma: see :func:`spectral_density` (``sigma``).
+        options: the finer estimator options (:class:`StatisticsOptions`; default: its defaults).
         lanczos_v0: start vector for Lanczos (length ``dim``), e.g. the previous call's top
-            eigenvectors summed: a warm start on a slowly changing Hessian needs fewer products.
+            eigenvectors summed: a warm start on a slowly changing Hessian needs fewer matvecs.
             Ignored when its length is not ``dim`` or it is zero.
-        return_eigenvectors: keep the Lanczos Ritz vectors in ``eigenvectors``.
+        return_eigenvectors: keep the Lanczos Ritz vectors in ``eigen.eigenvectors``.
 
     Returns:
         :class:`HessianStatistics`.
@@ -221,116 +168,170 @@ def hessian_statistics(
     Example::
 
         stats = hessian_statistics(op, ("trace", "eigenvalues", "diagonal", "density"), top_k=2, seed=0)
-        stats.trace, stats.trace_stderr, stats.eigenvalues, stats.exact
+        stats.trace.trace, stats.trace.stderr, stats.eigen.eigenvalues, stats.exact
     """
+    options = options or StatisticsOptions()
+    _check_request(operator, stats, top_k, seed, options)
+    dim = int(operator.dim)
+    lanczos_matvecs = _lanczos_matvecs(dim, top_k, options)
+    if exact_up_to is None:
+        exact_up_to = _planned(stats, trace_matvecs, lanczos_matvecs, options)
+    res = HessianStatistics(dim=dim, loss=getattr(operator, "loss", None))
+    start = operator.num_matvecs
+    if not stats:
+        return res
+    if dim <= exact_up_to:
+        _exact_path(operator, res, stats, top_k, options)
+    else:
+        if "eigenvalues" in stats:
+            _top_eigenvalues(operator, res, top_k, lanczos_matvecs, seed, options, lanczos_v0, return_eigenvectors)
+        if "trace" in stats or "diagonal" in stats:
+            _trace_and_diagonal(
+                operator,
+                res,
+                want_trace="trace" in stats,
+                want_diagonal="diagonal" in stats,
+                trace_matvecs=trace_matvecs,
+                options=options,
+                seed=subseed(seed, 2),
+            )
+        if "density" in stats:
+            _density(operator, res, seed, options)
+    res.num_matvecs = operator.num_matvecs - start
+    return res
+
+
+def _check_request(
+    operator: LinearOperator, stats: Sequence[str], top_k: int, seed: int, options: StatisticsOptions
+) -> None:
     unknown = set(stats) - set(STATS)
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {STATS}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError("seed must be an int (the same on every process)")
-    dim = int(operator.dim)
-    if top_k < 1 or top_k > dim:
-        raise ValueError(f"top_k must be in [1, {dim}]")
-    max_iter = lanczos_max_iter if lanczos_max_iter is not None else default_max_iter(dim, top_k)
-    if budget is None:
-        budget = _planned_products(stats, trace_products, max_iter, diagonal_products, density_runs, density_steps)
-    res = HessianStatistics(dim=dim, loss=getattr(operator, "loss", None))
-    start = operator.num_products
-    names = list(getattr(operator, "names", ["all"]))
-    sizes = list(getattr(operator, "sizes", [dim]))
-    unflatten = getattr(operator, "unflatten", None)
+    if top_k < 1 or top_k > int(operator.dim):
+        raise ValueError(f"top_k must be in [1, {int(operator.dim)}]")
+    if not isinstance(options, StatisticsOptions):
+        raise TypeError(f"options must be a StatisticsOptions, got {type(options).__name__}")
 
-    def per_param(flat: Tensor) -> dict[str, Tensor]:
-        return unflatten(flat) if unflatten is not None else {"all": flat}
 
-    if not stats:
-        return res
-
-    if dim <= budget:
-        before = operator.num_products
-        h = dense_hessian(operator)
-        ex = exact_statistics(h)
-        res.products["dense_hessian"] = operator.num_products - before
-        if "trace" in stats:
-            res.trace, res.trace_stderr, res.trace_method = ex.trace, 0.0, "exact"
-            parts = torch.split(ex.diagonal, sizes)
-            res.trace_per_parameter = {n: float(p.sum()) for n, p in zip(names, parts)}
-            res.trace_per_parameter_stderr = dict.fromkeys(names, 0.0)
-            res.exact["trace"] = True
-        if "eigenvalues" in stats:
-            res.eigenvalues = ex.eigenvalues[:top_k].clone()
-            res.eigenvalue_residuals = torch.zeros(top_k, dtype=torch.float64)
-            res.eigenvalue_error_bounds = torch.zeros(top_k, dtype=torch.float64)
-            res.exact["eigenvalues"] = True
-        if "diagonal" in stats:
-            res.diagonal = per_param(ex.diagonal)
-            res.diagonal_methods = dict.fromkeys(names, "exact")
-            res.exact["diagonal"] = True
-        if "density" in stats:
-            nodes = ex.eigenvalues.cpu().unsqueeze(0)
-            weights = torch.full_like(nodes, 1.0 / dim)
-            grid, dens, sig = broaden(nodes, weights, grid_size=density_grid_size, sigma=density_sigma)
-            res.density_grid, res.density, res.density_sigma = grid, dens, sig
-            res.density_nodes, res.density_weights = nodes, weights
-            res.exact["density"] = True
-        res.num_products = operator.num_products - start
-        return res
-
+# ---------------------------------------------------------------------- the exact path
+def _exact_path(
+    operator: LinearOperator, res: HessianStatistics, stats: Sequence[str], top_k: int, options: StatisticsOptions
+) -> None:
+    """Every statistic from the dense Hessian (``dim`` matvecs, counted under ``"dense_hessian"``)."""
+    before = operator.num_matvecs
+    ex = exact_statistics(dense_hessian(operator))
+    res.matvecs["dense_hessian"] = operator.num_matvecs - before
+    if "trace" in stats:
+        res.trace = _exact_trace(operator, ex)
     if "eigenvalues" in stats:
-        before = operator.num_products
-        v0 = lanczos_v0
-        if v0 is not None and (v0.numel() != dim or not bool(torch.isfinite(v0).all()) or float(v0.norm()) == 0.0):
-            v0 = None
-        lz = lanczos(
-            operator,
-            k=top_k,
-            max_iter=max_iter,
-            tol=lanczos_tol,
-            seed=subseed(seed, 1),
-            v0=v0,
-            return_eigenvectors=return_eigenvectors,
+        res.eigen = _exact_eigen(ex, top_k)
+    if "diagonal" in stats:
+        res.diagonal = DiagonalResult(
+            diagonal=ex.diagonal,
+            stderr=None,
+            per_parameter=operator.unflatten(ex.diagonal),
+            methods=dict.fromkeys(operator.names, "exact"),
+            num_matvecs=0,
+            exact=True,
         )
-        res.eigenvectors = lz.eigenvectors
-        res.eigenvalues, res.eigenvalue_residuals = lz.eigenvalues, lz.residuals
-        res.eigenvalue_error_bounds = lz.error_bounds
-        res.products["eigenvalues"] = operator.num_products - before
-        res.exact["eigenvalues"] = False
-        if not lz.converged:
-            res.notes["eigenvalues"] = (
-                f"Lanczos stopped at max_iter={max_iter} before reaching tol={lanczos_tol}; see eigenvalue_residuals"
-            )
-
-    if "trace" in stats or "diagonal" in stats:
-        _trace_and_diagonal(
-            operator,
-            res,
-            want_trace="trace" in stats,
-            want_diagonal="diagonal" in stats,
-            trace_products=trace_products,
-            trace_method=trace_method,
-            diagonal=diagonal,
-            diagonal_budget=diagonal_budget,
-            diagonal_products=diagonal_products,
-            seed=subseed(seed, 2),
-        )
-
     if "density" in stats:
-        before = operator.num_products
-        dens = spectral_density(  # type: ignore[assignment]  # dens is a SpectralDensity here
-            operator,
-            num_runs=density_runs,
-            num_steps=density_steps,
-            grid_size=density_grid_size,
-            sigma=density_sigma,
-            seed=subseed(seed, 3),
-        )
-        res.density_grid, res.density, res.density_sigma = dens.grid, dens.density, dens.sigma  # type: ignore[attr-defined]  # dens is a SpectralDensity here
-        res.density_nodes, res.density_weights = dens.nodes, dens.weights  # type: ignore[attr-defined]  # dens is a SpectralDensity here
-        res.products["density"] = operator.num_products - before
-        res.exact["density"] = False
+        res.density = _exact_density(ex, res.dim, options)
+    res.exact.update(dict.fromkeys(stats, True))
 
-    res.num_products = operator.num_products - start
-    return res
+
+def _exact_trace(operator: LinearOperator, ex: ExactStatistics) -> TraceEstimate:
+    parts = torch.split(ex.diagonal, list(operator.sizes))
+    return TraceEstimate(
+        trace=ex.trace,
+        stderr=0.0,
+        per_parameter={n: float(p.sum()) for n, p in zip(operator.names, parts)},
+        per_parameter_stderr=dict.fromkeys(operator.names, 0.0),
+        num_matvecs=0,
+        method="exact",
+        samples=torch.tensor([ex.trace], dtype=torch.float64),
+        exact=True,
+    )
+
+
+def _exact_eigen(ex: ExactStatistics, top_k: int) -> LanczosResult:
+    spectrum = ex.eigenvalues.cpu()
+    zeros = torch.zeros(top_k, dtype=torch.float64)
+    return LanczosResult(
+        eigenvalues=ex.eigenvalues[:top_k].clone(),
+        eigenvectors=None,
+        residuals=zeros,
+        error_bounds=zeros.clone(),
+        alphas=spectrum.clone(),  # T = diag(spectrum): the exact "tridiagonal" matrix
+        betas=torch.zeros(max(spectrum.numel() - 1, 0), dtype=torch.float64),
+        num_matvecs=0,
+        converged=True,
+        stop_reason="exhausted",
+    )
+
+
+def _exact_density(ex: ExactStatistics, dim: int, options: StatisticsOptions) -> SpectralDensity:
+    nodes = ex.eigenvalues.cpu().unsqueeze(0)
+    weights = torch.full_like(nodes, 1.0 / dim)
+    grid, density, sigma = broaden(nodes, weights, grid_size=options.density_grid_size, sigma=options.density_sigma)
+    return SpectralDensity(grid, density, nodes, weights, sigma, num_matvecs=0, exact=True)
+
+
+# ---------------------------------------------------------------------- estimates
+def _top_eigenvalues(
+    operator: LinearOperator,
+    res: HessianStatistics,
+    top_k: int,
+    lanczos_matvecs: int,
+    seed: int,
+    options: StatisticsOptions,
+    lanczos_v0: Tensor | None,
+    return_eigenvectors: bool,
+) -> None:
+    v0 = lanczos_v0
+    if v0 is not None and (v0.numel() != res.dim or not bool(torch.isfinite(v0).all()) or float(v0.norm()) == 0.0):
+        v0 = None
+    res.eigen = lanczos(
+        operator,
+        k=top_k,
+        num_matvecs=lanczos_matvecs,
+        tol=options.lanczos_tol,
+        seed=subseed(seed, 1),
+        v0=v0,
+        return_eigenvectors=return_eigenvectors,
+    )
+    res.matvecs["eigenvalues"] = res.eigen.num_matvecs
+    res.exact["eigenvalues"] = False
+    if not res.eigen.converged:
+        res.notes["eigenvalues"] = (
+            f"Lanczos stopped at lanczos_matvecs={lanczos_matvecs} before reaching "
+            f"lanczos_tol={options.lanczos_tol}; see eigen.residuals"
+        )
+
+
+def _density(operator: LinearOperator, res: HessianStatistics, seed: int, options: StatisticsOptions) -> None:
+    res.density = spectral_density(
+        operator,
+        num_runs=options.density_runs,
+        matvecs_per_run=options.density_matvecs_per_run,
+        grid_size=options.density_grid_size,
+        sigma=options.density_sigma,
+        seed=subseed(seed, 3),
+    )
+    res.matvecs["density"] = res.density.num_matvecs
+    res.exact["density"] = False
+
+
+# ---------------------------------------------------------------------- trace and diagonal
+@dataclass
+class _Blocks:
+    """Per-parameter diagonals found exactly, and the estimate of the remaining parameters."""
+
+    exact: dict[str, Tensor] = field(default_factory=dict)
+    methods: dict[str, str] = field(default_factory=dict)
+    rest: list[str] = field(default_factory=list)
+    estimate: TraceEstimate | None = None
 
 
 def _trace_and_diagonal(
@@ -339,98 +340,119 @@ def _trace_and_diagonal(
     *,
     want_trace: bool,
     want_diagonal: bool,
-    trace_products: int,
-    trace_method: str,
-    diagonal: str,
-    diagonal_budget: int,
-    diagonal_products: int,
+    trace_matvecs: int,
+    options: StatisticsOptions,
     seed: int,
 ) -> None:
     """Trace and/or diagonal: exact on every block where that is affordable, estimated on the rest.
 
-    ``trace_method="auto"`` on a :class:`HessianOperator`: blocks the layerwise rule handles (Linear
-    layers) get their exact diagonal; the remaining block is computed exactly by one-hot products
-    if it has at most ``diagonal_budget`` entries (when the diagonal is wanted) or ``trace_products``
-    entries (trace only), and otherwise estimated with ``trace_products`` products restricted to it.
-    An explicit method (``"xtrace"``, ``"hutchinson"``, ``"hutch++"``) estimates everything with it.
+    ``trace_method="auto"`` on a :class:`HessianOperator`: blocks the layerwise or piecewise rule
+    handles get their exact diagonal; the remaining block is computed exactly by one-hot matvecs if
+    it has at most ``exact_diagonal_up_to`` entries (when the diagonal is wanted) or
+    ``trace_matvecs`` entries (trace only), and otherwise estimated with ``trace_matvecs`` matvecs
+    restricted to it. An explicit method (``"xtrace"``, ``"hutchinson"``, ...) estimates everything.
     """
-    if diagonal not in ("auto", "exact", "estimate"):
-        raise ValueError(f"diagonal must be 'auto', 'exact' or 'estimate', got {diagonal!r}")
-    names = list(getattr(op, "names", ["all"]))
-    sizes = list(getattr(op, "sizes", [op.dim]))
-    structured = isinstance(op, HessianOperator) and trace_method == "auto" and diagonal != "estimate"
-    n_prod = max(trace_products, diagonal_products) if want_diagonal else trace_products
-    before = op.num_products
-    exact_diag: dict[str, Tensor] = {}
-    methods: dict[str, str] = {}
+    before = op.num_matvecs
+    structured = isinstance(op, HessianOperator) and options.trace_method == "auto" and options.diagonal != "estimate"
+    blocks = _Blocks(rest=list(op.names))
     if structured:
         assert isinstance(op, HessianOperator)
-        skip_slow = not (want_diagonal and diagonal == "exact")
-        dres = exact_diagonal(op, skip_slow=skip_slow)
-        for name, seg in op.split(dres.diagonal).items():
-            if dres.methods[name] != "skipped":
-                exact_diag[name] = seg
-                methods[name] = dres.methods[name]
-        for name, why in dres.notes.items():
-            if name not in exact_diag:
-                res.notes[f"diagonal/{name}"] = why
-    rest = [n for n in names if n not in exact_diag]
-    rest_dim = sum(size for n, size in zip(names, sizes) if n in rest)
-    est = None
-    if rest:
-        limit = diagonal_budget if (want_diagonal and diagonal != "estimate") else trace_products
-        if isinstance(op, HessianOperator) and structured and rest_dim <= limit:
-            ks = [k for k, name in enumerate(op.names) if name in rest]
-            flat = torch.cat([_diag_by_products(op, k) for k in ks])
-            if op.reduce is not None:  # the one-hot products are local: one collective for all
-                flat = op.reduce(flat)
-            for k, seg in zip(ks, torch.split(flat, [op.sizes[k] for k in ks])):
-                exact_diag[op.names[k]] = seg
-                methods[op.names[k]] = "products"
-            rest = []
-        else:
-            target = op.block(rest) if isinstance(op, HessianOperator) and len(rest) < len(names) else op
-            method = "auto" if trace_method == "auto" else trace_method
-            est = estimate_trace(target, n_prod, method=method, seed=seed, diagonal=want_diagonal)  # type: ignore[arg-type]
-            res.trace_method = est.method if not exact_diag else f"exact+{est.method}"
-    else:
-        res.trace_method = "exact"
-    exact_total = sum(float(d.sum()) for d in exact_diag.values())
+        _fast_exact_blocks(op, blocks, res, skip_slow=not (want_diagonal and options.diagonal == "exact"))
+        limit = options.exact_diagonal_up_to if want_diagonal else trace_matvecs
+        rest_dim = sum(size for n, size in zip(op.names, op.sizes) if n in blocks.rest)
+        if blocks.rest and rest_dim <= limit:
+            _one_hot_blocks(op, blocks)
+    if blocks.rest:
+        matvecs = max(trace_matvecs, options.diagonal_matvecs) if want_diagonal else trace_matvecs
+        target = op.block(blocks.rest) if isinstance(op, HessianOperator) and len(blocks.rest) < len(op.names) else op
+        blocks.estimate = estimate_trace(
+            target, matvecs, method=options.trace_method, seed=seed, diagonal=want_diagonal
+        )
+    spent = op.num_matvecs - before
     if want_trace:
-        pp = {n: float(exact_diag[n].sum()) for n in names if n in exact_diag}
-        pps = dict.fromkeys(pp, 0.0)
-        trace, stderr = exact_total, 0.0
-        if est is not None:
-            pp.update(est.per_parameter)
-            pps.update(est.per_parameter_stderr)
-            trace += est.trace
-            stderr = est.stderr
-        res.trace, res.trace_stderr = trace, stderr
-        res.trace_per_parameter = {n: pp[n] for n in names}
-        res.trace_per_parameter_stderr = {n: pps[n] for n in names}
-        res.exact["trace"] = est is None or est.exact
+        res.trace = _combined_trace(op, blocks, spent)
+        res.exact["trace"] = res.trace.exact
     if want_diagonal:
-        flat_parts, se_parts = [], []
-        est_parts = est_se = {}
-        if est is not None:
-            assert est.diagonal is not None and est.diagonal_stderr is not None
-            est_parts = dict(zip(rest, torch.split(est.diagonal, [sizes[names.index(n)] for n in rest])))
-            est_se = dict(zip(rest, torch.split(est.diagonal_stderr, [sizes[names.index(n)] for n in rest])))
-            for n in rest:
-                methods[n] = est.method
-        for n in names:
-            if n in exact_diag:
-                flat_parts.append(exact_diag[n].to(torch.float64))
-                se_parts.append(torch.zeros_like(flat_parts[-1]))
-            else:
-                flat_parts.append(est_parts[n].to(torch.float64))
-                se_parts.append(est_se[n].to(torch.float64))
-        flat = torch.cat(flat_parts)
-        unflatten = getattr(op, "unflatten", None)
-        res.diagonal = unflatten(flat) if unflatten is not None else {"all": flat}
-        if est is not None:
-            se = torch.cat(se_parts)
-            res.diagonal_stderr = unflatten(se) if unflatten is not None else {"all": se}
-        res.diagonal_methods = methods
-        res.exact["diagonal"] = est is None or est.exact
-    res.products["trace" if want_trace else "diagonal"] = op.num_products - before
+        res.diagonal = _combined_diagonal(op, blocks, spent)
+        res.exact["diagonal"] = res.diagonal.exact
+    res.matvecs["trace" if want_trace else "diagonal"] = spent
+
+
+def _fast_exact_blocks(op: HessianOperator, blocks: _Blocks, res: HessianStatistics, skip_slow: bool) -> None:
+    """The parameters :func:`exact_diagonal`'s fast rules handle (all of them unless ``skip_slow``)."""
+    found = exact_diagonal(op, skip_slow=skip_slow)
+    for name, part in op.split(found.diagonal).items():
+        if found.methods[name] != "skipped":
+            blocks.exact[name] = part
+            blocks.methods[name] = found.methods[name]
+    for name, why in found.notes.items():
+        if name not in blocks.exact:
+            res.notes[f"diagonal/{name}"] = why
+    blocks.rest = [n for n in op.names if n not in blocks.exact]
+
+
+def _one_hot_blocks(op: HessianOperator, blocks: _Blocks) -> None:
+    """The remaining parameters exactly, one matvec per entry (local; one ``reduce`` for all)."""
+    ks = [k for k, name in enumerate(op.names) if name in blocks.rest]
+    flat = torch.cat([parameter_diagonal(op, k) for k in ks])
+    if op.reduce is not None:
+        flat = op.reduce(flat)
+    for k, part in zip(ks, torch.split(flat, [op.sizes[k] for k in ks])):
+        blocks.exact[op.names[k]] = part
+        blocks.methods[op.names[k]] = "products"
+    blocks.rest = []
+
+
+def _combined_trace(op: LinearOperator, blocks: _Blocks, spent: int) -> TraceEstimate:
+    est = blocks.estimate
+    exact_total = sum(float(d.sum()) for d in blocks.exact.values())
+    per_parameter = {n: float(d.sum()) for n, d in blocks.exact.items()}
+    per_parameter_stderr = dict.fromkeys(per_parameter, 0.0)
+    if est is None:
+        method, trace, stderr, samples = "exact", exact_total, 0.0, torch.tensor([exact_total], dtype=torch.float64)
+    else:
+        per_parameter.update(est.per_parameter)
+        per_parameter_stderr.update(est.per_parameter_stderr)
+        method = est.method if not blocks.exact else f"exact+{est.method}"
+        trace, stderr, samples = exact_total + est.trace, est.stderr, est.samples + exact_total
+    return TraceEstimate(
+        trace=trace,
+        stderr=stderr,
+        per_parameter={n: per_parameter[n] for n in op.names},
+        per_parameter_stderr={n: per_parameter_stderr[n] for n in op.names},
+        num_matvecs=spent,
+        method=method,
+        samples=samples,
+        exact=est is None or est.exact,
+        extra=dict(est.extra) if est is not None else {},
+    )
+
+
+def _combined_diagonal(op: LinearOperator, blocks: _Blocks, spent: int) -> DiagonalResult:
+    est = blocks.estimate
+    estimated: dict[str, Tensor] = {}
+    estimated_stderr: dict[str, Tensor] = {}
+    methods = dict(blocks.methods)
+    if est is not None:
+        assert est.diagonal is not None and est.diagonal_stderr is not None
+        sizes = [op.sizes[op.names.index(n)] for n in blocks.rest]
+        estimated = dict(zip(blocks.rest, torch.split(est.diagonal, sizes)))
+        estimated_stderr = dict(zip(blocks.rest, torch.split(est.diagonal_stderr, sizes)))
+        methods.update(dict.fromkeys(blocks.rest, est.method))
+    parts, stderr_parts = [], []
+    for name in op.names:
+        if name in blocks.exact:
+            parts.append(blocks.exact[name].to(torch.float64))
+            stderr_parts.append(torch.zeros_like(parts[-1]))
+        else:
+            parts.append(estimated[name].to(torch.float64))
+            stderr_parts.append(estimated_stderr[name].to(torch.float64))
+    flat = torch.cat(parts)
+    return DiagonalResult(
+        diagonal=flat,
+        stderr=torch.cat(stderr_parts) if est is not None else None,
+        per_parameter=op.unflatten(flat),
+        methods={n: methods[n] for n in op.names},
+        num_matvecs=spent,
+        exact=est is None or est.exact,
+    )

@@ -42,7 +42,7 @@ diagonal of Linear layers (see :mod:`.diagonal`) and estimates only the remainin
 
 Example::
 
-    est = estimate_trace(op, num_products=100, seed=0)
+    est = estimate_trace(op, num_matvecs=100, seed=0)
     print(f"{est.trace:.4g} +- {est.stderr:.2g}", est.method, est.per_parameter["0.weight"])
 """
 
@@ -50,17 +50,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lightning_gradmask.curvature._random import Seed, as_generator, gaussian, rademacher
 from lightning_gradmask.curvature.operator import LinearOperator
+from lightning_gradmask.curvature.options import TraceMethod
 
 __all__ = ["TraceEstimate", "estimate_trace", "xtrace_memory_bytes"]
 
-TraceMethod = Literal["adaptive", "xtrace", "xtrace-rademacher", "hutchinson", "hutch++", "auto"]
 
 
 @dataclass
@@ -74,7 +73,7 @@ class TraceEstimate:
         diagonal, diagonal_stderr: flat ``(dim,)`` float64 diagonal estimate and per-entry standard
             error, if ``diagonal=True`` was asked.
         samples: the per-probe (Hutchinson) or leave-one-out (XTrace) estimates the mean is made of.
-        num_products: products spent. method: the estimator used.
+        num_matvecs: products spent. method: the estimator used.
         exact: ``True`` when the estimator could prove the value exact (XTrace on a Hessian whose
             rank is below the number of test vectors); ``stderr`` is then 0.
     """
@@ -83,7 +82,7 @@ class TraceEstimate:
     stderr: float
     per_parameter: dict[str, float]
     per_parameter_stderr: dict[str, float]
-    num_products: int
+    num_matvecs: int
     method: str
     samples: Tensor
     diagonal: Tensor | None = None
@@ -93,10 +92,9 @@ class TraceEstimate:
 
 
 def _layout(op: LinearOperator) -> tuple[list[str], list[int]]:
-    names = list(getattr(op, "names", ["all"]))
-    sizes = list(getattr(op, "sizes", [op.dim]))
+    names, sizes = list(op.names), list(op.sizes)
     if sum(sizes) != op.dim or len(names) != len(sizes):
-        names, sizes = ["all"], [op.dim]
+        raise ValueError(f"the operator's sizes {sizes} do not partition its dim {op.dim} among names {names}")
     return names, sizes
 
 
@@ -132,7 +130,7 @@ def _estimate(
         stderr=float(stderr),
         per_parameter=dict(zip(names, per_parameter.tolist())),
         per_parameter_stderr=dict(zip(names, per_parameter_stderr.tolist())),
-        num_products=op.num_products - start,
+        num_matvecs=op.num_matvecs - start,
         method=method,
         samples=samples,
         diagonal=diagonal,
@@ -140,16 +138,16 @@ def _estimate(
     )
 
 
-def xtrace_memory_bytes(dim: int, num_products: int, itemsize: int = 4, diagonal: bool = False) -> int:
-    """Peak memory of the XTrace blocks (``dim x s`` each, ``s = num_products // 2``)."""
-    s = max(num_products // 2, 1)
+def xtrace_memory_bytes(dim: int, num_matvecs: int, itemsize: int = 4, diagonal: bool = False) -> int:
+    """Peak memory of the XTrace blocks (``dim x s`` each, ``s = num_matvecs // 2``)."""
+    s = max(num_matvecs // 2, 1)
     blocks = 3 + (4 if diagonal else 0)
     return blocks * dim * s * itemsize + 2 * dim * s * 8  # plus float64 work copies
 
 
 def estimate_trace(
     op: LinearOperator,
-    num_products: int = 100,
+    num_matvecs: int = 100,
     *,
     method: TraceMethod = "auto",
     seed: Seed = 0,
@@ -160,7 +158,7 @@ def estimate_trace(
 
     Args:
         op: the operator.
-        num_products: products to spend (XTrace uses ``2 * (num_products // 2)``).
+        num_matvecs: products to spend (XTrace uses ``2 * (num_matvecs // 2)``).
         method: ``"adaptive"``, ``"xtrace"``, ``"xtrace-rademacher"``, ``"hutchinson"``,
             ``"hutch++"`` or ``"auto"`` (adaptive unless its ``dim x m/2`` blocks would exceed
             ``memory_limit`` bytes, then Hutchinson).
@@ -172,26 +170,26 @@ def estimate_trace(
         est = estimate_trace(op, 100, seed=0)
         assert abs(sum(est.per_parameter.values()) - est.trace) < 1e-6 * abs(est.trace)
     """
-    if num_products < 2:
-        raise ValueError("num_products must be at least 2")
+    if num_matvecs < 2:
+        raise ValueError("num_matvecs must be at least 2")
     if method == "auto":
         itemsize = torch.empty((), dtype=op.dtype).element_size()
-        fits = xtrace_memory_bytes(op.dim, num_products, itemsize, diagonal) <= memory_limit
-        method = "adaptive" if fits and num_products >= 4 else "hutchinson"
+        fits = xtrace_memory_bytes(op.dim, num_matvecs, itemsize, diagonal) <= memory_limit
+        method = "adaptive" if fits and num_matvecs >= 4 else "hutchinson"
     gen = as_generator(seed)
     if method == "hutchinson":
-        return _hutchinson(op, num_products, gen, diagonal)
+        return _hutchinson(op, num_matvecs, gen, diagonal)
     if method == "adaptive":
-        return _adaptive(op, num_products, gen, diagonal)
+        return _adaptive(op, num_matvecs, gen, diagonal)
     if method in ("xtrace", "xtrace-rademacher"):
-        if num_products < 4:
+        if num_matvecs < 4:
             raise ValueError("xtrace needs at least 4 products")
         probes = "gaussian" if method == "xtrace" else "rademacher"
-        return _xtrace(op, num_products // 2, gen, diagonal, probes)
+        return _xtrace(op, num_matvecs // 2, gen, diagonal, probes)
     if method == "hutch++":
-        if num_products < 3:
+        if num_matvecs < 3:
             raise ValueError("hutch++ needs at least 3 products")
-        return _hutchpp(op, num_products, gen, diagonal)
+        return _hutchpp(op, num_matvecs, gen, diagonal)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -200,7 +198,7 @@ def _hutchinson(
 ) -> TraceEstimate:
     """Rademacher Hutchinson; ``first`` holds rows ``v * Hv`` of probes already spent (reused)."""
     names, sizes = _layout(op)
-    start = op.num_products
+    start = op.num_matvecs
     done = 0 if first is None else int(first.shape[0])
     total = m + done
     per_param = torch.empty(total, len(sizes), dtype=torch.float64)
@@ -237,7 +235,7 @@ def _xtrace(
     n = op.dim
     if s >= n:
         raise ValueError(f"xtrace with {s} test vectors needs dim > {s} (dim={n}); compute exactly instead")
-    start = op.num_products
+    start = op.num_matvecs
     if probes == "gaussian":
         om = gaussian((s, n), gen, op.dtype, op.device)  # rows are the test vectors
     else:
@@ -253,35 +251,64 @@ def _xtrace_finish(
 ) -> TraceEstimate:
     """Second half of XTrace, given the test vectors (rows of ``om``) and ``H Omega^T = Q R``."""
     names, sizes = _layout(op)
-    n = op.dim
-    s = om.shape[0]
     f64 = torch.float64
     r = r.to(f64)
     zt = _apply_rows(op, q.T.contiguous())  # rows: H q_k
     h = (zt @ q).to(f64)  # Q^T H Q
     h = 0.5 * (h + h.T)
-
     svals = torch.linalg.svdvals(r)
     rcond = 10 * torch.finfo(op.dtype).eps
     if float(svals[-1]) <= rcond * float(svals[0]):
-        # rank(H Omega) < s: then range(Y) = range(H) (almost surely), so the projection is exact:
-        # tr(H) = tr(Q^T H Q) and diag(H) = diag(H Q Q^T), up to rounding.
-        diag_exact = (zt.T * q).sum(dim=1).to(f64)
-        pp = _segment_sums(diag_exact.unsqueeze(0), sizes)[0].cpu()
-        total = float(torch.trace(h))
-        return TraceEstimate(
-            trace=total,
-            stderr=0.0,
-            per_parameter=dict(zip(names, pp.tolist())),
-            per_parameter_stderr=dict.fromkeys(names, 0.0),
-            num_products=op.num_products - start,
-            method="xtrace",
-            samples=torch.full((s,), total, dtype=f64),
-            diagonal=diag_exact if diagonal else None,
-            diagonal_stderr=torch.zeros_like(diag_exact) if diagonal else None,
-            exact=True,
-        )
+        return _xtrace_exact(op, q, zt, h, om.shape[0], diagonal, start)
+    parts = _xtrace_parts(om, q, r, h, probes, op.dim)
+    samples = (torch.trace(h) - parts.s_h_s + parts.gamma * parts.quad).cpu()
+    pp_samples = _xtrace_per_parameter(om, q, zt, r, parts, sizes)
+    diag = diag_se = None
+    if diagonal:
+        diag, diag_se = _xtrace_diagonal(op.dtype, om, q, zt, r, parts)
+    method = "xtrace" if probes == "gaussian" else "xtrace-rademacher"
+    return _estimate(op, start, method, names, samples, pp_samples, diag, diag_se)
 
+
+def _xtrace_exact(
+    op: LinearOperator, q: Tensor, zt: Tensor, h: Tensor, s: int, diagonal: bool, start: int
+) -> TraceEstimate:
+    """rank(H Omega) < s: then range(Y) = range(H) (almost surely), so the projection is exact:
+    tr(H) = tr(Q^T H Q) and diag(H) = diag(H Q Q^T), up to rounding."""
+    names, sizes = _layout(op)
+    f64 = torch.float64
+    diag_exact = (zt.T * q).sum(dim=1).to(f64)
+    pp = _segment_sums(diag_exact.unsqueeze(0), sizes)[0].cpu()
+    total = float(torch.trace(h))
+    return TraceEstimate(
+        trace=total,
+        stderr=0.0,
+        per_parameter=dict(zip(names, pp.tolist())),
+        per_parameter_stderr=dict.fromkeys(names, 0.0),
+        num_matvecs=op.num_matvecs - start,
+        method="xtrace",
+        samples=torch.full((s,), total, dtype=f64),
+        diagonal=diag_exact if diagonal else None,
+        diagonal_stderr=torch.zeros_like(diag_exact) if diagonal else None,
+        exact=True,
+    )
+
+
+@dataclass
+class _XTraceParts:
+    """The ``s x s`` quantities every XTrace sample is made of (float64)."""
+
+    w: Tensor  # column i: w_i = Q^T omega_i
+    sm: Tensor  # column i: s_i, the unit normal of range(R_{-i}) inside range(Q)
+    a: Tensor  # column i: a_i = w_i - c_i s_i, so u_i = omega_i - Q a_i
+    s_h_s: Tensor  # s_i^T H s_i
+    quad: Tensor  # u_i^T H u_i
+    gamma: Tensor  # normalization of each residual probe
+
+
+def _xtrace_parts(om: Tensor, q: Tensor, r: Tensor, h: Tensor, probes: str, n: int) -> _XTraceParts:
+    s = om.shape[0]
+    f64 = torch.float64
     w = (om @ q).T.to(f64)  # (s, s): column i is w_i = Q^T omega_i
     # s_i: unit normal of range(R_{-i}) inside range(Q), i.e. the normalized columns of R^{-T}.
     eye = torch.eye(s, dtype=f64, device=r.device)
@@ -298,9 +325,15 @@ def _xtrace_finish(
         gamma = (n - s + 1) / unorm2
     else:
         gamma = torch.ones(s, dtype=f64, device=r.device)
-    samples = (torch.trace(h) - s_h_s + gamma * quad).cpu()
+    return _XTraceParts(w, sm, a, s_h_s, quad, gamma)
 
-    # Per parameter block P: the same sum restricted to P's entries, from s x s Gram blocks.
+
+def _xtrace_per_parameter(
+    om: Tensor, q: Tensor, zt: Tensor, r: Tensor, parts: _XTraceParts, sizes: list[int]
+) -> Tensor:
+    """Per parameter block P: the samples restricted to P's entries, from ``s x s`` Gram blocks."""
+    f64 = torch.float64
+    sm, a, gamma = parts.sm, parts.a, parts.gamma
     pp_rows = []
     offset = 0
     for size in sizes:
@@ -317,19 +350,18 @@ def _xtrace_finish(
         t4 = ((m_zq @ a) * a).sum(dim=0)  # a_i^T Q_P^T Z_P a_i
         low = torch.trace(m_zq) - (sm * (m_zq @ sm)).sum(dim=0)  # tr(E_P H P_i)
         pp_rows.append(low + gamma * (t1 - t2 - t3 + t4))
-    pp_samples = torch.stack(pp_rows, dim=1).cpu()  # (s, n_params)
+    return torch.stack(pp_rows, dim=1).cpu()  # (s, n_params)
 
-    diag = diag_se = None
-    if diagonal:
-        # diag(H P_i) + gamma_i u_i * H u_i, entry by entry; H u_i = Q r_i - Z a_i.
-        dt = op.dtype
-        smd, ad, rd = sm.to(dt), a.to(dt), r.to(dt)
-        z = zt.T
-        per_i = (z * q).sum(dim=1, keepdim=True) - (z @ smd) * (q @ smd)
-        per_i += gamma.to(dt) * (om.T - q @ ad) * (q @ rd - z @ ad)  # (n, s)
-        diag, diag_se = _mean_stderr(per_i.T.to(f64))
-    method = "xtrace" if probes == "gaussian" else "xtrace-rademacher"
-    return _estimate(op, start, method, names, samples, pp_samples, diag, diag_se)
+
+def _xtrace_diagonal(
+    dt: torch.dtype, om: Tensor, q: Tensor, zt: Tensor, r: Tensor, parts: _XTraceParts
+) -> tuple[Tensor, Tensor]:
+    """diag(H P_i) + gamma_i u_i * H u_i, entry by entry (H u_i = Q r_i - Z a_i); mean and stderr."""
+    smd, ad, rd = parts.sm.to(dt), parts.a.to(dt), r.to(dt)
+    z = zt.T
+    per_i = (z * q).sum(dim=1, keepdim=True) - (z @ smd) * (q @ smd)
+    per_i += parts.gamma.to(dt) * (om.T - q @ ad) * (q @ rd - z @ ad)  # (n, s)
+    return _mean_stderr(per_i.T.to(torch.float64))
 
 
 def _adaptive(op: LinearOperator, m: int, gen: torch.Generator, diagonal: bool) -> TraceEstimate:
@@ -353,7 +385,7 @@ def _adaptive(op: LinearOperator, m: int, gen: torch.Generator, diagonal: bool) 
     s = m // 2
     if s < 2 or s >= n:
         return _hutchinson(op, m, gen, diagonal)
-    start = op.num_products
+    start = op.num_matvecs
     om = rademacher((s, n), gen, op.dtype, op.device)
     y = _apply_rows(op, om)
     f64 = torch.float64
@@ -383,7 +415,7 @@ def _adaptive(op: LinearOperator, m: int, gen: torch.Generator, diagonal: bool) 
     else:
         del y, om
         est = _hutchinson(op, m - s, gen, diagonal, first=first)
-        est.num_products = op.num_products - start
+        est.num_matvecs = op.num_matvecs - start
     est.extra.update({"rho": rho, "threshold": threshold})
     est.method = f"adaptive:{est.method}"
     return est
@@ -392,7 +424,7 @@ def _adaptive(op: LinearOperator, m: int, gen: torch.Generator, diagonal: bool) 
 def _hutchpp(op: LinearOperator, m: int, gen: torch.Generator, diagonal: bool) -> TraceEstimate:
     names, sizes = _layout(op)
     n = op.dim
-    start = op.num_products
+    start = op.num_matvecs
     f64 = torch.float64
     k = max(m // 3, 1)
     g = m - 2 * k  # Hutchinson probes on the deflated rest

@@ -102,8 +102,8 @@ def main() -> None:
         {
             "final": {k: v.detach().clone() for k, v in resumed.named_parameters()},
             "independent": report.independent,
-            "trace": monitor.latest.trace,
-            "eigenvalues": monitor.latest.eigenvalues,
+            "trace": monitor.latest.trace.trace,
+            "eigenvalues": monitor.latest.eigen.eigenvalues,
             "log_dir": second.log_dir,
             "epochs": second.current_epoch,
         },

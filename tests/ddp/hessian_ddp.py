@@ -42,9 +42,9 @@ class Saver(TinyRegressor):
         latest = self.monitor.latest
         torch.save(
             {
-                "trace": latest.trace,
-                "eigenvalues": latest.eigenvalues,
-                "diagonal": latest.diagonal,
+                "trace": latest.trace.trace,
+                "eigenvalues": latest.eigen.eigenvalues,
+                "diagonal": latest.diagonal.per_parameter,
                 "batch": self.monitor._batches[0],
                 "state": {k: v.detach().clone() for k, v in self.state_dict().items()},
                 "evaluations": self.monitor._overhead.evaluations,

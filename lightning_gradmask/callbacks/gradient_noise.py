@@ -137,6 +137,7 @@ class GradientNoise(SeededNoise):
             return
         check_strategy(trainer, "GradientNoise")
         refuse_same_seed(trainer, self)
+        self._settle_key()
         table = ParameterTable(pl_module)
         names = table.select(self.params, "GradientNoise(params=...)") if self.params is not None else table.names
         self._targets = [(name, table.index(name)) for name in names]

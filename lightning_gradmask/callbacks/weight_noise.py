@@ -131,6 +131,7 @@ class WeightNoise(SeededNoise):
             return
         check_strategy(trainer, "WeightNoise")
         refuse_same_seed(trainer, self)
+        self._settle_key()
         table = ParameterTable(pl_module)
         names = _linear_weights(table) if self.params is None else table.select(self.params, "WeightNoise(params=...)")
         for name in names:

@@ -379,3 +379,31 @@ def test_sparse_embedding_gradients_keep_frozen_entries_exact(tmp_path, fully_fr
         logged = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
         expected = [float(raw[frozen].norm()) for raw in probe.raw]
         assert logged == pytest.approx(expected, rel=1e-5) and len(logged) == 8
+
+
+class WritesGradients(TinyRegressor):
+    """Its own ``on_after_backward`` (which Lightning runs after every callback's) adds to every gradient;
+    ``configure_gradient_clipping`` records what clipping gets, after every ``on_before_optimizer_step``."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer=lambda p: torch.optim.AdamW(p, lr=0.05))
+        self.clipped: list[dict[str, torch.Tensor]] = []
+
+    def on_after_backward(self) -> None:
+        for param in self.parameters():
+            param.grad.add_(1.0)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clipped.append({n: p.grad.clone() for n, p in self.named_parameters()})
+
+
+def test_gradients_written_by_the_module_on_after_backward_are_masked_before_clipping():
+    model = WritesGradients()
+    initial = snapshot(model)
+    trainer(callbacks=[GradientMask(SPEC)]).fit(model, loader())
+    assert len(model.clipped) == 8
+    for grads in model.clipped:
+        assert torch.equal(grads["net.0.weight"][~EDGES], torch.zeros(int((~EDGES).sum())))
+        assert torch.equal(grads["net.2.bias"], torch.zeros(1))
+        assert (grads["net.0.weight"][EDGES] != 0).all()
+    assert_frozen(model, initial)

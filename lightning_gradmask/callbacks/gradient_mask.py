@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
-from lightning_gradmask._namespaces import Callback, trainer_callbacks
+from lightning_gradmask._namespaces import Callback, module_overrides, trainer_callbacks
 from lightning_gradmask.errors import MaskSpecError
 from lightning_gradmask.functional.constraints import parameter_constraints
 from lightning_gradmask.functional.masks import resolve_masks
@@ -99,6 +99,7 @@ class GradientMask(Callback):
         self._masks: dict[str, torch.Tensor] | None = None
         self._loaded_masks: dict[str, torch.Tensor] | None = None
         self._training = False
+        self._remask_before_step = False
         self._frozen_fraction = 0.0
 
     # ------------------------------------------------------------------ public read-only state
@@ -137,6 +138,9 @@ class GradientMask(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         parameter_constraints(pl_module).attach(trainer.optimizers)
         self._training = True
+        # the module's own on_after_backward runs after every callback's: if it may write gradients,
+        # mask them again before clipping and the optimizer see them
+        self._remask_before_step = module_overrides(pl_module, "on_after_backward")
         warn_if_pruned(trainer, pl_module, [n for n, mask in self.masks.items() if not mask.all()], "GradientMask")
         slow = _unfused_adam_on_frozen_cpu_entries(trainer.optimizers, pl_module, self.masks)
         frozen = sum(slow.values())
@@ -161,6 +165,13 @@ class GradientMask(Callback):
             scale = _loss_scale(trainer)
             pl_module.log("gradient_mask/removed_grad_norm", removed / scale, on_step=True, on_epoch=False)
             pl_module.log("gradient_mask/frozen_fraction", self._frozen_fraction, on_step=True, on_epoch=False)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._training and self._remask_before_step:
+            parameter_constraints(pl_module).frozen.mask_gradients_()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

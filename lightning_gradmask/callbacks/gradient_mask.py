@@ -73,10 +73,11 @@ class GradientMask(Callback):
                   "re:net\\.0\\..*": false
             # or: trainable: masks.safetensors
 
-    Raises (at ``setup``, before any step, model untouched):
+    Raises (when ``fit`` starts, before any step, model untouched):
         MaskSpecError: unknown names, regexes matching nothing, shape mismatches, values other
-            than 0/1, coordinates out of range, keys claiming the same parameter, bad files.
-        UnsupportedStrategyError: FSDP, DeepSpeed or another sharding strategy.
+            than 0/1, coordinates out of range, keys claiming the same parameter, bad files
+            (in ``on_fit_start``, so after ``configure_model``: layers built there can be named).
+        UnsupportedStrategyError: FSDP, DeepSpeed or another sharding strategy (at ``setup``).
         RuntimeError: the masks differ between DDP ranks.
 
     Warns (at the start of training):
@@ -105,9 +106,9 @@ class GradientMask(Callback):
     # ------------------------------------------------------------------ public read-only state
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """The resolved trainable masks, ``{parameter name: bool tensor}`` (after ``setup``)."""
+        """The resolved trainable masks, ``{parameter name: bool tensor}`` (once ``fit`` has started)."""
         if self._masks is None:
-            raise RuntimeError("GradientMask.masks is available once the Trainer has called setup")
+            raise RuntimeError("GradientMask.masks is available once Trainer.fit has started (on_fit_start)")
         return self._masks
 
     @property
@@ -123,6 +124,11 @@ class GradientMask(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, "GradientMask")
+        warn_if_averaged_inexactly(trainer, "GradientMask")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after configure_model (layers built there exist now) and before any step: the model is untouched
         masks = resolve_masks(self.trainable, pl_module, parameter="GradientMask(trainable=...)")
         assert_same_on_all_ranks(trainer, masks, "GradientMask masks")
         self._masks = masks
@@ -132,7 +138,6 @@ class GradientMask(Callback):
         total = sum(m.numel() for m in masks.values())
         self._frozen_fraction = frozen / total if total else 0.0
         parameter_constraints(pl_module).set_masks(self, masks)
-        warn_if_averaged_inexactly(trainer, "GradientMask")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
-from lightning_gradmask._namespaces import Callback
+from lightning_gradmask._namespaces import Callback, module_overrides
 from lightning_gradmask.errors import GradmaskConfigError
 from lightning_gradmask.functional.blinding import (
     BlindingPlan,
@@ -144,6 +144,7 @@ class SensitiveColumnBlinding(Callback):
         self.log_stats = log_stats
         self._plan: BlindingPlan | None = None
         self._own: FrozenEntries | None = None
+        self._remask_before_step = False
         self._initial: torch.Tensor | None = None  # blinded weights at train start ("grad" mode)
         self._handles: list[RemovableHandle] = []
         self._loaded: dict[str, Any] | None = None
@@ -231,6 +232,8 @@ class SensitiveColumnBlinding(Callback):
         if self._plan is None:
             return
         self._own = self._frozen_entries()
+        # the module's own on_after_backward runs after every callback's: mask again before the step
+        self._remask_before_step = module_overrides(pl_module, "on_after_backward")
         if self.mode == "sever":
             # again, after any restore between on_fit_start and here; the constraints capture the
             # frozen values at the first optimizer step, so they are captured as 0
@@ -255,6 +258,13 @@ class SensitiveColumnBlinding(Callback):
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._own is not None:
+            self._own.mask_gradients_()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._own is not None and self._remask_before_step:
             self._own.mask_gradients_()
 
     @override

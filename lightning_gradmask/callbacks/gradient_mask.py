@@ -125,6 +125,8 @@ class GradientMask(Callback):
             return
         check_strategy(trainer, "GradientMask")
         warn_if_averaged_inexactly(trainer, "GradientMask")
+        # a resumed checkpoint's masks (loaded before on_fit_start) are compared with this fit's spec
+        self._masks = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

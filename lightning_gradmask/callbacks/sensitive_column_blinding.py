@@ -192,6 +192,8 @@ class SensitiveColumnBlinding(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, "SensitiveColumnBlinding")
+        # a resumed checkpoint's columns (loaded before on_fit_start) are compared with this fit's plan
+        self._plan = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

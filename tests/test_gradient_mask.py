@@ -317,8 +317,8 @@ def test_memory_held_per_masked_entry_is_the_documented_nine_bytes():
 class BagOfTokens(TinyRegressor):
     """``nn.Embedding(sparse=True)`` (sparse COO gradients) -> mean over tokens -> Linear."""
 
-    def __init__(self) -> None:
-        super().__init__(optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9))
+    def __init__(self, optimizer=None) -> None:
+        super().__init__(optimizer=optimizer or (lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9)))
         torch.manual_seed(0)
         self.emb = torch.nn.Embedding(10, 4, sparse=True)
         self.net = torch.nn.Linear(4, 1)
@@ -379,6 +379,35 @@ def test_sparse_embedding_gradients_keep_frozen_entries_exact(tmp_path, fully_fr
         logged = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
         expected = [float(raw[frozen].norm()) for raw in probe.raw]
         assert logged == pytest.approx(expected, rel=1e-5) and len(logged) == 8
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled")  # inside torch's Adagrad
+def test_sparse_embedding_with_adagrad_and_sparse_adam_keeps_frozen_entries_exact():
+    trainable = torch.ones(10, 4, dtype=torch.bool)
+    trainable[::2, :2] = False
+
+    class TwoOptimizers(BagOfTokens):  # SparseAdam takes only sparse gradients: the Linear gets Adagrad
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def configure_optimizers(self):
+            return [torch.optim.SparseAdam([self.emb.weight], lr=0.1), torch.optim.Adagrad(self.net.parameters(), lr=0.1)]
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            for optimizer in self.optimizers():
+                optimizer.zero_grad()
+            self.manual_backward(loss)
+            for optimizer in self.optimizers():
+                optimizer.step()
+
+    for model in (BagOfTokens(optimizer=lambda p: torch.optim.Adagrad(p, lr=0.1)), TwoOptimizers()):
+        initial = snapshot(model)
+        trainer(callbacks=[GradientMask({"emb.weight": trainable})]).fit(model, token_loader())
+        final = snapshot(model)
+        assert torch.equal(final["emb.weight"][~trainable], initial["emb.weight"][~trainable])
+        assert (final["emb.weight"] != initial["emb.weight"])[:8][trainable[:8]].all()
 
 
 class WritesGradients(TinyRegressor):

@@ -63,6 +63,15 @@ def trainer_callbacks(trainer: object) -> list[Any]:
     return list(getattr(trainer, "callbacks", None) or [])
 
 
+def module_overrides(pl_module: object, hook: str) -> bool:
+    """Whether ``pl_module``'s class (of either namespace) overrides the ``LightningModule`` hook ``hook``."""
+    own = getattr(type(pl_module), hook, None)
+    for base in lightning_classes("", "LightningModule"):
+        if isinstance(pl_module, base):
+            return own is not getattr(base, hook, None)
+    return own is not None
+
+
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import Callback
 else:

@@ -351,3 +351,19 @@ def test_ddp_ranks_end_identical_and_sensitive_values_never_matter(tmp_path):
         assert torch.equal(value, ranks[0]["perturbed"][name])  # inf/NaN/huge in the columns: same model
         assert torch.equal(value, ranks[1]["perturbed"][name])
     assert torch.equal(ranks[0]["plain"]["net.0.weight"][:, [1, 4]], torch.zeros(8, 2))
+
+
+def test_grad_mode_masks_gradients_the_module_writes_in_its_own_on_after_backward():
+    class WritesGradients(TinyRegressor):
+        clipped: list = []
+
+        def on_after_backward(self):  # runs after every callback's on_after_backward
+            for param in self.parameters():
+                param.grad.add_(1.0)
+
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.clipped.append(self.net[0].weight.grad[:, :2].clone())
+
+    model = WritesGradients()
+    trainer(callbacks=[SensitiveColumnBlinding([0, 1], mode="grad")]).fit(model, loader())
+    assert len(model.clipped) == 8 and all(torch.equal(g, torch.zeros(8, 2)) for g in model.clipped)

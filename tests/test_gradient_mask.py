@@ -309,3 +309,130 @@ def test_memory_held_per_masked_entry_is_the_documented_nine_bytes():
 
     trainer(callbacks=[mask, Count()], max_epochs=1).fit(model, loader())
     assert sum(held.values()) == 48 * 9
+
+
+# --------------------------------------------------------------------------- sparse gradients
+
+
+class BagOfTokens(TinyRegressor):
+    """``nn.Embedding(sparse=True)`` (sparse COO gradients) -> mean over tokens -> Linear."""
+
+    def __init__(self, optimizer=None) -> None:
+        super().__init__(optimizer=optimizer or (lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9)))
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(10, 4, sparse=True)
+        self.net = torch.nn.Linear(4, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(self.emb(tokens).mean(dim=1))
+
+
+def token_loader():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 8, (32, 3), generator=g)  # rows 8 and 9 never appear; repeats within a sample
+    return loader(torch.utils.data.TensorDataset(tokens, torch.randn(32, 1, generator=g)), batch_size=8)
+
+
+class RawGradients(Callback):
+    """Listed before GradientMask: the embedding's gradient as backward left it, and as the optimizer gets it."""
+
+    def __init__(self):
+        self.raw, self.stepped = [], []
+
+    def on_after_backward(self, trainer, pl_module):
+        self.raw.append(pl_module.emb.weight.grad.to_dense().clone())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grad = pl_module.emb.weight.grad
+        assert grad.layout == torch.sparse_coo  # still sparse for the optimizer
+        self.stepped.append(grad.to_dense().clone())
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["no-logging", "logging"])
+@pytest.mark.parametrize("fully_frozen", [False, True], ids=["partly-frozen", "fully-frozen"])
+def test_sparse_embedding_gradients_keep_frozen_entries_exact(tmp_path, fully_frozen, log):
+    trainable = torch.ones(10, 4, dtype=torch.bool)
+    trainable[1::2, 1:] = False  # odd rows: only their first column trains
+    trainable[2] = False  # a whole row frozen
+    spec = {"emb.weight": False} if fully_frozen else {"emb.weight": trainable}
+    frozen = torch.ones(10, 4, dtype=torch.bool) if fully_frozen else ~trainable
+    model = BagOfTokens()
+    initial = snapshot(model)
+    probe = RawGradients()
+    logger = CSVLogger(tmp_path, name="run") if log else False
+    trainer(callbacks=[probe, GradientMask(spec)], logger=logger, log_every_n_steps=1).fit(model, token_loader())
+    final = snapshot(model)
+    assert torch.equal(final["emb.weight"][frozen], initial["emb.weight"][frozen])
+    if not fully_frozen:
+        seen = torch.zeros(10, 4, dtype=torch.bool)
+        seen[:8] = True
+        assert (final["emb.weight"] != initial["emb.weight"])[trainable & seen].all()
+    assert not torch.equal(final["net.weight"], initial["net.weight"])
+    for raw, stepped in zip(probe.raw, probe.stepped, strict=True):
+        assert torch.equal(stepped[frozen], torch.zeros(int(frozen.sum())))
+        # duplicate indices summed once (coalescing may sum them in another order than to_dense)
+        torch.testing.assert_close(stepped[~frozen], raw[~frozen], rtol=1e-6, atol=0)
+    if log:
+        text = (Path(logger.log_dir) / "metrics.csv").read_text()
+        header, *rows = text.strip().splitlines()
+        column = header.split(",").index("gradient_mask/removed_grad_norm")
+        logged = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+        expected = [float(raw[frozen].norm()) for raw in probe.raw]
+        assert logged == pytest.approx(expected, rel=1e-5) and len(logged) == 8
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled")  # inside torch's Adagrad
+def test_sparse_embedding_with_adagrad_and_sparse_adam_keeps_frozen_entries_exact():
+    trainable = torch.ones(10, 4, dtype=torch.bool)
+    trainable[::2, :2] = False
+
+    class TwoOptimizers(BagOfTokens):  # SparseAdam takes only sparse gradients: the Linear gets Adagrad
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def configure_optimizers(self):
+            return [torch.optim.SparseAdam([self.emb.weight], lr=0.1), torch.optim.Adagrad(self.net.parameters(), lr=0.1)]
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            for optimizer in self.optimizers():
+                optimizer.zero_grad()
+            self.manual_backward(loss)
+            for optimizer in self.optimizers():
+                optimizer.step()
+
+    for model in (BagOfTokens(optimizer=lambda p: torch.optim.Adagrad(p, lr=0.1)), TwoOptimizers()):
+        initial = snapshot(model)
+        trainer(callbacks=[GradientMask({"emb.weight": trainable})]).fit(model, token_loader())
+        final = snapshot(model)
+        assert torch.equal(final["emb.weight"][~trainable], initial["emb.weight"][~trainable])
+        assert (final["emb.weight"] != initial["emb.weight"])[:8][trainable[:8]].all()
+
+
+class WritesGradients(TinyRegressor):
+    """Its own ``on_after_backward`` (which Lightning runs after every callback's) adds to every gradient;
+    ``configure_gradient_clipping`` records what clipping gets, after every ``on_before_optimizer_step``."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer=lambda p: torch.optim.AdamW(p, lr=0.05))
+        self.clipped: list[dict[str, torch.Tensor]] = []
+
+    def on_after_backward(self) -> None:
+        for param in self.parameters():
+            param.grad.add_(1.0)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clipped.append({n: p.grad.clone() for n, p in self.named_parameters()})
+
+
+def test_gradients_written_by_the_module_on_after_backward_are_masked_before_clipping():
+    model = WritesGradients()
+    initial = snapshot(model)
+    trainer(callbacks=[GradientMask(SPEC)]).fit(model, loader())
+    assert len(model.clipped) == 8
+    for grads in model.clipped:
+        assert torch.equal(grads["net.0.weight"][~EDGES], torch.zeros(int((~EDGES).sum())))
+        assert torch.equal(grads["net.2.bias"], torch.zeros(1))
+        assert (grads["net.0.weight"][EDGES] != 0).all()
+    assert_frozen(model, initial)

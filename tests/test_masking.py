@@ -76,3 +76,31 @@ def test_restore_follows_a_parameter_whose_memory_was_replaced(numel):
     frozen.restore_()
     assert torch.equal(param.detach()[~trainable], start[~trainable])
     assert torch.equal(param.detach()[trainable], start[trainable] + 1.0)
+
+
+@pytest.mark.parametrize("sparse_dim", [1, 2], ids=["hybrid-rows", "fully-sparse"])
+def test_sparse_coo_gradients_are_coalesced_and_their_frozen_part_zeroed(sparse_dim):
+    weight = torch.nn.Parameter(torch.zeros(4, 3))
+    trainable = torch.tensor([[True, False, True], [False, False, False], [True, True, True], [False, True, False]])
+    dense = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [0.0, 0.0, 0.0], [7.0, 8.0, 9.0]])
+    half = dense / 2  # stored twice at every position: uncoalesced duplicates that sum to ``dense``
+    uncoalesced = torch.sparse_coo_tensor(
+        torch.cat([half.to_sparse(sparse_dim).indices()] * 2, dim=1),
+        torch.cat([half.to_sparse(sparse_dim).values()] * 2),
+        size=(4, 3),
+        check_invariants=True,
+    )
+    assert not uncoalesced.is_coalesced()
+    weight.grad = uncoalesced
+    removed = FrozenEntries({"w": (weight, trainable)}).mask_gradients_(measure=True)
+    assert weight.grad.layout == torch.sparse_coo and weight.grad.is_coalesced()
+    assert torch.equal(weight.grad.to_dense(), dense * trainable)
+    assert float(removed) == pytest.approx(float(dense[~trainable].norm()))
+
+
+def test_sparse_gradient_of_a_fully_frozen_parameter_is_zeroed_and_measured():
+    weight = torch.nn.Parameter(torch.zeros(3, 2))
+    weight.grad = torch.sparse_coo_tensor([[0, 2, 0]], [[3.0, 0.0], [0.0, 1.0], [1.0, 0.0]], size=(3, 2), check_invariants=True)
+    removed = FrozenEntries({"w": (weight, torch.zeros(3, 2, dtype=torch.bool))}).mask_gradients_(measure=True)
+    assert torch.equal(weight.grad.to_dense(), torch.zeros(3, 2))
+    assert float(removed) == pytest.approx(17**0.5)  # (3 + 1)^2 + 1^2: duplicates summed first

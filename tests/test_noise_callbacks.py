@@ -422,6 +422,49 @@ def test_two_noise_callbacks_with_the_same_seed_and_params_get_the_documented_er
         trainer(callbacks=callbacks).fit(TinyRegressor(), loader())
 
 
+_WRITE_NOISE_CHECKPOINT = """
+import sys
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_gradmask import GradientNoise
+from utils import TinyRegressor, loader, trainer
+
+noise = GradientNoise(std=0.1, seed=2)
+print("KEY=" + noise.state_key)
+checkpoint = ModelCheckpoint(dirpath=sys.argv[1], filename="noise", save_last=False)
+trainer(max_epochs=1, callbacks=[noise, checkpoint], enable_checkpointing=True).fit(TinyRegressor(), loader())
+"""
+
+
+def test_noise_checkpoint_key_does_not_depend_on_other_instances_in_the_process(tmp_path):
+    # a checkpoint written by a fresh process, where this GradientNoise was the only one
+    script = tmp_path / "write_noise_checkpoint.py"
+    script.write_text(_WRITE_NOISE_CHECKPOINT)
+    written = run_script(script, str(tmp_path))
+    fresh_key = next(line[4:] for line in written.stdout.splitlines() if line.startswith("KEY="))
+    saved = torch.load(tmp_path / "noise.ckpt", weights_only=False)
+    assert fresh_key in saved["callbacks"]
+    # here, identical instances already live in the process (a notebook that built them before)
+    strays = [GradientNoise(std=0.1, seed=2), GradientNoise(std=0.1, seed=2)]
+    noise = GradientNoise(std=0.1, seed=2)
+    loaded = []
+    noise.load_state_dict = loaded.append  # type: ignore[method-assign]
+    model = TinyRegressor()
+    resumed = trainer(max_epochs=2, callbacks=[noise])
+    resumed.fit(model, loader(), ckpt_path=str(tmp_path / "noise.ckpt"))
+    assert loaded == [{"seed": 2}]  # Lightning found the entry under the key of this process
+    assert noise.state_key == fresh_key
+    assert resumed.global_step == 8
+    assert len(strays) == 2
+
+
+def test_twin_noise_callbacks_are_still_refused_after_one_of_them_has_trained():
+    first = GradientNoise(std=0.1, seed=6)
+    trainer(max_epochs=1, callbacks=[first]).fit(TinyRegressor(), loader())
+    with pytest.raises(ValueError, match="two GradientNoise callbacks use seed=6"):
+        trainer(callbacks=[first, GradientNoise(std=0.1, seed=6)]).fit(TinyRegressor(), loader())
+
+
 def test_params_selects_by_pattern():
     callback = WeightNoise(std=0.1, params="re:net\\.2\\.weight")
     trainer(callbacks=[callback], max_steps=1).fit(TinyRegressor(), loader())

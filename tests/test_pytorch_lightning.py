@@ -107,6 +107,13 @@ def test_blinding_noise_and_hessian_monitor_under_pytorch_lightning() -> None:
     assert monitor.latest is not None and torch.isfinite(torch.as_tensor(monitor.latest.trace.trace))
 
 
+@pytest.mark.parametrize("kind", [GradientNoise, WeightNoise])
+def test_twin_noise_callbacks_get_the_documented_error_under_pytorch_lightning(kind) -> None:
+    # this Trainer sees every callback of our base as stateful: equal keys would be its RuntimeError
+    with pytest.raises(ValueError, match=f"two {kind.__name__} callbacks use seed=3"):
+        pl_trainer(callbacks=[kind(std=0.1, seed=3), kind(std=0.1, seed=3)]).fit(PLRegressor(), loader())
+
+
 def test_masked_l1_mixin_on_a_pytorch_lightning_module() -> None:
     model = PLL1Regressor()
     pl_trainer(max_epochs=3).fit(model, loader())

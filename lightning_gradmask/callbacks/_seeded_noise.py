@@ -31,6 +31,7 @@ class SeededNoise(Callback):
     seed: int
     params: Optional[list[SelectorItem]]
     _twin: int = 0
+    _key_settled: bool = False
     _draw_buffers: dict[int, torch.Tensor]  # id(param) -> CPU draw buffer, reused across steps
     _generator: torch.Generator
 
@@ -38,18 +39,26 @@ class SeededNoise(Callback):
     _instances: "weakref.WeakSet[SeededNoise]" = weakref.WeakSet()
 
     def _register(self) -> None:
-        """Call at the end of ``__init__``: number this instance among live ones of the same configuration.
+        """Call at the end of ``__init__``: a provisional number among live instances of the same configuration.
 
-        Lightning refuses two stateful callbacks with the same ``state_key`` when the Trainer is built,
-        with a RuntimeError that says nothing about noise. The noise callbacks are stateful (their
-        checkpoint entry holds the seed), and a ``pytorch_lightning`` Trainer treats every callback of
-        our dual-namespace base as stateful anyway (see ``_namespaces``). Twins (same type, seed and
-        params) therefore get distinct keys, so that ``setup`` can refuse them with the documented
-        ``GradmaskConfigError`` instead.
+        Lightning refuses two stateful callbacks with the same ``state_key`` when the Trainer is built
+        (before any hook runs), with a RuntimeError that says nothing about noise. The noise callbacks
+        are stateful (their checkpoint entry holds the seed), and a ``pytorch_lightning`` Trainer treats
+        every callback of our dual-namespace base as stateful anyway (see ``_namespaces``). Until
+        ``setup``, twins (same type, seed and params) therefore carry a provisional ``twin`` number in
+        their key, so that Lightning's check lets ``setup`` refuse them with the documented
+        ``GradmaskConfigError``. That number depends on what else lives in the process, so it never
+        reaches a checkpoint: see :meth:`_settle_key`.
         """
         twins = [other for other in SeededNoise._instances if type(other) is type(self) and other._config() == self._config()]
         self._twin = max((other._twin for other in twins), default=-1) + 1
         SeededNoise._instances.add(self)
+
+    def _settle_key(self) -> None:
+        """Call in ``setup`` once :func:`refuse_same_seed` has passed: no other instance of this type in
+        the Trainer shares the seed, so the plain key (type, seed, params) is unique in it. From now on
+        the key is that plain one, the same in every process: checkpoints are written and read with it."""
+        self._key_settled = True
 
     def _config(self) -> tuple[int, Optional[tuple[str, ...]]]:
         return self.seed, None if self.params is None else tuple(_item_key(item) for item in self.params)
@@ -57,8 +66,9 @@ class SeededNoise(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # several instances may share a Trainer (different seeds or params)
-        if self._twin:
+        # several instances may share a Trainer (different seeds or params); the checkpoint key is
+        # always the plain one (settled at setup), the twin number only exists before that
+        if self._twin and not self._key_settled:
             return self._generate_state_key(seed=self.seed, params=self._config()[1], twin=self._twin)
         return self._generate_state_key(seed=self.seed, params=self._config()[1])
 

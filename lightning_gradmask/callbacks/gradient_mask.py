@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
-from lightning_gradmask._namespaces import Callback, trainer_callbacks
+from lightning_gradmask._namespaces import Callback, module_overrides, trainer_callbacks
 from lightning_gradmask.errors import MaskSpecError
 from lightning_gradmask.functional.constraints import parameter_constraints
 from lightning_gradmask.functional.masks import resolve_masks
@@ -73,10 +73,11 @@ class GradientMask(Callback):
                   "re:net\\.0\\..*": false
             # or: trainable: masks.safetensors
 
-    Raises (at ``setup``, before any step, model untouched):
+    Raises (when ``fit`` starts, before any step, model untouched):
         MaskSpecError: unknown names, regexes matching nothing, shape mismatches, values other
-            than 0/1, coordinates out of range, keys claiming the same parameter, bad files.
-        UnsupportedStrategyError: FSDP, DeepSpeed or another sharding strategy.
+            than 0/1, coordinates out of range, keys claiming the same parameter, bad files
+            (in ``on_fit_start``, so after ``configure_model``: layers built there can be named).
+        UnsupportedStrategyError: FSDP, DeepSpeed or another sharding strategy (at ``setup``).
         RuntimeError: the masks differ between DDP ranks.
 
     Warns (at the start of training):
@@ -99,14 +100,15 @@ class GradientMask(Callback):
         self._masks: dict[str, torch.Tensor] | None = None
         self._loaded_masks: dict[str, torch.Tensor] | None = None
         self._training = False
+        self._remask_before_step = False
         self._frozen_fraction = 0.0
 
     # ------------------------------------------------------------------ public read-only state
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """The resolved trainable masks, ``{parameter name: bool tensor}`` (after ``setup``)."""
+        """The resolved trainable masks, ``{parameter name: bool tensor}`` (once ``fit`` has started)."""
         if self._masks is None:
-            raise RuntimeError("GradientMask.masks is available once the Trainer has called setup")
+            raise RuntimeError("GradientMask.masks is available once Trainer.fit has started (on_fit_start)")
         return self._masks
 
     @property
@@ -122,6 +124,13 @@ class GradientMask(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, "GradientMask")
+        warn_if_averaged_inexactly(trainer, "GradientMask")
+        # a resumed checkpoint's masks (loaded before on_fit_start) are compared with this fit's spec
+        self._masks = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after configure_model (layers built there exist now) and before any step: the model is untouched
         masks = resolve_masks(self.trainable, pl_module, parameter="GradientMask(trainable=...)")
         assert_same_on_all_ranks(trainer, masks, "GradientMask masks")
         self._masks = masks
@@ -131,12 +140,14 @@ class GradientMask(Callback):
         total = sum(m.numel() for m in masks.values())
         self._frozen_fraction = frozen / total if total else 0.0
         parameter_constraints(pl_module).set_masks(self, masks)
-        warn_if_averaged_inexactly(trainer, "GradientMask")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         parameter_constraints(pl_module).attach(trainer.optimizers)
         self._training = True
+        # the module's own on_after_backward runs after every callback's: if it may write gradients,
+        # mask them again before clipping and the optimizer see them
+        self._remask_before_step = module_overrides(pl_module, "on_after_backward")
         warn_if_pruned(trainer, pl_module, [n for n, mask in self.masks.items() if not mask.all()], "GradientMask")
         slow = _unfused_adam_on_frozen_cpu_entries(trainer.optimizers, pl_module, self.masks)
         frozen = sum(slow.values())
@@ -161,6 +172,13 @@ class GradientMask(Callback):
             scale = _loss_scale(trainer)
             pl_module.log("gradient_mask/removed_grad_norm", removed / scale, on_step=True, on_epoch=False)
             pl_module.log("gradient_mask/frozen_fraction", self._frozen_fraction, on_step=True, on_epoch=False)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._training and self._remask_before_step:
+            parameter_constraints(pl_module).frozen.mask_gradients_()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -76,7 +76,8 @@ class GradientNoise(SeededNoise):
     This is **not** differential privacy: there is no per-example clipping and no privacy
     accountant. Use Opacus for that.
 
-    Raises (at construction or ``setup``, before any step; model untouched):
+    Raises (at construction, ``setup`` or ``on_fit_start``, which runs after ``configure_model``;
+    before any step; model untouched):
         NoiseStdError: a negative / non-finite ``std`` or ``eta``, a negative ``gamma``, a callable
             schedule that fails or returns NaN, inf or a negative number at step 0 (and later, at
             the step where it does, naming that step).
@@ -109,8 +110,8 @@ class GradientNoise(SeededNoise):
                 raise MaskSpecError(f"GradientNoise(offset=...) keys must be parameter names; got {bad[0]!r}")
         self.offset = offset
         self.seed = check_seed(seed, "GradientNoise")
-        self._targets: list[tuple[str, int]] = []  # (name, parameter index), resolved at setup
-        self._offsets: dict[str, torch.Tensor] = {}  # CPU, resolved at setup
+        self._targets: list[tuple[str, int]] = []  # (name, parameter index), resolved at on_fit_start
+        self._offsets: dict[str, torch.Tensor] = {}  # CPU, resolved at on_fit_start
         self._live_targets: list[tuple[int, torch.Tensor]] = []
         self._live_offsets: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._draw_buffers: dict[int, torch.Tensor] = {}  # id(param) -> CPU draw buffer
@@ -137,6 +138,11 @@ class GradientNoise(SeededNoise):
             return
         check_strategy(trainer, "GradientNoise")
         refuse_same_seed(trainer, self)
+        self._settle_key()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after configure_model (layers built there exist now) and before any step
         table = ParameterTable(pl_module)
         names = table.select(self.params, "GradientNoise(params=...)") if self.params is not None else table.names
         self._targets = [(name, table.index(name)) for name in names]

@@ -473,7 +473,10 @@ class HessianMonitor(Callback):
         chosen = set(names)
         aliases = set(table.all_names)
         if not names:
-            raise GradmaskConfigError("HessianMonitor: the model has no trainable parameter to monitor")
+            raise GradmaskConfigError(
+                "HessianMonitor: the model has no trainable parameter to monitor (layers created in "
+                "configure_model() do not exist yet when callbacks run setup: build them in __init__)"
+            )
         masks: dict[str, torch.Tensor] = {}
         for name, mask in parameter_constraints(pl_module).trainable_masks().items():
             target = table.canonical(table.param(name)) if name in aliases else None

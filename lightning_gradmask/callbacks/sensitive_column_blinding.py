@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
-from lightning_gradmask._namespaces import Callback
+from lightning_gradmask._namespaces import Callback, module_overrides
 from lightning_gradmask.errors import GradmaskConfigError
 from lightning_gradmask.functional.blinding import (
     BlindingPlan,
@@ -100,7 +100,8 @@ class SensitiveColumnBlinding(Callback):
                 feature_names: [age, sex, bmi, bp, s1, s2, s3, s4, s5, s6]
                 layer: net.0
 
-    Raises (at ``setup``, before anything on the model changes):
+    Raises (when ``fit`` starts: the strategy at ``setup``, the rest in ``on_fit_start``, after
+    ``configure_model``, so layers built there can be blinded; before anything on the model changes):
         ColumnSpecError: an unknown column name (the available names are listed), an index out of
             range (the layer's input size is given), names without ``feature_names``, a column
             listed twice, ``feature_names`` of the wrong length, a ``layer`` that does not exist
@@ -143,6 +144,7 @@ class SensitiveColumnBlinding(Callback):
         self.log_stats = log_stats
         self._plan: BlindingPlan | None = None
         self._own: FrozenEntries | None = None
+        self._remask_before_step = False
         self._initial: torch.Tensor | None = None  # blinded weights at train start ("grad" mode)
         self._handles: list[RemovableHandle] = []
         self._loaded: dict[str, Any] | None = None
@@ -157,19 +159,19 @@ class SensitiveColumnBlinding(Callback):
     # ------------------------------------------------------------------ public read-only state
     @property
     def plan(self) -> BlindingPlan:
-        """The resolved layer, columns and weight mask (after ``setup``)."""
+        """The resolved layer, columns and weight mask (once ``fit`` has started)."""
         if self._plan is None:
-            raise RuntimeError("SensitiveColumnBlinding.plan is available once the Trainer has called setup")
+            raise RuntimeError("SensitiveColumnBlinding.plan is available once Trainer.fit has started (on_fit_start)")
         return self._plan
 
     @property
     def blinded_columns(self) -> tuple[int, ...]:
-        """Indices of the blinded columns (after ``setup``)."""
+        """Indices of the blinded columns (once ``fit`` has started)."""
         return self.plan.columns
 
     @property
     def layer_name(self) -> str:
-        """Name of the blinded layer (after ``setup``)."""
+        """Name of the blinded layer (once ``fit`` has started)."""
         return self.plan.layer_name
 
     def remove_input_fill(self) -> int:
@@ -190,6 +192,21 @@ class SensitiveColumnBlinding(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, "SensitiveColumnBlinding")
+        # a resumed checkpoint's columns (loaded before on_fit_start) are compared with this fit's plan
+        self._plan = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after configure_model (layers built there exist now), after the checkpoint's weights are
+        # loaded and the model is on its device, before the sanity check and any step
+        self._resolve(trainer, pl_module)
+        if self.mode != "sever":
+            return
+        # from here on the model does not read the columns
+        self._install_fill()
+        self._frozen_entries().zero_frozen_()
+
+    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = self.feature_names
         if names is None and any(isinstance(c, str) for c in self.columns):
             from_data = getattr(getattr(trainer, "datamodule", None), "feature_names", None)
@@ -213,19 +230,12 @@ class SensitiveColumnBlinding(Callback):
         parameter_constraints(pl_module).set_masks(self, {plan.weight_name: plan.trainable})
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # after the checkpoint's weights are loaded and the model is on its device, before the
-        # sanity check: from here on the model does not read the columns
-        if self._plan is None or self.mode != "sever":
-            return
-        self._install_fill()
-        self._frozen_entries().zero_frozen_()
-
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._plan is None:
             return
         self._own = self._frozen_entries()
+        # the module's own on_after_backward runs after every callback's: mask again before the step
+        self._remask_before_step = module_overrides(pl_module, "on_after_backward")
         if self.mode == "sever":
             # again, after any restore between on_fit_start and here; the constraints capture the
             # frozen values at the first optimizer step, so they are captured as 0
@@ -250,6 +260,13 @@ class SensitiveColumnBlinding(Callback):
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._own is not None:
+            self._own.mask_gradients_()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._own is not None and self._remask_before_step:
             self._own.mask_gradients_()
 
     @override

@@ -75,7 +75,8 @@ class WeightNoise(SeededNoise):
     optimizer step (with one ``step()`` per batch this is the same as above). This is not
     differential privacy.
 
-    Raises (at construction or ``setup``, before any step; model untouched):
+    Raises (at construction, ``setup`` or ``on_fit_start``, which runs after ``configure_model``;
+    before any step; model untouched):
         NoiseStdError: a negative or non-finite ``std``, a callable returning one (at step 0 at
             setup, later at the step where it does, naming it).
         MaskSpecError: ``params`` naming no parameter, a module type the model does not contain, no
@@ -111,7 +112,7 @@ class WeightNoise(SeededNoise):
     # ------------------------------------------------------------------ public read-only state
     @property
     def target_names(self) -> list[str]:
-        """Names of the parameters that are perturbed (after ``setup``)."""
+        """Names of the parameters that are perturbed (once ``fit`` has started)."""
         return [name for name, _, _ in self._chosen]
 
     @property
@@ -131,6 +132,11 @@ class WeightNoise(SeededNoise):
             return
         check_strategy(trainer, "WeightNoise")
         refuse_same_seed(trainer, self)
+        self._settle_key()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after configure_model (layers built there exist now) and before any step
         table = ParameterTable(pl_module)
         names = _linear_weights(table) if self.params is None else table.select(self.params, "WeightNoise(params=...)")
         for name in names:

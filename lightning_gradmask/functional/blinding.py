@@ -129,8 +129,7 @@ def find_layer(model: nn.Module, layer: str | None = None, *, parameter: str = "
                 return name, module
         raise ColumnSpecError(
             f"{parameter}=None: the model has no nn.Linear, nn.Conv1d or nn.Conv2d to blind "
-            f"(modules: {_preview([n for n in modules if n])}). Layers created in configure_model() "
-            "do not exist yet when callbacks run setup; create the input layer in __init__."
+            f"(modules: {_preview([n for n in modules if n])})"
         )
     if not isinstance(layer, str):
         raise ColumnSpecError(f"{parameter} must be a module name (str) or None, got {type(layer).__name__}")

@@ -14,7 +14,10 @@ they all register with the module's `ParameterConstraints`, which:
 The defined order on a gradient, whatever the order of ``Trainer(callbacks=[...])``:
 
 1. ``on_after_backward``: each mask owner zeroes its frozen gradients (every micro-batch);
-2. ``on_before_optimizer_step``: noise is added, then the combined masks are re-applied;
+2. ``on_before_optimizer_step``: noise is added and, where it changed a gradient, the combined
+   masks are re-applied (each mask owner re-applies its own also when the LightningModule overrides
+   ``on_after_backward``, which runs after every callback's); gradients that code outside gradmask
+   writes after that are not masked again, but step 4 still restores the frozen values exactly;
 3. Lightning clips the gradients; the optimizer steps;
 4. step post-hook: post-step functions by priority (the proximal L1 step), then exact restore.
 """

@@ -198,6 +198,11 @@ class FrozenEntries:
             measure: also return the L2 norm of the gradient that was removed, computed slice by
                 slice into one small buffer (no copy of the frozen gradients); leave off on steps
                 that do not log it.
+
+        Sparse COO gradients (``nn.Embedding(sparse=True)``) stay sparse: the gradient is
+        coalesced (``param.grad`` is replaced by its coalesced form, duplicates summed) and the
+        frozen part of its stored values is zeroed. For a hybrid gradient whose indices pick rows,
+        value ``[k, ...]`` belongs to the parameter's entries ``[index_k, ...]``.
         """
         if not measure and self._mask_grouped():
             return None
@@ -207,6 +212,11 @@ class FrozenEntries:
         for entry in self._entries.values():
             grad = entry.param.grad
             if grad is None:
+                continue
+            if grad.layout == torch.sparse_coo:
+                sq = _mask_sparse_gradient_(entry, measure=measure)
+                if sq is not None:
+                    removed_sq = sq if removed_sq is None else removed_sq + sq.to(removed_sq.device)
                 continue
             if measure:
                 sq = _frozen_square_sum(grad, entry)
@@ -327,15 +337,56 @@ class FrozenEntries:
         return True
 
 
+def _mask_sparse_gradient_(entry: _Entry, *, measure: bool) -> torch.Tensor | None:
+    """Zero the frozen part of a sparse COO gradient's values, in place after coalescing it.
+
+    Returns the squared L2 norm of what was removed when ``measure`` (else ``None``). Coalescing
+    first sums duplicate indices, so every stored value is one position's whole gradient and the
+    norm is the norm of the gradient, not of its pieces.
+    """
+    grad = entry.param.grad
+    assert grad is not None
+    if not grad.is_coalesced():
+        grad = grad.coalesce()
+        entry.param.grad = grad
+    values = grad._values()  # the stored values themselves (an alias: zeroing them zeroes the gradient)
+    if entry.all_frozen:
+        removed = _square_sum(values) if measure else None
+        values.zero_()
+        return removed
+    assert entry.keep is not None
+    # value [k, ...] sits at the parameter's entries [indices[:, k], ...]: the keep pattern there
+    keep = entry.keep[tuple(grad._indices())]
+    removed = None
+    if measure:
+        removed = _masked_square_sum(values if values.dtype == entry.param.dtype else values.to(entry.param.dtype), keep)
+    if values.dtype == entry.param.dtype:
+        _bits(values).mul_(keep)
+    else:
+        values.masked_fill_(keep.eq(0), 0)
+    return removed
+
+
+def _square_sum(values: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(values.float() if values.dtype in (torch.float16, torch.bfloat16) else values).square()
+
+
 def _frozen_square_sum(grad: torch.Tensor, entry: _Entry) -> torch.Tensor:
     """Sum of squares of ``grad`` at the frozen entries (float32 or wider), without copying them."""
     if entry.all_frozen:
-        return torch.linalg.vector_norm(grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad).square()
+        return _square_sum(grad)
     assert entry.keep is not None
-    if grad.layout != torch.strided or grad.dtype != entry.param.dtype:
-        grad = grad.to_dense().to(entry.param.dtype)
+    if grad.layout != torch.strided:
+        grad = grad.to_dense()
+    if grad.dtype != entry.param.dtype:
+        grad = grad.to(entry.param.dtype)
+    return _masked_square_sum(grad, entry.keep)
+
+
+def _masked_square_sum(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of ``grad`` where ``keep`` (integers of ``grad``'s width) is 0, slice by slice."""
     flat_bits = _bits(grad.contiguous()).reshape(-1)
-    keep = entry.keep.reshape(-1)
+    keep = keep.reshape(-1)
     buffer = torch.empty(min(flat_bits.numel(), _MEASURE_SLICE), dtype=flat_bits.dtype, device=grad.device)
     total = torch.zeros((), dtype=torch.float64, device=grad.device)
     for start in range(0, flat_bits.numel(), _MEASURE_SLICE):

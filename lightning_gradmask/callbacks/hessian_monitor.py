@@ -73,7 +73,8 @@ class HessianMonitor(Callback):
     layer where that is cheap, estimated otherwise. Half-precision models
     (``bf16-true``, ``16-true``): products run in the model's dtype, the algorithms in float32.
 
-    Logged with ``pl_module.log`` (every logger gets them), identical on every DDP rank:
+    Logged with ``pl_module.log`` (every logger gets them), identical on every DDP rank (the timings
+    are rank 0's), under ``prefix`` (``hessian`` unless given):
     ``hessian/trace``, ``hessian/trace_stderr``, ``hessian/eigenvalue_1`` ... ``hessian/eigenvalue_k``,
     ``hessian/matvecs`` (Hessian-vector products spent), ``hessian/seconds`` (wall time),
     ``hessian/overhead`` (the monitor's time as a fraction of training time so far), and with
@@ -82,7 +83,13 @@ class HessianMonitor(Callback):
     saved as ``<run dir>/epoch=<n>.pt`` (``step=<n>.pt``); the spectral density is drawn to
     ``<run dir>/density_epoch=<n>.png`` and sent to TensorBoard, MLflow and W&B at the scalars' step.
     ``<run dir>`` is ``<log_dir>/hessian`` for TensorBoard and CSV loggers, otherwise
-    ``<default_root_dir>/hessian/<run id>``: two runs never share files.
+    ``<default_root_dir>/hessian/<run id>``: two runs never share files. With another ``prefix``,
+    that directory is named after it instead of ``hessian``, and so are the keys: several monitors
+    in one Trainer (each with its own ``state_key``) need prefixes of their own.
+
+    Under DDP the ranks agree on failures: an evaluation that fails on one rank only (its loss on
+    that rank's batch, out of memory in a product, the probe loader) makes every rank log NaN for
+    it, with no rank left waiting in a collective.
 
     Args:
         loss_fn: ``(pl_module, batch) -> scalar loss``, or the name of a LightningModule method
@@ -111,9 +118,14 @@ class HessianMonitor(Callback):
             is skipped (with one warning) when it would bring the monitor's total time above
             ``max_overhead`` times the training time so far; its cost is the last evaluation's, or
             before the first one an estimate from the trial product at train start. Rank 0 decides
-            for every rank. ``None``: evaluate on schedule whatever it costs (tiny models, tests).
+            for every rank. On a tiny model or a short run this can skip every evaluation (the
+            warning says so, and how many were skipped when training ends). ``None``: evaluate on
+            schedule whatever it costs (tiny models, short runs, tests).
         strict: raise when an evaluation fails. By default a failed evaluation warns once with the
             cause and a remedy, logs NaN and training goes on.
+        prefix: the logged keys are ``<prefix>/trace`` ... and the files go to a directory named
+            ``prefix`` (default ``"hessian"``); a second monitor in the Trainer needs its own, e.g.
+            ``prefix="hessian_steps"``.
 
     Example::
 
@@ -128,12 +140,13 @@ class HessianMonitor(Callback):
         trainer.fit(model, data)
         monitor.latest.eigen.eigenvalues    # tensor of the 3 algebraically largest eigenvalues
 
-        # sharpness every 100 steps, at most 5% of the training time
-        HessianMonitor(loss_fn, stats="eigenvalues", every_n_steps=100, max_overhead=0.05)
+        # sharpness every 100 steps, at most 5% of the training time, next to the monitor above
+        HessianMonitor(loss_fn, stats="eigenvalues", every_n_steps=100, max_overhead=0.05, prefix="hessian_steps")
 
     Raises:
         ValueError: (at construction) unknown statistics, counts below 1, a ``loss_fn`` that cannot take ``(pl_module, batch)``; (at ``setup``) no ``loss_fn``
-            and no ``hessian_loss`` method, a ``params`` item matching nothing; (at train
+            and no ``hessian_loss`` method, a ``params`` item matching nothing, two monitors with
+            the same ``prefix`` in one Trainer; (at train
             start, before the first optimizer step, by a trial evaluation) ``top_k`` above the
             number of trainable entries, a ``loss_fn`` that raises, returns a non-scalar or a tensor
             without a graph, or runs through reentrant activation checkpointing.

@@ -186,3 +186,75 @@ def test_matrix_operator():
         op.matvec(torch.ones(3, dtype=torch.float64)), torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
     )
     assert op.num_matvecs == 1
+
+
+class FailAwareReduce:
+    """A ``reduce`` hook with ``fail``: records the payload shapes it is asked to join, like the monitor's."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.calls.append(("reduce", tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    def fail(self, template: torch.Tensor, error: BaseException):
+        self.calls.append(("fail", tuple(template.shape), template.dtype))
+        assert not template.any()
+        raise error
+
+
+class RaisesInSecondBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return Exploding.apply(grad)
+
+
+class Exploding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise MemoryError("out of memory in a product (simulated)")
+
+
+def test_a_fail_aware_reduce_hook_joins_the_collective_a_local_failure_would_skip():
+    from lightning_gradmask.curvature.exact import dense_hessian
+
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+
+    def broken():
+        raise ZeroDivisionError("loss on this rank's batch")
+
+    hook = FailAwareReduce()
+    with pytest.raises(ZeroDivisionError):
+        HessianOperator(broken, model.named_parameters(), reduce=hook)
+    assert hook.calls == [("fail", (1,), torch.float64)]  # the loss's reduce, at construction
+
+    def no_second_derivative():
+        return F.mse_loss(RaisesInSecondBackward.apply(model(x)) ** 2, y)
+
+    hook = FailAwareReduce()
+    op = HessianOperator(no_second_derivative, model.named_parameters(), reduce=hook)
+    with pytest.raises(MemoryError):
+        op.matvec(torch.ones(op.dim))
+    with pytest.raises(MemoryError):
+        op.matmat(torch.ones(2, op.dim))
+    with pytest.raises(MemoryError):
+        dense_hessian(op, chunk_size=1)  # local products: deferred to the single reduce of the whole matrix
+    assert hook.calls == [
+        ("reduce", (1,), torch.float64),
+        ("fail", (op.dim,), op.dtype),
+        ("fail", (2, op.dim), op.dtype),
+        ("fail", (op.dim, op.dim), torch.float64),
+    ]
+    # without fail(), errors are raised where they happen, as before
+    with pytest.raises(ZeroDivisionError):
+        HessianOperator(broken, model.named_parameters(), reduce=lambda t: t)

@@ -221,6 +221,26 @@ def test_loss_that_is_not_a_scalar_with_a_graph_is_named_at_the_first_evaluation
         trainer(callbacks=[HessianMonitor(lambda m, b: mse(m, b).detach())], max_epochs=1).fit(TinyRegressor(), loader())
 
 
+def test_ddp_an_evaluation_failing_on_one_rank_is_nan_on_every_rank_and_the_run_goes_on(tmp_path):
+    # rank 1 alone: a loss that raises (epoch 1), a probe loader that raises (epoch 2), no probe batch (epoch 3);
+    # without agreement rank 0 would wait forever in an all-reduce: the timeout turns that into a failure
+    run_script(REPO_ROOT / "tests" / "ddp" / "hessian_failure_ddp.py", str(tmp_path), timeout=180)
+    logged = []
+    for rank in (0, 1):
+        records = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        logged.append({(epoch, key): value for epoch, key, value in records})
+    assert logged[0].keys() == logged[1].keys()
+    for where, value in logged[0].items():  # every logged value, timings included, is rank 0's on every rank
+        assert value == logged[1][where] or (math.isnan(value) and math.isnan(logged[1][where])), where
+    values = logged[0]
+    assert math.isnan(values[1, "hessian/trace"]) and math.isnan(values[1, "hessian/eigenvalue_1"])
+    assert math.isnan(values[2, "probe/trace"]) and not math.isnan(values[1, "probe/trace"])
+    assert (3, "probe/trace") not in values  # no batch on rank 1: nothing logged on either rank
+    for epoch in (0, 2, 3):
+        assert not math.isnan(values[epoch, "hessian/trace"])
+    assert (0, "hessian/seconds") in values and (0, "probe/overhead") in values
+
+
 def test_ddp_every_rank_logs_the_union_batch_statistics(tmp_path):
     run_script(REPO_ROOT / "tests" / "ddp" / "hessian_ddp.py", str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

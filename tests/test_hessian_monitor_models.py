@@ -113,7 +113,7 @@ def test_transformers_with_fused_attention_match_the_eager_model(build, labels, 
 def test_gpt2_tied_embedding_selected_by_its_second_name_counts_once():
     model = HuggingFace(gpt2())
     monitor = HessianMonitor(stats=("trace",), params="model.lm_head.weight", max_overhead=None, strict=True)
-    everything = HessianMonitor(stats=("trace",), max_overhead=None, strict=True, save=False)
+    everything = HessianMonitor(stats=("trace",), max_overhead=None, strict=True, save=False, prefix="hessian_all")
     trainer(callbacks=[monitor, everything], max_epochs=1).fit(model, token_data(None))
     assert monitor.latest.dim == 40 * 16  # the tied wte/lm_head matrix, once
     unique = sum(p.numel() for p in model.parameters())

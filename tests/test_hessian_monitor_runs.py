@@ -1,6 +1,7 @@
 """HessianMonitor left on in real runs: it never ends one, costs what the user allows, changes no
 random stream, tracks sharpness every n steps, and reports to every logger in a directory of its own."""
 
+import contextlib
 import csv
 import math
 import random
@@ -93,6 +94,90 @@ def test_strict_mode_raises_the_failure():
     with pytest.warns(UserWarning, match="ZeroDivisionError: data-dependent failure"):
         trainer(callbacks=[monitor], max_epochs=3).fit(TinyRegressor(), loader())
     assert monitor.latest is not None  # epochs 0 and 2 evaluated
+
+
+class FailingProbe:
+    """A probe set whose iterator raises from the second pass on (the trial at train start is the first)."""
+
+    def __init__(self):
+        self.passes = 0
+        self.data = DataLoader(regression_data(n=16, seed=5), batch_size=8)
+
+    def __iter__(self):
+        self.passes += 1
+        if self.passes == 3:  # the evaluation at epoch=1
+            raise OSError("the probe file vanished")
+        return iter(self.data)
+
+
+class LoggedPerEpoch(L.Callback):
+    def __init__(self):
+        self.traces = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.traces.append(float(trainer.callback_metrics["hessian/trace"]))
+
+
+def test_a_failing_probe_dataloader_is_a_failed_evaluation_not_the_end_of_the_run():
+    monitor, seen = HessianMonitor(mse, dataloader=FailingProbe(), max_overhead=None, save=False), LoggedPerEpoch()
+    fit = trainer(callbacks=[monitor, seen], max_epochs=3)
+    with pytest.warns(UserWarning, match="epoch=1 failed and was skipped: OSError: the probe file vanished"):
+        fit.fit(TinyRegressor(), loader())
+    assert fit.current_epoch == 3
+    assert not math.isnan(seen.traces[0]) and math.isnan(seen.traces[1]) and not math.isnan(seen.traces[2])
+    with pytest.raises(OSError, match="the probe file vanished"):
+        trainer(callbacks=[HessianMonitor(mse, dataloader=FailingProbe(), max_overhead=None, strict=True)], max_epochs=3).fit(
+            TinyRegressor(), loader()
+        )
+
+
+class RaiseAtEpoch(L.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("the run broke")
+
+
+def test_cached_batches_and_warm_start_vectors_are_released_after_fit_and_on_exception():
+    for every_n_steps, extra in ((2, []), (None, [RaiseAtEpoch()])):
+        monitor = HessianMonitor(
+            mse, stats="eigenvalues", every_n_steps=every_n_steps, exact_up_to=0, max_overhead=None, save=False
+        )
+        kept = []
+
+        class Peek(L.Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                kept.append((len(monitor._batches), monitor._warm_start is not None))
+
+        fit = trainer(callbacks=[monitor, Peek(), *extra], max_epochs=2)
+        with pytest.raises(RuntimeError, match="the run broke") if extra else contextlib.nullcontext():
+            fit.fit(TinyRegressor(), loader())
+        assert kept and kept[0][0] == 1  # the monitor did hold a batch during the run
+        if every_n_steps:
+            assert kept[0][1]  # and warm-start vectors
+        assert len(monitor._batches) == 0 and monitor._warm_start is None
+
+
+# ---------------------------------------------------------------------- several monitors
+def test_monitors_with_their_own_prefix_log_and_save_apart_and_a_shared_prefix_is_refused(tmp_path):
+    epochs = HessianMonitor(mse, stats="trace", max_overhead=None)
+    steps = HessianMonitor(mse, stats="eigenvalues", every_n_steps=2, max_overhead=None, prefix="hessian_steps")
+    logger = CSVLogger(tmp_path, name="run")
+    fit = trainer(callbacks=[epochs, steps], logger=logger, max_epochs=1)
+    fit.fit(TinyRegressor(), loader())
+    assert {"hessian/trace", "hessian_steps/eigenvalue_1"} <= set(fit.callback_metrics)
+    assert "hessian/eigenvalue_1" not in fit.callback_metrics and "hessian_steps/trace" not in fit.callback_metrics
+    run = Path(logger.log_dir)
+    assert (run / "hessian" / "epoch=0.pt").exists()  # the default: paths as before
+    assert (run / "hessian_steps" / "step=2.pt").exists() and not (run / "hessian" / "step=2.pt").exists()
+
+    twin = HessianMonitor(mse, stats="eigenvalues", every_n_steps=2)
+    model = TinyRegressor()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"prefix='hessian'.*share this prefix"):
+        trainer(callbacks=[HessianMonitor(mse), twin], max_epochs=1).fit(model, loader())
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    with pytest.raises(ValueError, match="prefix"):
+        HessianMonitor(mse, prefix="../elsewhere")
 
 
 # ---------------------------------------------------------------------- trial evaluation
@@ -217,6 +302,10 @@ def test_budget_skips_evaluations_warns_once_and_logs_the_overhead(tmp_path):
     assert len(overhead) == 4 and not any(r.get("hessian/trace") for r in rows)
     assert overhead == sorted(overhead, reverse=True)  # only the trial was spent: the share falls
     assert monitor.latest is None
+    message = str(skipped[0].message)
+    assert "Evaluations are being skipped" in message and "max_overhead=None to evaluate on schedule" in message
+    summary = hessian_warnings(record, "scheduled evaluations in this run")
+    assert len(summary) == 1 and "skipped 4 of 4 scheduled evaluations" in str(summary[0].message)
 
 
 def test_budget_allows_an_evaluation_once_training_has_paid_for_it():

@@ -169,7 +169,9 @@ def test_pytorch_lightning_cli_accepts_the_callbacks_from_a_config(tmp_path):
 def test_two_hessian_monitors_share_a_pytorch_lightning_trainer() -> None:
     loss = lambda module, batch: F.mse_loss(module(batch[0]), batch[1])  # noqa: E731
     per_epoch = HessianMonitor(loss_fn=loss, stats=("trace",), max_overhead=None)
-    per_step = HessianMonitor(loss_fn=loss, stats=("eigenvalues",), every_n_steps=2, max_overhead=None)
-    pl_trainer(callbacks=[per_epoch, per_step]).fit(PLRegressor(), loader())
+    per_step = HessianMonitor(loss_fn=loss, stats=("eigenvalues",), every_n_steps=2, max_overhead=None, prefix="hessian_steps")
+    fit = pl_trainer(callbacks=[per_epoch, per_step])
+    fit.fit(PLRegressor(), loader())
     assert per_epoch.latest is not None and per_epoch.latest.trace is not None
     assert per_step.latest is not None and per_step.latest.eigen is not None
+    assert {"hessian/trace", "hessian_steps/eigenvalue_1"} <= set(fit.callback_metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,18 +97,31 @@ def run_distributed(main: Callable[[], None]) -> None:
 
 
 def run_script(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run a test script in a fresh interpreter (DDP re-launches its script), raising on failure."""
+    """Run a test script in a fresh interpreter (DDP re-launches its script), raising on failure.
+
+    Past ``timeout`` seconds the script and every process it started are killed and
+    ``subprocess.TimeoutExpired`` is raised: a DDP hang fails the test instead of stalling the suite.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), str(REPO_ROOT / "tests"), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
-    result = subprocess.run(
+    # a session of its own: on a timeout (a hang in a collective) every rank is killed, not only rank 0
+    with subprocess.Popen(
         [sys.executable, str(script), *args],
         cwd=str(REPO_ROOT),
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-    )
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if result.returncode != 0:
         raise AssertionError(
             f"{script.name} {' '.join(args)} exited with {result.returncode}\n"

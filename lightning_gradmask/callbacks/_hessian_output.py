@@ -17,8 +17,10 @@ DECADES_SHOWN = 4
 """The density's log axis spans this many decades under its peak."""
 
 
-def run_directory(trainer: pl.Trainer) -> Path:
-    """``<dir>/hessian`` for this run only; call on every rank (rank 0's answer is broadcast).
+def run_directory(trainer: pl.Trainer, name: str = "hessian") -> Path:
+    """``<dir>/<name>`` for this run only; call on every rank (rank 0's answer is broadcast).
+
+    ``name`` is the monitor's ``prefix``, so two monitors of one run never share files.
 
     TensorBoard and CSV loggers: under their versioned ``log_dir``. MLflow: under the Trainer's
     ``default_root_dir``, in a folder named by the MLflow run id. Other loggers: named by their
@@ -27,9 +29,9 @@ def run_directory(trainer: pl.Trainer) -> Path:
     path: str | None = None
     if trainer.is_global_zero:
         logger: Any = trainer.loggers[0] if trainer.loggers else None  # of either Lightning namespace
-        root = Path(trainer.default_root_dir) / "hessian"
+        root = Path(trainer.default_root_dir) / name
         if _is_logger(logger, "TensorBoardLogger", "CSVLogger"):
-            path = str(Path(str(logger.log_dir)) / "hessian")
+            path = str(Path(str(logger.log_dir)) / name)
         elif _is_logger(logger, "MLFlowLogger"):
             path = str(root / str(logger.run_id))
         elif logger is not None and logger.version is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import re
 import time
 import warnings
 from collections import deque
@@ -15,14 +16,16 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_gradmask._distributed import all_reduce_mean, check_strategy
-from lightning_gradmask._namespaces import Callback, lightning_classes
+from lightning_gradmask._distributed import check_strategy
+from lightning_gradmask._namespaces import Callback, lightning_classes, trainer_callbacks
+from lightning_gradmask.callbacks._hessian_agreement import AgreeingReduce, PeerEvaluationError, agree
 from lightning_gradmask.callbacks._hessian_budget import OverheadBudget
 from lightning_gradmask.callbacks._hessian_output import density_figure, logger_step, run_directory, send_figure
 from lightning_gradmask.callbacks._rng import preserved_rng_state
@@ -70,7 +73,8 @@ class HessianMonitor(Callback):
     layer where that is cheap, estimated otherwise. Half-precision models
     (``bf16-true``, ``16-true``): products run in the model's dtype, the algorithms in float32.
 
-    Logged with ``pl_module.log`` (every logger gets them), identical on every DDP rank:
+    Logged with ``pl_module.log`` (every logger gets them), identical on every DDP rank (the timings
+    are rank 0's), under ``prefix`` (``hessian`` unless given):
     ``hessian/trace``, ``hessian/trace_stderr``, ``hessian/eigenvalue_1`` ... ``hessian/eigenvalue_k``,
     ``hessian/matvecs`` (Hessian-vector products spent), ``hessian/seconds`` (wall time),
     ``hessian/overhead`` (the monitor's time as a fraction of training time so far), and with
@@ -79,7 +83,13 @@ class HessianMonitor(Callback):
     saved as ``<run dir>/epoch=<n>.pt`` (``step=<n>.pt``); the spectral density is drawn to
     ``<run dir>/density_epoch=<n>.png`` and sent to TensorBoard, MLflow and W&B at the scalars' step.
     ``<run dir>`` is ``<log_dir>/hessian`` for TensorBoard and CSV loggers, otherwise
-    ``<default_root_dir>/hessian/<run id>``: two runs never share files.
+    ``<default_root_dir>/hessian/<run id>``: two runs never share files. With another ``prefix``,
+    that directory is named after it instead of ``hessian``, and so are the keys: several monitors
+    in one Trainer (each with its own ``state_key``) need prefixes of their own.
+
+    Under DDP the ranks agree on failures: an evaluation that fails on one rank only (its loss on
+    that rank's batch, out of memory in a product, the probe loader) makes every rank log NaN for
+    it, with no rank left waiting in a collective.
 
     Args:
         loss_fn: ``(pl_module, batch) -> scalar loss``, or the name of a LightningModule method
@@ -108,9 +118,14 @@ class HessianMonitor(Callback):
             is skipped (with one warning) when it would bring the monitor's total time above
             ``max_overhead`` times the training time so far; its cost is the last evaluation's, or
             before the first one an estimate from the trial product at train start. Rank 0 decides
-            for every rank. ``None``: evaluate on schedule whatever it costs (tiny models, tests).
+            for every rank. On a tiny model or a short run this can skip every evaluation (the
+            warning says so, and how many were skipped when training ends). ``None``: evaluate on
+            schedule whatever it costs (tiny models, short runs, tests).
         strict: raise when an evaluation fails. By default a failed evaluation warns once with the
             cause and a remedy, logs NaN and training goes on.
+        prefix: the logged keys are ``<prefix>/trace`` ... and the files go to a directory named
+            ``prefix`` (default ``"hessian"``); a second monitor in the Trainer needs its own, e.g.
+            ``prefix="hessian_steps"``.
 
     Example::
 
@@ -125,12 +140,13 @@ class HessianMonitor(Callback):
         trainer.fit(model, data)
         monitor.latest.eigen.eigenvalues    # tensor of the 3 algebraically largest eigenvalues
 
-        # sharpness every 100 steps, at most 5% of the training time
-        HessianMonitor(loss_fn, stats="eigenvalues", every_n_steps=100, max_overhead=0.05)
+        # sharpness every 100 steps, at most 5% of the training time, next to the monitor above
+        HessianMonitor(loss_fn, stats="eigenvalues", every_n_steps=100, max_overhead=0.05, prefix="hessian_steps")
 
     Raises:
         ValueError: (at construction) unknown statistics, counts below 1, a ``loss_fn`` that cannot take ``(pl_module, batch)``; (at ``setup``) no ``loss_fn``
-            and no ``hessian_loss`` method, a ``params`` item matching nothing; (at train
+            and no ``hessian_loss`` method, a ``params`` item matching nothing, two monitors with
+            the same ``prefix`` in one Trainer; (at train
             start, before the first optimizer step, by a trial evaluation) ``top_k`` above the
             number of trainable entries, a ``loss_fn`` that raises, returns a non-scalar or a tensor
             without a graph, or runs through reentrant activation checkpointing.
@@ -159,6 +175,7 @@ class HessianMonitor(Callback):
         every_n_steps: int | None = None,
         max_overhead: float | None = 0.1,
         strict: bool = False,
+        prefix: str = "hessian",
     ) -> None:
         _check_loss_fn(loss_fn)
         chosen = _check_stats(stats)
@@ -177,6 +194,7 @@ class HessianMonitor(Callback):
             if not isinstance(flag, bool):
                 raise GradmaskConfigTypeError(f"HessianMonitor({name}=...) must be True or False, got {flag!r}")
         _check_max_overhead(max_overhead)
+        _check_prefix(prefix)
         if options is not None and not isinstance(options, StatisticsOptions):
             raise GradmaskConfigTypeError(
                 "HessianMonitor(options=...) must be a lightning_gradmask.curvature.StatisticsOptions or None, "
@@ -198,6 +216,7 @@ class HessianMonitor(Callback):
         self.options = options if options is not None else StatisticsOptions()
         self.max_overhead = max_overhead
         self.strict = strict
+        self.prefix = prefix
         self.latest: HessianStatistics | None = None
         """The full result of the latest evaluation (on every rank)."""
         self._batches: deque[Any] = deque(maxlen=num_batches)
@@ -207,25 +226,37 @@ class HessianMonitor(Callback):
         self._warm_start: tuple[tuple[Any, ...], torch.Tensor] | None = None
         self._last_step_evaluated = -1
         self._directory: Path | None = None
+        self._skipped = 0
+        self._scheduled = 0
 
     # ------------------------------------------------------------------ setup-time checks
     @property
     @override
     def state_key(self) -> str:
         # several monitors may share a Trainer (say the trace every epoch, the top eigenvalue every 100 steps)
-        return self._generate_state_key(
+        settings: dict[str, Any] = dict(
             stats=self.stats,
             every_n_epochs=self.every_n_epochs,
             every_n_steps=self.every_n_steps,
             params=None if self.params is None else [p if isinstance(p, str) else p.__qualname__ for p in self.params],
             seed=self.seed,
         )
+        if self.prefix != "hessian":  # the default keeps the key of checkpoints written before `prefix`
+            settings["prefix"] = self.prefix
+        return self._generate_state_key(**settings)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         check_strategy(trainer, "HessianMonitor")
+        same = [cb for cb in trainer_callbacks(trainer) if isinstance(cb, HessianMonitor) and cb is not self and cb.prefix == self.prefix]
+        if same:
+            raise GradmaskConfigError(
+                f"HessianMonitor(prefix={self.prefix!r}): {len(same) + 1} HessianMonitors in this Trainer share this "
+                "prefix, so they would log the same keys and write the same files; give each its own prefix "
+                "(e.g. prefix='hessian_steps')"
+            )
         self._resolve_loss(pl_module)
         self._select(pl_module)
 
@@ -241,7 +272,8 @@ class HessianMonitor(Callback):
         self._warm_start = None
         self._last_step_evaluated = -1
         self._batches.clear()
-        self._directory = run_directory(trainer) if self.save else None  # a collective: every rank
+        self._skipped = self._scheduled = 0
+        self._directory = run_directory(trainer, self.prefix) if self.save else None  # a collective: every rank
         self._overhead.start()
         if self.dataloader is not None:
             self._trial(trainer, pl_module, None)
@@ -294,43 +326,70 @@ class HessianMonitor(Callback):
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str, seed_index: int, on_step: bool) -> None:
         started = time.perf_counter()
+        self._scheduled += 1
         with preserved_rng_state():
-            allowed = self._overhead.allows()
-            if trainer.world_size > 1:
-                allowed = bool(trainer.strategy.broadcast(allowed))  # rank 0 decides for every rank
+            allowed, overhead = self._overhead.allows(), self._overhead.overhead()
+            if trainer.world_size > 1:  # rank 0 decides for every rank, and its figure is the one logged
+                allowed, overhead = trainer.strategy.broadcast((allowed, overhead))
             if not allowed:
-                self._warn_once(
-                    "budget",
-                    f"HessianMonitor: skipped the evaluation at {tag} to stay within max_overhead={self.max_overhead} "
-                    f"of the training time (an evaluation {'takes' if self._overhead.evaluations else 'is estimated to take'} "
-                    f"{self._overhead.last_cost:.3g} s; the monitor has "
-                    f"used {self._overhead.spent:.3g} s of {self._overhead.training_seconds():.3g} s of training). "
-                    "Raise max_overhead (None for no limit), evaluate less often (every_n_epochs/every_n_steps) or "
-                    "ask for less (stats, num_batches, params). Further skips are not reported.",
-                )
+                self._skip(tag)
                 self._overhead.spend(time.perf_counter() - started, evaluation=False)
-                _log_same_on_every_rank(pl_module, {"hessian/overhead": self._overhead.overhead()}, on_step)
+                _log_same_on_every_rank(pl_module, {f"{self.prefix}/overhead": overhead}, on_step)
                 return
-            batches = self._probe_batches(trainer, pl_module)
-            if not batches:
-                self._warn_once("no-batch", f"HessianMonitor: no batch to evaluate the Hessian on at {tag}; nothing logged")
+            # every rank says whether it has its batches before any rank builds an operator on them
+            batches, error = self._fetch_batches(trainer, pl_module)
+            ranks, _ = agree(trainer, {"failed": error is not None, "empty": not batches})
+            if ranks["empty"] and not ranks["failed"]:
+                where = "" if trainer.world_size == 1 else f" on rank(s) {ranks['empty']}"
+                self._warn_once("no-batch", f"HessianMonitor: no batch to evaluate the Hessian on{where} at {tag}; nothing logged")
+                self._overhead.spend(time.perf_counter() - started, evaluation=False)
                 return
-            result = self._compute_safely(trainer, pl_module, batches, tag, seed_index)
-            if result is not None:
-                self.latest = result
-                if self.save and self._directory is not None and trainer.is_global_zero:
-                    try:
-                        self._save(trainer, result, tag, epoch_end=not on_step)
-                    except Exception as err:  # a full disk must not end the run either
-                        if self.strict:
-                            raise
-                        self._warn_once("save", f"HessianMonitor: could not save the result of {tag}: {type(err).__name__}: {err}")
+            result = None
+            if ranks["failed"]:
+                self._failed(error if error is not None else PeerEvaluationError(ranks["failed"]), tag)
+            else:
+                result = self._compute_safely(trainer, pl_module, batches, tag, seed_index)
             seconds = time.perf_counter() - started
             self._overhead.spend(seconds, evaluation=result is not None)  # a failure says nothing of the cost
-            if result is None:
-                self._log_nan(pl_module, on_step)
-            else:
-                self._log(pl_module, result, seconds, on_step)
+            # every rank logs the same: NaN if the evaluation failed anywhere, rank 0's timings
+            ranks, (seconds, overhead) = agree(trainer, {"failed": result is None}, (seconds, self._overhead.overhead()))
+            if ranks["failed"]:
+                if result is not None:  # it failed after the last collective on another rank
+                    self._failed(PeerEvaluationError(ranks["failed"]), tag)
+                self._log_nan(pl_module, overhead, on_step)
+                return
+            assert result is not None
+            self.latest = result
+            self._log(pl_module, result, seconds, overhead, on_step)
+            if self.save and self._directory is not None and trainer.is_global_zero:
+                saving = time.perf_counter()
+                try:
+                    self._save(trainer, result, tag, epoch_end=not on_step)
+                except Exception as err:  # a full disk must not end the run either
+                    if self.strict:
+                        raise
+                    self._warn_once("save", f"HessianMonitor: could not save the result of {tag}: {type(err).__name__}: {err}")
+                self._overhead.spend(time.perf_counter() - saving, evaluation=False)
+
+    def _skip(self, tag: str) -> None:
+        self._skipped += 1
+        self._warn_once(
+            "budget",
+            f"HessianMonitor: skipped the evaluation at {tag} to stay within max_overhead={self.max_overhead} of the "
+            f"training time (an evaluation {'takes' if self._overhead.evaluations else 'is estimated to take'} "
+            f"{self._overhead.last_cost:.3g} s; the monitor has used {self._overhead.spent:.3g} s of "
+            f"{self._overhead.training_seconds():.3g} s of training). Evaluations are being skipped: every one that "
+            "does not fit the budget is skipped, and how many were is reported when training ends. Pass "
+            "max_overhead=None to evaluate on schedule whatever it costs (tiny models, short runs), or raise "
+            "max_overhead, evaluate less often (every_n_epochs/every_n_steps) or ask for less (stats, num_batches, "
+            "params).",
+        )
+
+    def _fetch_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[list[Any], Exception | None]:
+        try:
+            return self._probe_batches(trainer, pl_module), None
+        except Exception as err:  # a failing probe loader is a failed evaluation, not the end of the run
+            return [], err
 
     def _compute_safely(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], tag: str, seed_index: int
@@ -340,15 +399,21 @@ class HessianMonitor(Callback):
         except NonFiniteLossError as err:
             rank_zero_warn(f"HessianMonitor: {err} ({tag}); statistics logged as NaN")
         except Exception as err:
-            if self.strict:
-                raise
-            self._warn_once(
-                "failed",
-                f"HessianMonitor: the evaluation at {tag} failed and was skipped: {type(err).__name__}: {err}. "
-                f"{_remedy(err)} Training goes on and the statistics are logged as NaN; later failures are not "
-                "reported (strict=True raises instead).",
-            )
+            self._failed(err, tag)
         return None
+
+    def _failed(self, err: Exception, tag: str) -> None:
+        """A failed evaluation: raise (strict) or warn once with the cause; the caller logs NaN."""
+        if self.strict:
+            raise err
+        peer = isinstance(err, PeerEvaluationError)
+        self._warn_once(
+            "failed",
+            f"HessianMonitor: the evaluation at {tag} failed and was skipped: {type(err).__name__}: {err}. "
+            f"{'' if peer else _remedy(err) + ' '}Training goes on and the statistics are logged as NaN; later "
+            "failures are not reported (strict=True raises instead).",
+            on_this_rank=not peer,  # the rank where it failed says why, whatever its number
+        )
 
     def compute(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], seed_index: int | None = None
@@ -389,7 +454,7 @@ class HessianMonitor(Callback):
             [_bind(loss, pl_module, batch) for batch in batches],
             [(n, params[n]) for n in names],
             masks={n: m.to(params[n].device) for n, m in masks.items()},
-            reduce=(lambda t: all_reduce_mean(trainer, t)) if trainer.world_size > 1 else None,
+            reduce=AgreeingReduce(trainer) if trainer.world_size > 1 else None,  # ranks raise together
             module=pl_module,
             eval_mode=True,
             dtype=torch.float32 if dtypes <= set(_HALF) else None,
@@ -415,20 +480,37 @@ class HessianMonitor(Callback):
         self._trial_done = True
         started = time.perf_counter()
         with preserved_rng_state():
-            if batch is None:
-                batches = self._probe_batches(trainer, pl_module)
-                if not batches:
-                    raise GradmaskConfigError("HessianMonitor(dataloader=...) yielded no batch")
-                batch = batches[0]
-            loss = self._resolve_loss(pl_module)
+            error: Exception | None = None
+            try:
+                batch = self._trial_loss(trainer, pl_module, batch)
+            except Exception as err:
+                error = err
+            failed, _ = agree(trainer, {"failed": error is not None})  # no rank goes on to a product alone
+            if error is not None:
+                raise error
+            if failed["failed"]:
+                raise GradmaskConfigError(
+                    f"HessianMonitor(loss_fn={_describe(self.loss_fn)}): the trial evaluation at train start failed "
+                    f"on rank(s) {failed['failed']} (their error says why)"
+                )
             with self._evaluation_context(trainer), _modes_restored(pl_module):
-                pl_module.eval()
-                with torch.inference_mode(False), torch.enable_grad():
-                    value = _call_loss(self.loss_fn, loss, pl_module, batch)
-                    _check_graph(self.loss_fn, value)
-                del value
                 self._trial_matvec(trainer, pl_module, batch)
         self._overhead.spend(time.perf_counter() - started, evaluation=False)
+
+    def _trial_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+        """Call ``loss_fn`` on ``batch`` (or the first probe batch) and check what it returns; that batch."""
+        if batch is None:
+            batches = self._probe_batches(trainer, pl_module)
+            if not batches:
+                raise GradmaskConfigError("HessianMonitor(dataloader=...) yielded no batch")
+            batch = batches[0]
+        loss = self._resolve_loss(pl_module)
+        with self._evaluation_context(trainer), _modes_restored(pl_module):
+            pl_module.eval()
+            with torch.inference_mode(False), torch.enable_grad():
+                value = _call_loss(self.loss_fn, loss, pl_module, batch)
+                _check_graph(self.loss_fn, value)
+        return batch
 
     def _trial_matvec(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """One matvec on ``batch``: the expected cost of an evaluation, and errors of the operator itself."""
@@ -462,6 +544,28 @@ class HessianMonitor(Callback):
             if operator is not None:
                 operator.release()
 
+    # ------------------------------------------------------------------ end of fit
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._skipped:
+            rank_zero_warn(
+                f"HessianMonitor: skipped {self._skipped} of {self._scheduled} scheduled evaluations in this run to "
+                f"stay within max_overhead={self.max_overhead}; pass max_overhead=None to evaluate on schedule."
+            )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """Drop what only the run needed: the cached training batches and the warm-start vectors."""
+        self._batches.clear()
+        self._warm_start = None
+
     # ------------------------------------------------------------------ selection
     def _select(self, pl_module: pl.LightningModule) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Trainable parameters (canonical names), restricted to ``params``, and their masks, resolved now."""
@@ -489,20 +593,20 @@ class HessianMonitor(Callback):
         return names, {name: table.param(name) for name in names}, masks
 
     # ------------------------------------------------------------------ output
-    def _log(self, pl_module: pl.LightningModule, result: HessianStatistics, seconds: float, on_step: bool) -> None:
-        values = result.scalars("hessian/", per_parameter=self.per_parameter)
-        values["hessian/seconds"] = seconds
-        values["hessian/overhead"] = self._overhead.overhead()
+    def _log(self, pl_module: pl.LightningModule, result: HessianStatistics, seconds: float, overhead: float, on_step: bool) -> None:
+        values = result.scalars(f"{self.prefix}/", per_parameter=self.per_parameter)
+        values[f"{self.prefix}/seconds"] = seconds
+        values[f"{self.prefix}/overhead"] = overhead
         _log_same_on_every_rank(pl_module, values, on_step)
 
-    def _log_nan(self, pl_module: pl.LightningModule, on_step: bool) -> None:
+    def _log_nan(self, pl_module: pl.LightningModule, overhead: float, on_step: bool) -> None:
         keys = []
         if "trace" in self.stats:
-            keys += ["hessian/trace", "hessian/trace_stderr"]
+            keys += ["trace", "trace_stderr"]
         if "eigenvalues" in self.stats:
-            keys += [f"hessian/eigenvalue_{i}" for i in range(1, self.top_k + 1)]
-        values = dict.fromkeys(keys, math.nan)
-        values["hessian/overhead"] = self._overhead.overhead()
+            keys += [f"eigenvalue_{i}" for i in range(1, self.top_k + 1)]
+        values = {f"{self.prefix}/{key}": math.nan for key in keys}
+        values[f"{self.prefix}/overhead"] = overhead
         _log_same_on_every_rank(pl_module, values, on_step)
 
     def _save(self, trainer: pl.Trainer, result: HessianStatistics, tag: str, epoch_end: bool) -> None:
@@ -521,13 +625,18 @@ class HessianMonitor(Callback):
             )
             return
         path = self._directory / f"density_{tag}.png"
-        send_figure(trainer, figure, path, "hessian/density", logger_step(trainer, epoch_end))
+        send_figure(trainer, figure, path, f"{self.prefix}/density", logger_step(trainer, epoch_end))
         rank_zero_info(f"HessianMonitor: spectral density drawn to {path}")
 
     # ------------------------------------------------------------------ helpers
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
+    def _warn_once(self, key: str, message: str, on_this_rank: bool = False) -> None:
+        """Warn once per ``key``: from rank 0, or with ``on_this_rank`` from whichever rank this is."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        if on_this_rank and _global_rank() > 0:
+            warnings.warn(f"[rank {_global_rank()}] {message}", UserWarning, stacklevel=2)
+        else:
             rank_zero_warn(message)
 
     def _resolve_loss(self, pl_module: pl.LightningModule) -> LossFn:
@@ -598,6 +707,23 @@ def _check_max_overhead(max_overhead: object) -> None:
         isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not max_overhead > 0
     ):
         raise GradmaskConfigError(f"HessianMonitor(max_overhead=...) must be a fraction > 0 (e.g. 0.1) or None, got {max_overhead!r}")
+
+
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+
+
+def _check_prefix(prefix: object) -> None:
+    if not isinstance(prefix, str):
+        raise GradmaskConfigTypeError(f"HessianMonitor(prefix=...) must be a string, got {type(prefix).__name__}")
+    if not _PREFIX.fullmatch(prefix) or ".." in prefix.split("/"):
+        raise GradmaskConfigError(
+            f"HessianMonitor(prefix={prefix!r}) must be a metric prefix and folder name: letters, digits, '_', '-', "
+            "'.', parts separated by '/' (e.g. 'hessian_steps')"
+        )
+
+
+def _global_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _check_dataloader(dataloader: object) -> None:

@@ -187,7 +187,13 @@ class HessianOperator:
             ``(k, dim)`` stack for a batched product) before it is returned. The Lightning glue
             passes a DDP all-reduce-mean: then the operator is the Hessian of the rank-averaged loss
             with exactly one collective per product call. It is also applied once, at construction,
-            to the detached loss value, so that a NaN on any rank is seen on every rank.
+            to the detached loss value, so that a NaN on any rank is seen on every rank. A hook with
+            a ``fail(template, error)`` method (the monitor's, for DDP) is told of local failures
+            instead of seeing them raised: when the closures or the gradient graph (at construction)
+            or a product raise on this process, the operator calls ``reduce.fail(zeros like the
+            payload, error)``, which joins the collective the other processes make and raises there
+            and on every process. Inside :meth:`local_products` the failure is deferred to the
+            caller's single reduce.
         combine: ``"mean"`` or ``"sum"`` over ``loss_fns``.
         check_finite: raise :class:`NonFiniteLossError` on a non-finite loss or product.
         module: optional module the parameters belong to; used by :func:`exact_diagonal` for its
@@ -286,24 +292,40 @@ class HessianOperator:
 
     def _build_gradient_graph(self) -> None:
         """Run every closure once and keep the first-order gradient graph (checked, reduced loss)."""
+        self._deferred: list[Exception] | None = None  # inside local_products with a fail() hook
         with self.autograd_context():
-            losses = [check_loss(fn(), i) for i, fn in enumerate(self.loss_fns)]
-            total = torch.stack(losses).sum()
-            if self.combine == "mean":
-                total = total / len(losses)
-            value = total.detach().reshape(1).to(torch.float64)
+            try:
+                losses = [check_loss(fn(), i) for i, fn in enumerate(self.loss_fns)]
+                total = torch.stack(losses).sum()
+                if self.combine == "mean":
+                    total = total / len(losses)
+                value = total.detach().reshape(1).to(torch.float64)
+                # the graph before the loss's reduce: a failure anywhere here is agreed on at that reduce
+                grads = torch.autograd.grad(total, self.params, create_graph=True, allow_unused=True)
+                if all(g is None for g in grads):
+                    raise ValueError("the loss does not depend on any of the selected parameters")
+            except Exception as err:
+                self._fail(torch.zeros(1, dtype=torch.float64, device=self._device), err)
             if self.reduce is not None:
                 value = self.reduce(value)
             self.loss = float(value.reshape(-1)[0])
             if self.check_finite and not math.isfinite(self.loss):
                 raise NonFiniteLossError(f"the loss is not finite ({self.loss}); no Hessian statistics can be computed")
-            grads = torch.autograd.grad(total, self.params, create_graph=True, allow_unused=True)
         # Gradients that do not depend on any parameter (loss linear in that parameter, or unused)
         # contribute nothing to H v; keep only those with a graph.
         self._outputs = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self._grads: list[Tensor] | None = [grads[i] for i in self._outputs]
-        if all(g is None for g in grads):
-            raise ValueError("the loss does not depend on any of the selected parameters")
+
+    def _fail(self, template: Tensor, error: Exception) -> Tensor:
+        """A local failure: raise it, or tell a ``fail``-aware hook (or defer it to the caller's reduce)."""
+        if self._deferred is not None:
+            self._deferred.append(error)
+            return torch.zeros_like(template)
+        fail = getattr(self.reduce, "fail", None)
+        if fail is None:
+            raise error
+        fail(template, error)
+        raise error  # a hook's fail() raises; this is for one that returns
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -499,9 +521,8 @@ class HessianOperator:
         if v.ndim != 1 or v.shape[0] != self.dim:
             raise ValueError(f"expected a vector of length {self.dim}, got shape {tuple(v.shape)}")
         v = v.to(device=self._device)
-        hv = self._raw_products(self._scatter(v))
         self.num_matvecs += 1
-        return self._finish(self.flatten(hv).to(self._dtype))
+        return self._finish(self._local(lambda: self.flatten(self._raw_products(self._scatter(v))), (self.dim,)))
 
     __call__ = matvec
 
@@ -515,9 +536,20 @@ class HessianOperator:
         if v.ndim != 2 or v.shape[1] != self.dim:
             raise ValueError(f"expected shape (k, {self.dim}), got {tuple(v.shape)}")
         v = v.to(device=self._device)
-        rows = torch.stack([self.flatten(self._raw_products(self._scatter(r))) for r in v])
         self.num_matvecs += int(v.shape[0])
-        return self._finish(rows.to(self._dtype))
+        return self._finish(
+            self._local(lambda: torch.stack([self.flatten(self._raw_products(self._scatter(r))) for r in v]), tuple(v.shape))
+        )
+
+    def _local(self, products: Callable[[], Tensor], shape: tuple[int, ...]) -> Tensor:
+        """This process's products in the operator's dtype; a failure goes to :meth:`_fail`."""
+        template = torch.zeros(shape, dtype=self._dtype, device=self._device)
+        if self._deferred:  # an earlier product of this local run failed: the caller's reduce reports it
+            return template
+        try:
+            return products().to(self._dtype)
+        except Exception as err:
+            return self._fail(template, err)
 
     @contextlib.contextmanager
     def local_products(self) -> Iterator[Callable[[Tensor], Tensor] | None]:
@@ -525,13 +557,25 @@ class HessianOperator:
 
         Yields the ``reduce`` hook (or ``None``): the caller reduces its own result once and checks
         it for finiteness after that, so every rank raises together. Used by :func:`dense_hessian`.
+        With a ``fail``-aware hook, a product that raises here returns zeros (later ones are not
+        computed) and the yielded hook reports the failure at the caller's reduce.
         """
         reduce, check = self.reduce, self.check_finite
+        fail = getattr(reduce, "fail", None)
+        deferred: list[Exception] = []
+
+        def reduce_once(tensor: Tensor) -> Tensor:
+            if deferred and fail is not None:  # a product failed here: join the others' reduce, flagged
+                fail(tensor, deferred[0])
+            assert reduce is not None
+            return reduce(tensor)
+
         self.reduce, self.check_finite = None, False
+        self._deferred = deferred if fail is not None else None
         try:
-            yield reduce
+            yield None if reduce is None else reduce_once
         finally:
-            self.reduce, self.check_finite = reduce, check
+            self.reduce, self.check_finite, self._deferred = reduce, check, None
 
     def block(self, names: Sequence[str]) -> BlockOperator:
         """The diagonal block ``H[B, B]`` for the selected entries of the named parameters.

@@ -4,7 +4,7 @@
 # fresh virtual environment under .venv-lowest/, then the package is installed and pytest runs.
 #
 #   .ci/lowest.sh               # lowest lightning/lightning-utilities, the torch already installed here
-#   LOWEST_TORCH=1 .ci/lowest.sh  # also the lowest torch, the CPU build from download.pytorch.org
+#   LOWEST_TORCH=1 .ci/lowest.sh  # also the lowest torch (LOWEST_TORCH_INDEX picks the index)
 #
 # Not part of .ci/run: it installs packages (a minute or two) and runs the whole suite again.
 # Extra arguments go to pytest, e.g. `.ci/lowest.sh -x -q tests/test_gradient_mask.py`.
@@ -26,6 +26,7 @@ for dep in deps:
     if not match:
         raise SystemExit(f"lowest.sh: cannot read a floor from {dep!r} (expected 'name>=version')")
     floors[match.group(1).lower()] = match.group(2)
+floors.pop("typing-extensions", None)  # its floor is torch's own (torch 2.13 needs a newer one)
 floors["pytorch-lightning"] = floors["lightning"]  # the second namespace, tested at the same floor
 print(" ".join(f"{name}=={version}" for name, version in floors.items()))
 PY
@@ -34,7 +35,9 @@ torch_pin=$(tr ' ' '\n' <<<"$pins" | grep '^torch==')
 others=$(tr ' ' '\n' <<<"$pins" | grep -v '^torch==' | tr '\n' ' ')
 
 if [[ "${LOWEST_TORCH:-0}" == 1 ]]; then
-    "$py" -m pip install --quiet "$torch_pin" --index-url https://download.pytorch.org/whl/cpu
+    # from pip's configured index: on PyPI that is the (large) CUDA build, which runs on CPU too;
+    # LOWEST_TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU-only build instead
+    "$py" -m pip install --quiet "$torch_pin" ${LOWEST_TORCH_INDEX:+--index-url "$LOWEST_TORCH_INDEX"}
 fi
 # shellcheck disable=SC2086
 "$py" -m pip install --quiet $others

@@ -253,7 +253,7 @@ def _unfused_adam_on_frozen_cpu_entries(
     }
     found: set[int] = set()
     for optimizer in optimizers:
-        if not isinstance(optimizer, torch.optim.Adam):
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # AdamW is no Adam subclass on older torch (2.6)
             continue
         for group in optimizer.param_groups:
             zero_gradient = group.get("decoupled_weight_decay", False) or not group.get("weight_decay", 0)

@@ -191,3 +191,17 @@ def test_ddp_with_accumulation_matches_the_dense_mask(tmp_path):
     for name in final:
         assert torch.equal(compact[1]["final"][name], final[name]), name
         assert torch.equal(dense[0]["final"][name], final[name]), name
+
+
+def test_write_back_is_bit_exact_for_special_values_and_non_contiguous_parameters():
+    for weight in (torch.randn(5, 4), torch.randn(4, 5).T):  # contiguous, and a transposed view
+        param = torch.nn.Parameter(weight)
+        mask = torch.zeros(5, 4, dtype=torch.bool)
+        mask[::2] = True
+        entries = CompactEntries({"w": (param, mask)})
+        before = param.detach().clone()
+        values = torch.tensor([-0.0, float("nan"), float("inf"), -float("inf"), 1e-45] + [2.0] * 7)
+        entries.compact("w").data.copy_(values)
+        entries.scatter_()
+        assert torch.equal(param.detach()[mask].view(torch.int32), values.view(torch.int32))
+        assert torch.equal(param.detach()[~mask], before[~mask])

@@ -44,7 +44,7 @@ class Probe(Callback):
         self.after_backward, self.before_step = [], []
 
     def _largest(self, pl_module):
-        bias = pl_module.net[2].bias.grad  # frozen whole: None from the second batch on, as after requires_grad_(False)
+        bias = pl_module.net[2].bias.grad  # frozen whole: None after backward, as after requires_grad_(False)
         return max(pl_module.net[0].weight.grad[~EDGES].abs().max().item(), 0.0 if bias is None else bias.abs().max().item())
 
     def on_after_backward(self, trainer, pl_module):

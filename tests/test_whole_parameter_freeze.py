@@ -37,10 +37,12 @@ class Watch(TinyRegressor):
 def test_requires_grad_is_off_only_inside_the_training_step_and_values_stay_exact(compact):
     model = Watch(optimizer=lambda p: torch.optim.AdamW(p, lr=0.05))
     initial = snapshot(model)
-    trainer(callbacks=[GradientMask(SPEC, compact=compact)]).fit(model, loader())
+    fit = trainer(callbacks=[GradientMask(SPEC, compact=compact)])
+    fit.fit(model, loader())
+    assert model.net[2].bias not in fit.optimizers[0].state
     # the first batch runs as before (HessianMonitor's trial product happens then), later ones skip the work
     assert model.inside == [True] + [False] * 7
-    assert model.grad_none == [False] + [True] * 7  # no gradient from the second batch on
+    assert model.grad_none == [True] * 8  # the optimizer never steps it (nor holds state for it), as after a manual freeze
     assert len(model.outside) == 8 + 8 + 2 and all(model.outside)
     assert model.net[2].bias.requires_grad
     assert torch.equal(model.net[2].bias, initial["net.2.bias"])
@@ -86,3 +88,29 @@ def test_hessian_monitor_gives_the_same_statistics(monkeypatch):
     monkeypatch.setattr(gradient_mask, "_single_device", lambda trainer: False)  # as before: nothing switched off
     kept = run()
     assert switched.trace == kept.trace and torch.equal(switched.eigenvalues, kept.eigenvalues)
+
+
+class DecayEverything(torch.optim.Optimizer):
+    """Not one of torch's: it shrinks every parameter, with or without a gradient."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.mul_(0.9)
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+        return loss
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["dense", "compact"])
+def test_an_optimizer_that_writes_gradless_parameters_still_leaves_them_exact(compact):
+    model = TinyRegressor(optimizer=DecayEverything)
+    initial = snapshot(model)
+    trainer(callbacks=[GradientMask(SPEC, compact=compact)]).fit(model, loader())
+    assert torch.equal(model.net[2].bias, initial["net.2.bias"])
+    assert not torch.equal(model.net[2].weight, initial["net.2.weight"])

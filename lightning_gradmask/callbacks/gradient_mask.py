@@ -200,6 +200,8 @@ class GradientMask(Callback):
         if not self._training:
             return
         self._switch_back_on()
+        for param in self._whole_frozen:
+            param.grad = None  # (the first batch, or a later backward in a manual step) no optimizer state for them
         measure = self._measure
         # the constraints' combined masks: one copy of the mask tensors, shared with the exact restore
         removed = parameter_constraints(pl_module).frozen.mask_gradients_(measure=measure)

@@ -159,7 +159,10 @@ class ParameterConstraints:
         ids = self._stepped_ids(optimizer)
         for _, fn in sorted(self._post_step.values(), key=lambda item: item[0]):
             fn(optimizer, ids)
-        self.frozen.restore_(ids)
+        # torch's own optimizers never write a parameter without a gradient (one frozen whole, requires_grad
+        # off in the step): with no post-step work, its copy-back can be left out
+        untouched = not self._post_step and type(optimizer).__module__.startswith("torch.optim")
+        self.frozen.restore_(ids, skip_gradless_whole=untouched)
 
     def _stepped_ids(self, optimizer: torch.optim.Optimizer) -> set[int]:
         """Ids of ``optimizer``'s parameters, rebuilt only when its parameter groups change

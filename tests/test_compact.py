@@ -205,3 +205,21 @@ def test_write_back_is_bit_exact_for_special_values_and_non_contiguous_parameter
         entries.scatter_()
         assert torch.equal(param.detach()[mask].view(torch.int32), values.view(torch.int32))
         assert torch.equal(param.detach()[~mask], before[~mask])
+
+
+class HeadFirst(TinyRegressor):
+    """Trains only net.2 at first; net.0 joins the optimizer at the second epoch (as BackboneFinetuning does)."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.net[2].parameters(), lr=0.05)
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            self.optimizers().optimizer.add_param_group({"params": list(self.net[0].parameters())})
+
+
+def test_a_masked_parameter_added_to_the_optimizer_later_stays_exact():
+    model = HeadFirst()
+    initial = snapshot(model)
+    trainer(callbacks=[GradientMask(SPEC, compact=True)]).fit(model, loader())
+    assert_frozen(model, initial)  # net.0.weight: the dense mechanism keeps its frozen entries

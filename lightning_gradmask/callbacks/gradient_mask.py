@@ -44,8 +44,26 @@ class GradientMask(Callback):
     optimizer step. The model is never reparametrized; the masks live in this callback's
     ``state_dict`` (so ``checkpoint["callbacks"]``).
 
+    With ``compact=True`` (sparse fine-tuning) the optimizer holds only the trainable entries: each
+    partly trainable parameter is replaced in the user's optimizer ``param_groups``, for the run, by a
+    1-D tensor of its trainable entries; the trainable part of the gradient is gathered into it
+    during backward (the dense ``.grad`` is freed: ``None`` in later hooks), its values are written
+    back into the parameter after every step, and the frozen entries are never written. The
+    optimizer's state holds as many entries as there are trainable ones (also in checkpoints); at
+    the end of ``fit`` (or on an exception) the parameters go back into the optimizer with their
+    state re-expanded (zeros at frozen entries). Not supported with ``compact=True`` (a
+    ``GradmaskConfigError`` before the first step): ``GradientNoise``/``WeightNoise`` in the same
+    Trainer, ``MaskedL1Mixin``'s proximal step, another mask owner (``SensitiveColumnBlinding``) on
+    the same parameter, ``LBFGS``, a masked parameter in two optimizers.
+
+    A parameter frozen whole (spec ``False``) costs what ``requires_grad_(False)`` by hand costs, on a
+    single device: its ``requires_grad`` is switched off inside each training step's forward and
+    backward (from the second batch; back on after the backward, at the end of ``fit`` and on an
+    exception), its ``.grad`` stays ``None``, so autograd and the optimizer skip it.
+
     Args:
         trainable: the mask spec, or a mask file path.
+        compact: hold only the trainable entries in the optimizer (see above).
         log_stats: log ``gradient_mask/frozen_fraction`` (frozen share of the named parameters'
             entries) and ``gradient_mask/removed_grad_norm`` (L2 norm of the frozen entries'
             gradient removed at the last backward, unscaled; with ``SensitiveColumnBlinding`` in
@@ -73,6 +91,11 @@ class GradientMask(Callback):
                   net.2.weight: [[0, 0], [1, 0]]
                   "re:net\\.0\\..*": false
             # or: trainable: masks.safetensors
+
+    Sparse fine-tuning::
+
+        mask = GradientMask({"re:encoder\\..*\\.weight": lambda name, p: torch.rand(p.shape) < 0.01},
+                            compact=True)
 
     Raises (at ``setup``, before any step, model untouched):
         MaskSpecError: unknown names, regexes matching nothing, shape mismatches, values other
@@ -144,10 +167,11 @@ class GradientMask(Callback):
         frozen = sum(m.numel() - int(m.sum()) for m in masks.values())  # no temporary mask
         total = sum(m.numel() for m in masks.values())
         self._frozen_fraction = frozen / total if total else 0.0
-        partial = {name for name, mask in masks.items() if mask.any() and not mask.all()}
         if self.compact:
             _refuse_unsupported_companions(trainer)
-        parameter_constraints(pl_module).set_masks(self, masks, held_elsewhere=partial if self.compact else None)
+        # compact mode: the parameters it holds are known once the optimizers exist (on_train_start); until
+        # then, and for any masked parameter no optimizer holds at the start, the dense mechanism applies
+        parameter_constraints(pl_module).set_masks(self, masks)
         warn_if_averaged_inexactly(trainer, "GradientMask")
 
     @override
@@ -264,6 +288,7 @@ class GradientMask(Callback):
         except ValueError as err:
             raise GradmaskConfigError(f"GradientMask(compact=True): {err}") from err
         self._compact = compact
+        constraints.set_masks(self, self.masks, held_elsewhere=set(compact.names))
         self._gather_in_hooks = _single_device(trainer)
         if self._gather_in_hooks:  # free each dense gradient as soon as autograd has accumulated it
             for name in compact.names:

@@ -223,3 +223,17 @@ def test_a_masked_parameter_added_to_the_optimizer_later_stays_exact():
     initial = snapshot(model)
     trainer(callbacks=[GradientMask(SPEC, compact=True)]).fit(model, loader())
     assert_frozen(model, initial)  # net.0.weight: the dense mechanism keeps its frozen entries
+
+
+def test_hessian_monitor_sees_the_same_masks_as_in_the_dense_mode():
+    from lightning_gradmask import HessianMonitor
+
+    def loss(module, batch):
+        return torch.nn.functional.mse_loss(module(batch[0]), batch[1])
+
+    results = []
+    for compact in (False, True):
+        monitor = HessianMonitor(loss, stats=("trace", "eigenvalues"), max_overhead=None)
+        trainer(callbacks=[GradientMask(SPEC, compact=compact), monitor], max_epochs=1).fit(TinyRegressor(), loader())
+        results.append(monitor.latest)
+    assert results[0].trace == results[1].trace and torch.equal(results[0].eigenvalues, results[1].eigenvalues)

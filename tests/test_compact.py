@@ -237,3 +237,38 @@ def test_hessian_monitor_sees_the_same_masks_as_in_the_dense_mode():
         trainer(callbacks=[GradientMask(SPEC, compact=compact), monitor], max_epochs=1).fit(TinyRegressor(), loader())
         results.append(monitor.latest)
     assert results[0].trace == results[1].trace and torch.equal(results[0].eigenvalues, results[1].eigenvalues)
+
+
+def logged(tmp_path, compact, key):
+    from pathlib import Path
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name=f"compact{compact}")
+    trainer(callbacks=[GradientMask(SPEC, compact=compact)], logger=logger, log_every_n_steps=1).fit(
+        TinyRegressor(), loader()
+    )
+    header, *rows = (Path(logger.log_dir) / "metrics.csv").read_text().strip().splitlines()
+    column = header.split(",").index(key)
+    return [float(v) for v in (r.split(",")[column] for r in rows) if v]
+
+
+def test_removed_gradient_norm_is_logged_as_in_the_dense_mode(tmp_path):
+    dense = logged(tmp_path, False, "gradient_mask/removed_grad_norm")
+    compact = logged(tmp_path, True, "gradient_mask/removed_grad_norm")
+    assert len(compact) == 8 and all(v > 0 for v in compact)
+    assert compact == pytest.approx(dense, rel=1e-4)
+
+
+def test_a_dense_checkpoint_resumes_into_compact_mode_with_its_state_gathered(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = TinyRegressor(optimizer=OPTIMIZERS["adam-l2"])
+    trainer(callbacks=[GradientMask(SPEC), checkpoint], enable_checkpointing=True, max_epochs=2).fit(first, loader())
+    dense_whole = TinyRegressor(optimizer=OPTIMIZERS["adam-l2"], seed=7)
+    trainer(callbacks=[GradientMask(SPEC)], max_epochs=4).fit(dense_whole, loader(), ckpt_path=tmp_path / "last.ckpt")
+    compact_resumed = TinyRegressor(optimizer=OPTIMIZERS["adam-l2"], seed=7)
+    trainer(callbacks=[GradientMask(SPEC, compact=True)], max_epochs=4).fit(
+        compact_resumed, loader(), ckpt_path=tmp_path / "last.ckpt"
+    )
+    for key, value in snapshot(dense_whole).items():
+        assert torch.equal(value, snapshot(compact_resumed)[key]), key

@@ -67,7 +67,8 @@ class GradientMask(Callback):
         log_stats: log ``gradient_mask/frozen_fraction`` (frozen share of the named parameters'
             entries) and ``gradient_mask/removed_grad_norm`` (L2 norm of the frozen entries'
             gradient removed at the last backward, unscaled; with ``SensitiveColumnBlinding`` in
-            the same Trainer its blinded entries count too) on the Trainer's logging steps.
+            the same Trainer its blinded entries count too; parameters frozen whole get no gradient on
+            a single device, so they add nothing) on the Trainer's logging steps.
 
     Example::
 

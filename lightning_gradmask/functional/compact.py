@@ -56,12 +56,16 @@ __all__ = ["CompactEntries"]
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
+#: Entries per slice of the write-back: its one transient buffer stays small (1 MiB for float32).
+_SCATTER_SLICE = 1 << 18
+
 
 @dataclass
 class _Compact:
     param: torch.Tensor
     indices: torch.Tensor  # flat (row-major) positions of the trainable entries, int32 (int64 if huge), param's device
     tensor: nn.Parameter  # the trainable values, 1-D, what the optimizer steps
+    grad_buffer: torch.Tensor | None = None  # reused as tensor.grad step after step (zero_grad drops it)
 
 
 class CompactEntries:
@@ -171,12 +175,18 @@ class CompactEntries:
             return
         if grad.layout != torch.strided:
             grad = grad.to_dense()
-        part = grad.reshape(-1).index_select(0, entry.indices).to(entry.tensor.dtype)
+        flat = grad.reshape(-1)
         compact = entry.tensor
-        if compact.grad is None:
-            compact.grad = part
+        if compact.grad is not None:
+            compact.grad.add_(flat.index_select(0, entry.indices).to(compact.dtype))
+        elif flat.dtype == compact.dtype:
+            # the same buffer every step: a fresh one of this size each step fragments the CPU allocator
+            buffer = entry.grad_buffer
+            if buffer is None or buffer.device != flat.device:
+                buffer = entry.grad_buffer = torch.empty_like(compact)
+            compact.grad = torch.index_select(flat, 0, entry.indices, out=buffer)
         else:
-            compact.grad.add_(part)
+            compact.grad = flat.index_select(0, entry.indices).to(compact.dtype)
         param.grad = None
 
     def gather_grads_(self) -> None:
@@ -221,8 +231,10 @@ class CompactEntries:
                 # exactly (integer arithmetic wraps), inf/NaN/-0.0 included
                 bits = data.view(-1).view(_INT_OF_SIZE[data.element_size()])
                 new = values.view(bits.dtype)
-                delta = bits.index_select(0, entry.indices)
-                bits.index_add_(0, entry.indices, torch.sub(new, delta, out=delta))
+                for start in range(0, entry.indices.numel(), _SCATTER_SLICE):  # small transients only
+                    where = entry.indices[start : start + _SCATTER_SLICE]
+                    delta = bits.index_select(0, where)
+                    bits.index_add_(0, where, torch.sub(new[start : start + _SCATTER_SLICE], delta, out=delta))
 
     # ------------------------------------------------------------------ state conversion
     @staticmethod

@@ -412,8 +412,11 @@ def _unfused_adam_on_frozen_cpu_entries(
 
 def _refuse_unsupported_companions(trainer: pl.Trainer) -> None:
     """Noise callbacks work on the dense gradients and weights that compact masking takes away."""
+    from lightning_gradmask.callbacks.gradient_noise import GradientNoise
+    from lightning_gradmask.callbacks.weight_noise import WeightNoise
+
     for callback in trainer_callbacks(trainer):
-        if type(callback).__name__ in ("GradientNoise", "WeightNoise"):
+        if isinstance(callback, (GradientNoise, WeightNoise)):
             raise GradmaskConfigError(
                 f"GradientMask(compact=True) does not support {type(callback).__name__} in the same Trainer "
                 "yet; use compact=False"

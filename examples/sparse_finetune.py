@@ -5,7 +5,8 @@ whatever its seeded initialisation gives, and a synthetic task (is token 7 in th
 training 1% of the entries of every encoder weight matrix plus the classification head, with
 ``GradientMask(compact=True)``: the optimizer steps compact tensors of the trainable entries only. The
 script prints the optimizer's state and gradient sizes against plain AdamW on the whole model, the peak
-RSS, the accuracy before and after, and checks every frozen entry bit for bit::
+RSS, the accuracy before and after (the sparse runs take a larger learning rate, as sparse fine-tuning
+usually does), and checks every frozen entry bit for bit::
 
     python examples/sparse_finetune.py
     python examples/sparse_finetune.py --density 0.05 --epochs 6 --dense   # also the dense mask, side by side
@@ -34,8 +35,9 @@ VOCAB, LENGTH, SIGNAL = 200, 16, 7
 class Classifier(L.LightningModule):
     """``model``: a 2-layer BERT (hidden 64) with a 2-class head, from ``BertConfig``; AdamW."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, lr: float, seed: int = 0) -> None:
         super().__init__()
+        self.lr = lr
         from transformers import BertConfig, BertForSequenceClassification
 
         torch.manual_seed(seed)
@@ -50,7 +52,7 @@ class Classifier(L.LightningModule):
         return self.model(input_ids=ids, labels=labels).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
     @torch.no_grad()
     def accuracy(self, data: TensorDataset) -> float:
@@ -96,7 +98,7 @@ class Sizes(Callback):
 
 
 def run(spec_density: float | None, compact: bool, args: argparse.Namespace) -> tuple[Classifier, dict[str, Any]]:
-    model = Classifier()
+    model = Classifier(lr=args.lr if spec_density is None else args.sparse_lr)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     train = task(512, seed=2)
     callbacks: list[Callback] = [sizes := Sizes()]
@@ -128,20 +130,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--density", type=float, default=0.01, help="trainable share of each encoder weight")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--dense", action="store_true", help="also run the dense mask (compact=False)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate when everything trains")
+    parser.add_argument("--sparse-lr", type=float, default=3e-2, help="AdamW learning rate for the sparse runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
 
     model, plain = run(None, False, args)
     total = sum(p.numel() for p in model.parameters())
-    runs = [("plain AdamW, everything trains", plain)]
+    runs = [(f"plain AdamW (lr {args.lr:g}), everything trains", plain)]
     if args.dense:
-        runs.append((f"GradientMask, dense, {args.density:.0%}", run(args.density, False, args)[1]))
-    runs.append((f"GradientMask(compact=True), {args.density:.0%}", run(args.density, True, args)[1]))
+        runs.append((f"GradientMask, dense, {args.density:.0%} (lr {args.sparse_lr:g})", run(args.density, False, args)[1]))
+    runs.append((f"GradientMask(compact=True), {args.density:.0%} (lr {args.sparse_lr:g})", run(args.density, True, args)[1]))
     print(f"tiny BERT classifier: {total:,} parameters; task: is token {SIGNAL} in the sequence")
-    print(f"{'run':38s} {'accuracy before -> after':>25s} {'optimizer state':>16s} {'peak RSS':>10s}")
+    print(f"{'run':50s} {'accuracy before -> after':>25s} {'optimizer state':>16s} {'peak RSS':>10s}")
     for label, result in runs:
-        print(f"{label:38s} {result['before']:14.3f} -> {result['after']:.3f} {result['state'] / 1024:12.1f} KiB "
+        print(f"{label:50s} {result['before']:14.3f} -> {result['after']:.3f} {result['state'] / 1024:12.1f} KiB "
               f"{result['peak']:7.0f} MiB")
     compact = runs[-1][1]
     print(f"trainable entries: {compact['trainable']:,} of {total:,} ({compact['trainable'] / total:.2%}); "

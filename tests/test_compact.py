@@ -272,3 +272,19 @@ def test_a_dense_checkpoint_resumes_into_compact_mode_with_its_state_gathered(tm
     )
     for key, value in snapshot(dense_whole).items():
         assert torch.equal(value, snapshot(compact_resumed)[key]), key
+
+
+def test_a_compact_checkpoint_resumes_densely_with_its_state_expanded(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = TinyRegressor(optimizer=OPTIMIZERS["adam-l2"])
+    trainer(
+        callbacks=[GradientMask(SPEC, compact=True), checkpoint], enable_checkpointing=True, max_epochs=2
+    ).fit(first, loader())
+    compact_whole = TinyRegressor(optimizer=OPTIMIZERS["adam-l2"], seed=7)
+    trainer(callbacks=[GradientMask(SPEC, compact=True)], max_epochs=4).fit(
+        compact_whole, loader(), ckpt_path=tmp_path / "last.ckpt"
+    )
+    dense_resumed = TinyRegressor(optimizer=OPTIMIZERS["adam-l2"], seed=7)
+    trainer(callbacks=[GradientMask(SPEC)], max_epochs=4).fit(dense_resumed, loader(), ckpt_path=tmp_path / "last.ckpt")
+    for key, value in snapshot(compact_whole).items():
+        assert torch.equal(value, snapshot(dense_resumed)[key]), key

@@ -16,7 +16,7 @@ from lightning_gradmask._distributed import assert_same_on_all_ranks, check_stra
 from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
 from lightning_gradmask._namespaces import Callback, lightning_classes, trainer_callbacks
 from lightning_gradmask.errors import GradmaskConfigError, MaskSpecError
-from lightning_gradmask.functional.compact import CompactEntries
+from lightning_gradmask.functional.compact import CompactEntries, expand_compact_state_
 from lightning_gradmask.functional.constraints import parameter_constraints
 from lightning_gradmask.functional.masks import resolve_masks
 
@@ -177,12 +177,15 @@ class GradientMask(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = dict(pl_module.named_parameters(remove_duplicate=False))
+        partial = {n: (params[n], m) for n, m in self.masks.items() if m.any() and not m.all()}
         if self.compact:
             self._start_compact(trainer, pl_module)
+        else:  # a checkpoint of a compact run resumed densely: its state covers the trainable entries only
+            expand_compact_state_(trainer.optimizers, partial)
         parameter_constraints(pl_module).attach(trainer.optimizers)
         self._training = True
         self._batches_started = 0
-        params = dict(pl_module.named_parameters(remove_duplicate=False))
         self._whole_frozen = (
             [params[name] for name, mask in self.masks.items() if not mask.any() and params[name].requires_grad]
             if _single_device(trainer)

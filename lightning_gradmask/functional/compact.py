@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CompactEntries"]
+__all__ = ["CompactEntries", "expand_compact_state_"]
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -250,3 +250,43 @@ class CompactEntries:
             dense.index_copy_(0, entry.indices.to(device=value.device, dtype=torch.int64), value)
             return dense.reshape(entry.param.shape)
         return value
+
+
+@torch.no_grad()
+def expand_compact_state_(
+    optimizers: Iterable[torch.optim.Optimizer], masks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> list[str]:
+    """Re-expand optimizer state saved by a compact run for parameters now stepped densely.
+
+    A checkpoint of a ``GradientMask(compact=True)`` run holds, for a masked parameter, state tensors
+    of its trainable entries only; loaded into an optimizer that steps the parameter itself, they do
+    not fit it. Each 1-D state tensor with as many entries as ``trainable`` has ``True`` ones (and not
+    of the parameter's shape) is scattered into zeros of the parameter's shape.
+
+    Args:
+        masks: ``{name: (parameter, trainable bool mask)}``.
+
+    Returns:
+        The names whose state was expanded.
+    """
+    expanded: list[str] = []
+    for name, (param, trainable) in masks.items():
+        count = int(trainable.sum())
+        for optimizer in optimizers:
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            changed = False
+            for key, value in state.items():
+                if (
+                    isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == count
+                    and tuple(value.shape) != tuple(param.shape)
+                ):
+                    positions = trainable.reshape(-1).nonzero().squeeze(1).to(value.device)
+                    dense = value.new_zeros(param.numel())
+                    dense.index_copy_(0, positions, value)
+                    state[key] = dense.reshape(param.shape)
+                    changed = True
+            if changed:
+                expanded.append(name)
+    return expanded

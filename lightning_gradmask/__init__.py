@@ -29,7 +29,8 @@ Attach the callbacks to a ``lightning.Trainer``; mix :class:`MaskedL1Mixin` into
 
 * Without a Trainer (pure torch, :mod:`lightning_gradmask.functional`): :func:`select_parameters`
   (what an argument ``params`` selects), :func:`resolve_masks` (specs to masks, with every check),
-  :class:`FrozenEntries` (gradient masking and exact restore), :func:`verify_independence`, and
+  :class:`FrozenEntries` (gradient masking and exact restore), :class:`CompactEntries` (an optimizer
+  that holds only the trainable entries: what ``GradientMask(compact=True)`` runs), :func:`verify_independence`, and
   :mod:`lightning_gradmask.curvature` (Hessian-vector products, Lanczos, trace, diagonal, density on a
   bare ``nn.Module``).
 
@@ -52,6 +53,7 @@ from lightning_gradmask.errors import (
     UnsupportedStrategyError,
 )
 from lightning_gradmask.functional.blinding import IndependenceReport, verify_independence
+from lightning_gradmask.functional.compact import CompactEntries
 from lightning_gradmask.functional.frozen import FrozenEntries
 from lightning_gradmask.functional.masks import resolve_masks
 from lightning_gradmask.functional.selection import select_parameters
@@ -61,6 +63,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ColumnSpecError",
+    "CompactEntries",
     "FrozenEntries",
     "GradientMask",
     "GradientNoise",

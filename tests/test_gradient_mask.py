@@ -44,7 +44,8 @@ class Probe(Callback):
         self.after_backward, self.before_step = [], []
 
     def _largest(self, pl_module):
-        return max(pl_module.net[0].weight.grad[~EDGES].abs().max().item(), pl_module.net[2].bias.grad.abs().max().item())
+        bias = pl_module.net[2].bias.grad  # frozen whole: None after backward, as after requires_grad_(False)
+        return max(pl_module.net[0].weight.grad[~EDGES].abs().max().item(), 0.0 if bias is None else bias.abs().max().item())
 
     def on_after_backward(self, trainer, pl_module):
         self.after_backward.append(self._largest(pl_module))
@@ -340,12 +341,13 @@ class RawGradients(Callback):
         self.raw, self.stepped = [], []
 
     def on_after_backward(self, trainer, pl_module):
-        self.raw.append(pl_module.emb.weight.grad.to_dense().clone())
+        grad = pl_module.emb.weight.grad  # None once a parameter frozen whole skips autograd
+        self.raw.append(None if grad is None else grad.to_dense().clone())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grad = pl_module.emb.weight.grad
-        assert grad.layout == torch.sparse_coo  # still sparse for the optimizer
-        self.stepped.append(grad.to_dense().clone())
+        assert grad is None or grad.layout == torch.sparse_coo  # still sparse for the optimizer
+        self.stepped.append(None if grad is None else grad.to_dense().clone())
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["no-logging", "logging"])
@@ -368,6 +370,9 @@ def test_sparse_embedding_gradients_keep_frozen_entries_exact(tmp_path, fully_fr
         seen[:8] = True
         assert (final["emb.weight"] != initial["emb.weight"])[trainable & seen].all()
     assert not torch.equal(final["net.weight"], initial["net.weight"])
+    if fully_frozen:  # frozen whole: like requires_grad_(False), the optimizer never gets a gradient
+        assert all(stepped is None for stepped in probe.stepped) and len(probe.stepped) == 8
+        probe.raw, probe.stepped = [], []
     for raw, stepped in zip(probe.raw, probe.stepped, strict=True):
         assert torch.equal(stepped[frozen], torch.zeros(int(frozen.sum())))
         # duplicate indices summed once (coalescing may sum them in another order than to_dense)
@@ -377,7 +382,7 @@ def test_sparse_embedding_gradients_keep_frozen_entries_exact(tmp_path, fully_fr
         header, *rows = text.strip().splitlines()
         column = header.split(",").index("gradient_mask/removed_grad_norm")
         logged = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
-        expected = [float(raw[frozen].norm()) for raw in probe.raw]
+        expected = [0.0] * 8 if fully_frozen else [float(raw[frozen].norm()) for raw in probe.raw]
         assert logged == pytest.approx(expected, rel=1e-5) and len(logged) == 8
 
 
@@ -420,10 +425,11 @@ class WritesGradients(TinyRegressor):
 
     def on_after_backward(self) -> None:
         for param in self.parameters():
-            param.grad.add_(1.0)
+            if param.grad is not None:  # a parameter frozen whole has none
+                param.grad.add_(1.0)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        self.clipped.append({n: p.grad.clone() for n, p in self.named_parameters()})
+        self.clipped.append({n: None if p.grad is None else p.grad.clone() for n, p in self.named_parameters()})
 
 
 def test_gradients_written_by_the_module_on_after_backward_are_masked_before_clipping():
@@ -433,6 +439,6 @@ def test_gradients_written_by_the_module_on_after_backward_are_masked_before_cli
     assert len(model.clipped) == 8
     for grads in model.clipped:
         assert torch.equal(grads["net.0.weight"][~EDGES], torch.zeros(int((~EDGES).sum())))
-        assert torch.equal(grads["net.2.bias"], torch.zeros(1))
+        assert grads["net.2.bias"] is None  # frozen whole: no gradient, as with requires_grad_(False)
         assert (grads["net.0.weight"][EDGES] != 0).all()
     assert_frozen(model, initial)

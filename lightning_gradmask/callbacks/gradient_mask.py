@@ -14,8 +14,9 @@ from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
 from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
-from lightning_gradmask._namespaces import Callback, module_overrides, trainer_callbacks
-from lightning_gradmask.errors import MaskSpecError
+from lightning_gradmask._namespaces import Callback, lightning_classes, module_overrides, trainer_callbacks
+from lightning_gradmask.errors import GradmaskConfigError, MaskSpecError
+from lightning_gradmask.functional.compact import CompactEntries, expand_compact_state_
 from lightning_gradmask.functional.constraints import parameter_constraints
 from lightning_gradmask.functional.masks import resolve_masks
 
@@ -43,12 +44,31 @@ class GradientMask(Callback):
     optimizer step. The model is never reparametrized; the masks live in this callback's
     ``state_dict`` (so ``checkpoint["callbacks"]``).
 
+    With ``compact=True`` (sparse fine-tuning) the optimizer holds only the trainable entries: each
+    partly trainable parameter is replaced in the user's optimizer ``param_groups``, for the run, by a
+    1-D tensor of its trainable entries; the trainable part of the gradient is gathered into it
+    during backward (the dense ``.grad`` is freed: ``None`` in later hooks), its values are written
+    back into the parameter after every step, and the frozen entries are never written. The
+    optimizer's state holds as many entries as there are trainable ones (also in checkpoints); at
+    the end of ``fit`` (or on an exception) the parameters go back into the optimizer with their
+    state re-expanded (zeros at frozen entries). Not supported with ``compact=True`` (a
+    ``GradmaskConfigError`` before the first step): ``GradientNoise``/``WeightNoise`` in the same
+    Trainer, ``MaskedL1Mixin``'s proximal step, another mask owner (``SensitiveColumnBlinding``) on
+    the same parameter, ``LBFGS``, a masked parameter in two optimizers.
+
+    A parameter frozen whole (spec ``False``) costs what ``requires_grad_(False)`` by hand costs, on a
+    single device: its ``requires_grad`` is switched off inside each training step's forward and
+    backward (from the second batch; back on after the backward, at the end of ``fit`` and on an
+    exception), its ``.grad`` stays ``None``, so autograd and the optimizer skip it.
+
     Args:
         trainable: the mask spec, or a mask file path.
+        compact: hold only the trainable entries in the optimizer (see above).
         log_stats: log ``gradient_mask/frozen_fraction`` (frozen share of the named parameters'
             entries) and ``gradient_mask/removed_grad_norm`` (L2 norm of the frozen entries'
             gradient removed at the last backward, unscaled; with ``SensitiveColumnBlinding`` in
-            the same Trainer its blinded entries count too) on the Trainer's logging steps.
+            the same Trainer its blinded entries count too; parameters frozen whole get no gradient on
+            a single device, so they add nothing) on the Trainer's logging steps.
 
     Example::
 
@@ -73,6 +93,11 @@ class GradientMask(Callback):
                   "re:net\\.0\\..*": false
             # or: trainable: masks.safetensors
 
+    Sparse fine-tuning::
+
+        mask = GradientMask({"re:encoder\\..*\\.weight": lambda name, p: torch.rand(p.shape) < 0.01},
+                            compact=True)
+
     Raises (when ``fit`` starts, before any step, model untouched):
         MaskSpecError: unknown names, regexes matching nothing, shape mismatches, values other
             than 0/1, coordinates out of range, keys claiming the same parameter, bad files
@@ -85,7 +110,9 @@ class GradientMask(Callback):
             more frozen CPU entries; ``fused=True`` is much faster there, results are exact either way.
     """
 
-    def __init__(self, trainable: Union[Mapping[str, Any], str, os.PathLike], *, log_stats: bool = True) -> None:
+    def __init__(
+        self, trainable: Union[Mapping[str, Any], str, os.PathLike], *, compact: bool = False, log_stats: bool = True
+    ) -> None:
         if not isinstance(trainable, (Mapping, str, os.PathLike)):
             raise MaskSpecError(
                 "GradientMask(trainable=...) must be a mapping from parameter names (or 're:' patterns) "
@@ -95,9 +122,20 @@ class GradientMask(Callback):
             bad = [key for key in trainable if not isinstance(key, str)]
             if bad:
                 raise MaskSpecError(f"GradientMask(trainable=...) keys must be strings; got {bad[0]!r}")
+        if not isinstance(compact, bool):
+            raise GradmaskConfigError(f"GradientMask(compact=...) must be True or False; got {compact!r}")
         self.trainable = trainable
+        self.compact = compact
         self.log_stats = log_stats
         self._masks: dict[str, torch.Tensor] | None = None
+        self._compact: CompactEntries | None = None
+        self._hook_handles: list[Any] = []
+        self._gather_in_hooks = False
+        self._removed_sq: torch.Tensor | None = None
+        self._measure = False
+        self._whole_frozen: list[torch.Tensor] = []  # parameters frozen whole: requires_grad off in forward/backward
+        self._switched_off: list[torch.Tensor] = []
+        self._batches_started = 0
         self._loaded_masks: dict[str, torch.Tensor] | None = None
         self._training = False
         self._remask_before_step = False
@@ -139,17 +177,34 @@ class GradientMask(Callback):
         frozen = sum(m.numel() - int(m.sum()) for m in masks.values())  # no temporary mask
         total = sum(m.numel() for m in masks.values())
         self._frozen_fraction = frozen / total if total else 0.0
+        if self.compact:
+            _refuse_unsupported_companions(trainer)
+        # compact mode: the parameters it holds are known once the optimizers exist (on_train_start); until
+        # then, and for any masked parameter no optimizer holds at the start, the dense mechanism applies
         parameter_constraints(pl_module).set_masks(self, masks)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = dict(pl_module.named_parameters(remove_duplicate=False))
+        partial = {n: (params[n], m) for n, m in self.masks.items() if m.any() and not m.all()}
+        if self.compact:
+            self._start_compact(trainer, pl_module)
+        else:  # a checkpoint of a compact run resumed densely: its state covers the trainable entries only
+            expand_compact_state_(trainer.optimizers, partial)
         parameter_constraints(pl_module).attach(trainer.optimizers)
         self._training = True
         # the module's own on_after_backward runs after every callback's: if it may write gradients,
         # mask them again before clipping and the optimizer see them
         self._remask_before_step = module_overrides(pl_module, "on_after_backward")
+        self._batches_started = 0
+        self._whole_frozen = (
+            [params[name] for name, mask in self.masks.items() if not mask.any() and params[name].requires_grad]
+            if _single_device(trainer)
+            else []  # DDP's reducer expects a gradient for every parameter that required one when it wrapped
+        )
         warn_if_pruned(trainer, pl_module, [n for n, mask in self.masks.items() if not mask.all()], "GradientMask")
-        slow = _unfused_adam_on_frozen_cpu_entries(trainer.optimizers, pl_module, self.masks)
+        dense = {n: m for n, m in self.masks.items() if self._compact is None or n not in self._compact.names}
+        slow = _unfused_adam_on_frozen_cpu_entries(trainer.optimizers, pl_module, dense)
         frozen = sum(slow.values())
         if frozen >= SPEED_HINT_MIN_FROZEN:
             rank_zero_warn(
@@ -162,13 +217,43 @@ class GradientMask(Callback):
             )
 
     @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._training:
+            return
+        self._measure = self.log_stats and _is_logging_step(trainer)
+        self._removed_sq = None
+        # Parameters frozen whole skip autograd and the optimizer as with requires_grad_(False) by hand, but
+        # only inside the training step: every other hook (HessianMonitor's first-batch trial included, hence
+        # not on the first batch) sees them as before. Their values stay exact by the restore either way.
+        self._batches_started += 1
+        if self._batches_started > 1 and not self._switched_off:
+            frozen = {id(p) for p in self._whole_frozen}
+            remaining = any(p.requires_grad for p in pl_module.parameters() if id(p) not in frozen)
+            if remaining:  # never leave the loss without a graph
+                self._switched_off = [p for p in self._whole_frozen if p.requires_grad]
+                for param in self._switched_off:
+                    param.requires_grad_(False)
+
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._training:
             return
-        measure = self.log_stats and _is_logging_step(trainer)
+        self._switch_back_on()
+        for param in self._whole_frozen:
+            param.grad = None  # (the first batch, or a later backward in a manual step) no optimizer state for them
+        measure = self._measure
         # the constraints' combined masks: one copy of the mask tensors, shared with the exact restore
         removed = parameter_constraints(pl_module).frozen.mask_gradients_(measure=measure)
-        if removed is not None:
+        if self._compact is not None and not self._gather_in_hooks:
+            if measure:
+                for name in self._compact.names:
+                    self._add_removed(pl_module.get_parameter(name))
+            if _gradients_synced(trainer):  # under DDP, gather once the accumulated gradient is all-reduced
+                self._compact.gather_grads_()
+        if measure and removed is not None:
+            if self._removed_sq is not None:
+                removed = (removed.double().square() + self._removed_sq.to(removed.device)).sqrt().float()
+            self._removed_sq = None
             scale = _loss_scale(trainer)
             pl_module.log("gradient_mask/removed_grad_norm", removed / scale, on_step=True, on_epoch=False)
             pl_module.log("gradient_mask/frozen_fraction", self._frozen_fraction, on_step=True, on_epoch=False)
@@ -179,6 +264,81 @@ class GradientMask(Callback):
     ) -> None:
         if self._training and self._remask_before_step:
             parameter_constraints(pl_module).frozen.mask_gradients_()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._switch_back_on()  # a training_step that skipped backward
+
+    def _switch_back_on(self) -> None:
+        for param in self._switched_off:
+            param.requires_grad_(True)
+        self._switched_off = []
+
+    # ------------------------------------------------------------------ compact mode
+    def _start_compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Swap compact tensors into the optimizers and hook the gradient gather and the write-back."""
+        constraints = parameter_constraints(pl_module)
+        if constraints.has_post_step:
+            raise GradmaskConfigError(
+                "GradientMask(compact=True) does not support a proximal step after the optimizer step "
+                "(MaskedL1Mixin with a proximal L1 term) yet; use compact=False"
+            )
+        for optimizer in trainer.optimizers:
+            if isinstance(optimizer, torch.optim.LBFGS):
+                raise GradmaskConfigError(
+                    "GradientMask(compact=True) does not support LBFGS: it re-evaluates the closure at "
+                    "changed parameters inside one step; use compact=False"
+                )
+        params = dict(pl_module.named_parameters(remove_duplicate=False))
+        optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        chosen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, mask in self.masks.items():
+            if not mask.any() or mask.all() or id(params[name]) not in optimized:
+                continue
+            others = [o for o in constraints.owners_of(name) if o is not self]
+            if others:
+                raise GradmaskConfigError(
+                    f"GradientMask(compact=True): parameter {name!r} is also constrained by "
+                    f"{type(others[0]).__name__}; compact masking needs it alone, use compact=False"
+                )
+            chosen[name] = (params[name], mask)
+        compact = CompactEntries(chosen)
+        try:
+            compact.swap_in(trainer.optimizers)
+        except ValueError as err:
+            raise GradmaskConfigError(f"GradientMask(compact=True): {err}") from err
+        self._compact = compact
+        constraints.set_masks(self, self.masks, held_elsewhere=set(compact.names))
+        self._gather_in_hooks = _single_device(trainer)
+        if self._gather_in_hooks:  # free each dense gradient as soon as autograd has accumulated it
+            for name in compact.names:
+                self._hook_handles.append(params[name].register_post_accumulate_grad_hook(self._gather_one))
+        for optimizer in trainer.optimizers:
+            self._hook_handles.append(optimizer.register_step_pre_hook(lambda *_: compact.refresh_()))
+            self._hook_handles.append(optimizer.register_step_post_hook(self._scatter_after_step))
+
+    def _gather_one(self, param: torch.Tensor) -> None:
+        assert self._compact is not None
+        if self._measure:
+            self._add_removed(param)
+        self._compact.gather_grad_(param)
+
+    def _add_removed(self, param: torch.Tensor) -> None:
+        """Add the squared norm of ``param``'s frozen gradient (before the gather) to the logged figure."""
+        assert self._compact is not None
+        trainable = self._compact.trainable_grad_norm(param)
+        if trainable is None:
+            return
+        assert param.grad is not None
+        total = torch.linalg.vector_norm(param.grad.double() if param.grad.layout == torch.strided else param.grad.to_dense().double())
+        removed_sq = (total.square() - trainable.square()).clamp_min(0)
+        self._removed_sq = removed_sq if self._removed_sq is None else self._removed_sq + removed_sq
+
+    def _scatter_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        assert self._compact is not None
+        self._compact.scatter_({id(p) for group in optimizer.param_groups for p in group["params"]})
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -193,6 +353,14 @@ class GradientMask(Callback):
         self._release(pl_module)
 
     def _release(self, pl_module: pl.LightningModule) -> None:
+        self._switch_back_on()
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        if self._compact is not None:
+            self._compact.swap_out()
+            self._compact = None
+        self._whole_frozen = []
         parameter_constraints(pl_module).remove(self)
         self._training = False
 
@@ -261,6 +429,28 @@ def _unfused_adam_on_frozen_cpu_entries(
                 continue
             found.update(id(p) for p in group["params"] if id(p) in frozen)
     return {name: count for key, (name, count) in frozen.items() if key in found and count}
+
+
+def _refuse_unsupported_companions(trainer: pl.Trainer) -> None:
+    """Noise callbacks work on the dense gradients and weights that compact masking takes away."""
+    from lightning_gradmask.callbacks.gradient_noise import GradientNoise
+    from lightning_gradmask.callbacks.weight_noise import WeightNoise
+
+    for callback in trainer_callbacks(trainer):
+        if isinstance(callback, (GradientNoise, WeightNoise)):
+            raise GradmaskConfigError(
+                f"GradientMask(compact=True) does not support {type(callback).__name__} in the same Trainer "
+                "yet; use compact=False"
+            )
+
+
+def _single_device(trainer: pl.Trainer) -> bool:
+    return isinstance(trainer.strategy, lightning_classes("strategies", "SingleDeviceStrategy"))
+
+
+def _gradients_synced(trainer: pl.Trainer) -> bool:
+    """False on the micro-batches whose backward DDP does not all-reduce (``no_sync``)."""
+    return bool(getattr(trainer.strategy.model, "require_backward_grad_sync", True))
 
 
 def _is_logging_step(trainer: pl.Trainer) -> bool:

@@ -4,6 +4,7 @@
 * :mod:`~lightning_gradmask.functional.masks` -- mask specs to boolean masks, with every check.
 * :mod:`~lightning_gradmask.functional.frozen` -- :class:`FrozenEntries`: gradient masking and exact restore.
 * :mod:`~lightning_gradmask.functional.constraints` -- the frozen entries and optimizer-step hooks of a module.
+* :mod:`~lightning_gradmask.functional.compact` -- :class:`CompactEntries`: optimizers that hold only trainable entries.
 * :mod:`~lightning_gradmask.functional.blinding` -- column resolution, severing, input fills, independence check.
 * :mod:`~lightning_gradmask.functional.noise` -- seeded noise draws and std schedules.
 * :mod:`~lightning_gradmask.functional.l1` -- masked L1 penalty and proximal step.

@@ -58,6 +58,8 @@ class ParameterConstraints:
     def __init__(self, module: nn.Module) -> None:
         self._module_ref = weakref.ref(module)
         self._masks: dict[Any, dict[str, torch.Tensor]] = {}
+        # names whose frozen entries an owner keeps exact by other means (GradientMask(compact=True))
+        self._held_elsewhere: dict[Any, set[str]] = {}
         self._post_step: dict[Any, tuple[int, PostStepFn]] = {}
         self._frozen: FrozenEntries | None = None
         # (weak reference to a hooked optimizer, its hook handles)
@@ -67,9 +69,15 @@ class ParameterConstraints:
         )
 
     # ------------------------------------------------------------------ registration
-    def set_masks(self, owner: Any, trainable: dict[str, torch.Tensor]) -> None:
-        """Register (or replace) ``owner``'s trainable masks: ``{parameter name: bool tensor}``."""
+    def set_masks(self, owner: Any, trainable: dict[str, torch.Tensor], *, held_elsewhere: set[str] | None = None) -> None:
+        """Register (or replace) ``owner``'s trainable masks: ``{parameter name: bool tensor}``.
+
+        ``held_elsewhere`` names parameters whose frozen entries ``owner`` keeps exact itself (the
+        optimizer never sees them): they count in :meth:`trainable_masks` but get no gradient
+        masking and no restore from :attr:`frozen`.
+        """
         self._masks[owner] = dict(trainable)
+        self._held_elsewhere[owner] = set(held_elsewhere or ())
         self._frozen = None
 
     def add_post_step(self, owner: Any, fn: PostStepFn, priority: int) -> None:
@@ -79,6 +87,7 @@ class ParameterConstraints:
     def remove(self, owner: Any) -> None:
         """Forget ``owner``; once no owner is left, the optimizer hooks are removed."""
         changed = self._masks.pop(owner, None) is not None
+        self._held_elsewhere.pop(owner, None)
         self._post_step.pop(owner, None)
         if changed:
             self._frozen = None
@@ -94,14 +103,24 @@ class ParameterConstraints:
                 by_name.setdefault(name, []).append(mask)
         return {name: combine_trainable(masks) for name, masks in by_name.items()}
 
+    def owners_of(self, name: str) -> list[Any]:
+        """The owners whose masks constrain parameter ``name``."""
+        return [owner for owner, masks in self._masks.items() if name in masks]
+
+    @property
+    def has_post_step(self) -> bool:
+        """Whether some owner runs work after each optimizer step (the proximal L1 step)."""
+        return bool(self._post_step)
+
     @property
     def frozen(self) -> FrozenEntries:
         """The combined :class:`FrozenEntries`, built on the parameters' current devices."""
         if self._frozen is None:
             module = self._module()
             params = dict(module.named_parameters(remove_duplicate=False))
+            elsewhere = set().union(*self._held_elsewhere.values())
             self._frozen = FrozenEntries(
-                {name: (params[name], mask) for name, mask in self.trainable_masks().items()}
+                {name: (params[name], mask) for name, mask in self.trainable_masks().items() if name not in elsewhere}
             )
         return self._frozen
 
@@ -143,7 +162,10 @@ class ParameterConstraints:
         ids = self._stepped_ids(optimizer)
         for _, fn in sorted(self._post_step.values(), key=lambda item: item[0]):
             fn(optimizer, ids)
-        self.frozen.restore_(ids)
+        # torch's own optimizers never write a parameter without a gradient (one frozen whole, requires_grad
+        # off in the step): with no post-step work, its copy-back can be left out
+        untouched = not self._post_step and type(optimizer).__module__.startswith("torch.optim")
+        self.frozen.restore_(ids, skip_gradless_whole=untouched)
 
     def _stepped_ids(self, optimizer: torch.optim.Optimizer) -> set[int]:
         """Ids of ``optimizer``'s parameters, rebuilt only when its parameter groups change

@@ -237,16 +237,21 @@ class FrozenEntries:
         return None
 
     @torch.no_grad()
-    def restore_(self, params: set[int] | None = None) -> None:
+    def restore_(self, params: set[int] | None = None, *, skip_gradless_whole: bool = False) -> None:
         """Write the captured values back into the frozen entries, exactly.
 
         Args:
             params: if given, only parameters whose ``id`` is in this set (the ones an optimizer
                 just stepped). The selection is remembered for the set object last passed, so a
                 caller that passes the same set every step pays for it once.
+            skip_gradless_whole: leave out wholly frozen parameters whose ``.grad`` is ``None``; only
+                for a step that cannot have written them (a ``torch.optim`` optimizer skips such
+                parameters, and nothing else ran after it).
         """
         whole, small, large = self._restore_plan(params)
         for param, snapshot in whole:
+            if skip_gradless_whole and param.grad is None:
+                continue
             param.detach().copy_(snapshot)
         # Integer arithmetic, not float: w * keep + snapshot keeps every bit of a trainable entry
         # and writes every bit of a frozen one back, inf/NaN/-0.0 included (at each position one

@@ -1,6 +1,6 @@
 """Run by tests/test_gradient_mask.py: GradientMask under a 2-process gloo strategy.
 
-Usage: python gradient_mask_ddp.py STRATEGY OUT_DIR [--differing-masks]
+Usage: python gradient_mask_ddp.py STRATEGY OUT_DIR [--differing-masks] [--compact] [--accumulate]
 Each rank saves its final and initial parameters and its mask to OUT_DIR/rank{r}.pt at train end.
 """
 
@@ -53,10 +53,14 @@ def main() -> None:
     strategy, out = sys.argv[1], Path(sys.argv[2])
     differing = "--differing-masks" in sys.argv
     spec = rank_dependent_mask if differing else same_mask
-    callback = GradientMask(trainable={"net.0.weight": spec, "net.2.bias": False})
+    compact = "--compact" in sys.argv
+    callback = GradientMask(trainable={"net.0.weight": spec, "net.2.bias": False}, compact=compact)
     model = Recorder(out, callback)
     # each rank sees a different half of the data, so the gradients differ before all-reduce
-    fit_trainer = trainer(strategy=strategy, devices=2, max_epochs=2, callbacks=[callback])
+    accumulate = 2 if "--accumulate" in sys.argv else 1
+    fit_trainer = trainer(
+        strategy=strategy, devices=2, max_epochs=2, callbacks=[callback], accumulate_grad_batches=accumulate
+    )
     fit_trainer.fit(model, loader(regression_data(n=64, seed=1), batch_size=8))
 
 

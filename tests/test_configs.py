@@ -45,30 +45,33 @@ def test_config_runs(config, tmp_path, monkeypatch):
     assert list(tmp_path.rglob("*.ckpt")), "the fit should have written a checkpoint"
 
 
-def test_a_choice_typo_in_a_config_names_the_choices(tmp_path, monkeypatch, capsys):
+def stats_typo(init_args):
+    init_args["stats"] = ["trace", "eigenvalue"]
+
+
+def trace_method_typo(init_args):
+    init_args["options"]["trace_method"] = "exactly"
+
+
+@pytest.mark.parametrize(
+    "typo, message",
+    [
+        (stats_typo, "Literal['trace', 'eigenvalues', 'diagonal', 'density']. Got value: eigenvalue"),
+        (trace_method_typo, "Got value: exactly"),
+    ],
+    ids=["stats", "estimator-options"],
+)
+def test_a_choice_typo_in_a_config_names_the_choices(tmp_path, monkeypatch, capsys, typo, message):
     config = REPO_ROOT / "examples" / "configs" / "hessian_monitor.yaml"
     settings = yaml.safe_load(config.read_text())
-    settings["trainer"]["callbacks"][0]["init_args"]["stats"] = ["trace", "eigenvalue"]
+    typo(settings["trainer"]["callbacks"][0]["init_args"])
     local = tmp_path / "typo.yaml"
     local.write_text(yaml.safe_dump(settings))
     monkeypatch.setattr(sys, "argv", ["frozen_edges.py", "fit", "--config", str(local)])
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
         runpy.run_path(str(REPO_ROOT / "examples" / "frozen_edges.py"), run_name="__main__")
-    assert "Literal['trace', 'eigenvalues', 'diagonal', 'density']. Got value: eigenvalue" in capsys.readouterr().err
-
-
-def test_a_typo_in_the_estimator_options_names_the_choices(tmp_path, monkeypatch, capsys):
-    config = REPO_ROOT / "examples" / "configs" / "hessian_monitor.yaml"
-    settings = yaml.safe_load(config.read_text())
-    settings["trainer"]["callbacks"][0]["init_args"]["options"]["trace_method"] = "exactly"
-    local = tmp_path / "typo.yaml"
-    local.write_text(yaml.safe_dump(settings))
-    monkeypatch.setattr(sys, "argv", ["frozen_edges.py", "fit", "--config", str(local)])
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):
-        runpy.run_path(str(REPO_ROOT / "examples" / "frozen_edges.py"), run_name="__main__")
-    assert "Got value: exactly" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_fit_from_a_config_prints_a_summary(tmp_path, monkeypatch, capsys):

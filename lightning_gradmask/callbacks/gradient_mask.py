@@ -424,7 +424,8 @@ def _unfused_adam_on_frozen_cpu_entries(
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # AdamW is no Adam subclass on older torch (2.6)
             continue
         for group in optimizer.param_groups:
-            zero_gradient = group.get("decoupled_weight_decay", False) or not group.get("weight_decay", 0)
+            decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+            zero_gradient = decoupled or not group.get("weight_decay", 0)
             if group.get("fused") or not zero_gradient:
                 continue
             found.update(id(p) for p in group["params"] if id(p) in frozen)

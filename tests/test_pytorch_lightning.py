@@ -20,7 +20,7 @@ from lightning_gradmask import (
     WeightNoise,
 )
 
-from utils import REPO_ROOT, loader, run_script, snapshot
+from utils import REPO_ROOT, loader, run_script, snapshot, trainer
 
 pl = pytest.importorskip("pytorch_lightning")
 
@@ -55,18 +55,7 @@ TRAINABLE[:, :3] = True
 
 
 def pl_trainer(**overrides: Any) -> Any:
-    settings: dict[str, Any] = dict(
-        default_root_dir=tempfile.mkdtemp(prefix="gradmask-test-"),
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    settings.update(overrides)
-    return pl.Trainer(**settings)
+    return trainer(trainer_class=pl.Trainer, **overrides)
 
 
 def test_callbacks_are_callbacks_of_both_namespaces() -> None:

@@ -63,8 +63,9 @@ class TinyRegressor(L.LightningModule):
         return self._optimizer(self.parameters())
 
 
-def trainer(**overrides: Any) -> L.Trainer:
-    """A quiet CPU Trainer; keyword arguments override the defaults."""
+def trainer(trainer_class: Callable[..., Any] = L.Trainer, **overrides: Any) -> Any:
+    """A quiet CPU Trainer (``trainer_class``: another namespace's, e.g. ``pytorch_lightning.Trainer``);
+    keyword arguments override the defaults."""
     settings: dict[str, Any] = dict(
         default_root_dir=tempfile.mkdtemp(prefix="gradmask-test-"),  # nothing lands in the checkout
         accelerator="cpu",
@@ -76,7 +77,7 @@ def trainer(**overrides: Any) -> L.Trainer:
         enable_model_summary=False,
     )
     settings.update(overrides)
-    return L.Trainer(**settings)
+    return trainer_class(**settings)
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

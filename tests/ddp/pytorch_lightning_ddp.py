@@ -6,7 +6,6 @@ Each rank saves its initial and final parameters to OUT_DIR/rank{r}.pt at train 
 """
 
 import sys
-import tempfile
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -17,6 +16,7 @@ from torch import nn
 from lightning_gradmask import GradientMask, GradientNoise, MaskedL1Mixin
 
 from utils import loader, regression_data, run_distributed, snapshot
+from utils import trainer as quiet_trainer
 
 TRAINABLE = torch.zeros(8, 6, dtype=torch.bool)
 TRAINABLE[:, :3] = True
@@ -47,18 +47,7 @@ class Model(MaskedL1Mixin, pl.LightningModule):
 def main() -> None:
     out = Path(sys.argv[1])
     callbacks = [GradientMask({"net.0.weight": TRAINABLE, "net.2.bias": False}), GradientNoise(std=0.05, seed=3)]
-    trainer = pl.Trainer(
-        default_root_dir=tempfile.mkdtemp(prefix="gradmask-test-"),
-        accelerator="cpu",
-        strategy="ddp",
-        devices=2,
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(trainer_class=pl.Trainer, strategy="ddp", devices=2, callbacks=callbacks)
     trainer.fit(Model(out), loader(regression_data(n=64, seed=1), batch_size=8))
 
 

@@ -1,7 +1,7 @@
 """The few collectives the callbacks need, and the strategy check they share.
 
 Everything here goes through ``trainer.strategy`` so it works the same on one device, under
-``ddp`` and under ``ddp_spawn``.
+``ddp``, ``ddp_spawn`` and ``ModelParallelStrategy``.
 """
 
 from __future__ import annotations
@@ -18,25 +18,51 @@ from lightning_gradmask._namespaces import lightning_classes
 from lightning_gradmask.errors import UnsupportedStrategyError
 
 
-def check_strategy(trainer: pl.Trainer, owner: str) -> None:
-    """Refuse strategies whose parameters or gradients are sharded or hidden.
+def check_strategy(trainer: pl.Trainer, owner: str, *, sharded: bool) -> None:
+    """Refuse the strategies ``owner`` cannot work under, with what to use instead.
 
-    Supported: single device, and the DDP family (``ddp``, ``ddp_spawn``, ``ddp_fork``,
-    ``ddp_notebook``), from ``lightning.pytorch`` or ``pytorch_lightning``.
+    Supported: single device, the DDP family (``ddp``, ``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``)
+    and, where ``sharded`` is true, ``ModelParallelStrategy`` (FSDP2: each parameter a ``DTensor``
+    sharded on dimension 0), from ``lightning.pytorch`` or ``pytorch_lightning``.
 
     Raises:
-        UnsupportedStrategyError: for FSDP, DeepSpeed, model-parallel and any other strategy.
+        UnsupportedStrategyError: FSDP1 (``FSDPStrategy``: flat shards; the message points to
+            ``ModelParallelStrategy``), DeepSpeed, ``ModelParallelStrategy`` where ``sharded`` is
+            false, and any other strategy.
     """
     strategy: Strategy = trainer.strategy
     name = type(strategy).__name__
-    hidden = "DeepSpeed" in name or "FSDP" in name or "ModelParallel" in name
+    model_parallel = lightning_classes("strategies", "ModelParallelStrategy")
+    if sharded and isinstance(strategy, model_parallel):
+        return
     supported = lightning_classes("strategies", "SingleDeviceStrategy") + lightning_classes("strategies", "DDPStrategy")
-    if hidden or not isinstance(strategy, supported):
-        raise UnsupportedStrategyError(
-            f"{owner} does not support the {name} strategy: it needs each parameter and its "
-            "gradient whole on every process (FSDP shows flat shards, DeepSpeed keeps .grad empty). "
-            "Use strategy='ddp' (or 'ddp_spawn') for multi-device training, or a single device."
+    hidden = "DeepSpeed" in name or "FSDP" in name or isinstance(strategy, model_parallel)
+    if not hidden and isinstance(strategy, supported):
+        return
+    if "FSDP" in name:
+        instead = (
+            "Use ModelParallelStrategy (FSDP2: `fully_shard` in configure_model, parameters kept whole-shaped as "
+            "DTensors), which it supports, or strategy='ddp'."
+            if sharded
+            else "Use strategy='ddp' (or 'ddp_spawn') for multi-device training, or a single device."
         )
+        why = "FSDP1 flattens parameters into flat shards, so a mask no longer lines up with its parameter"
+    elif isinstance(strategy, model_parallel):
+        why = "it needs each parameter whole on every process"
+        instead = "Use strategy='ddp' (or 'ddp_spawn') for multi-device training, or a single device."
+    else:
+        why = "it needs each parameter and its gradient on every process (DeepSpeed keeps .grad empty)"
+        instead = (
+            "Use strategy='ddp', ModelParallelStrategy (FSDP2) or a single device."
+            if sharded
+            else "Use strategy='ddp' (or 'ddp_spawn') for multi-device training, or a single device."
+        )
+    raise UnsupportedStrategyError(f"{owner} does not support the {name} strategy: {why}. {instead}")
+
+
+def is_model_parallel(trainer: pl.Trainer) -> bool:
+    """Whether ``trainer`` runs Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallel)."""
+    return isinstance(trainer.strategy, lightning_classes("strategies", "ModelParallelStrategy"))
 
 
 def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -161,7 +161,7 @@ class GradientMask(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "GradientMask")
+        check_strategy(trainer, "GradientMask", sharded=False)
         warn_if_averaged_inexactly(trainer, "GradientMask")
         # a resumed checkpoint's masks (loaded before on_fit_start) are compared with this fit's spec
         self._masks = None

@@ -136,7 +136,7 @@ class GradientNoise(SeededNoise):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "GradientNoise")
+        check_strategy(trainer, "GradientNoise", sharded=False)
         refuse_same_seed(trainer, self)
         self._settle_key()
 

@@ -249,7 +249,7 @@ class HessianMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "HessianMonitor")
+        check_strategy(trainer, "HessianMonitor", sharded=False)
         same = [cb for cb in trainer_callbacks(trainer) if isinstance(cb, HessianMonitor) and cb is not self and cb.prefix == self.prefix]
         if same:
             raise GradmaskConfigError(

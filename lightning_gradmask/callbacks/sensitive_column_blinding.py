@@ -191,7 +191,7 @@ class SensitiveColumnBlinding(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "SensitiveColumnBlinding")
+        check_strategy(trainer, "SensitiveColumnBlinding", sharded=False)
         # a resumed checkpoint's columns (loaded before on_fit_start) are compared with this fit's plan
         self._plan = None
 

@@ -130,7 +130,7 @@ class WeightNoise(SeededNoise):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "WeightNoise")
+        check_strategy(trainer, "WeightNoise", sharded=False)
         refuse_same_seed(trainer, self)
         self._settle_key()
 

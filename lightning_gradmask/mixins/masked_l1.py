@@ -299,7 +299,7 @@ class MaskedL1Mixin:
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             return
-        check_strategy(trainer, "MaskedL1Mixin")
+        check_strategy(trainer, "MaskedL1Mixin", sharded=False)
         state = _state_of(self)
         if state.supports:
             constraints = parameter_constraints(self)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from typing_extensions import override
 
-from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
+from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy, is_model_parallel
 from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
 from lightning_gradmask._namespaces import Callback, lightning_classes, module_overrides, trainer_callbacks
 from lightning_gradmask.errors import GradmaskConfigError, MaskSpecError
@@ -61,6 +61,11 @@ class GradientMask(Callback):
     backward (from the second batch; back on after the backward, at the end of ``fit`` and on an
     exception), its ``.grad`` stays ``None``, so autograd and the optimizer skip it.
 
+    Under ``ModelParallelStrategy`` (FSDP2, tensor parallelism) parameters are ``DTensor`` objects of their
+    global shape: the spec gives whole masks as usual, :attr:`masks` holds them whole in CPU memory,
+    and each process masks and restores its own shard (see ``docs/gradient_mask.md``). ``compact=True``
+    is not supported there yet.
+
     Args:
         trainable: the mask spec, or a mask file path.
         compact: hold only the trainable entries in the optimizer (see above).
@@ -102,7 +107,9 @@ class GradientMask(Callback):
         MaskSpecError: unknown names, regexes matching nothing, shape mismatches, values other
             than 0/1, coordinates out of range, keys claiming the same parameter, bad files
             (in ``on_fit_start``, so after ``configure_model``: layers built there can be named).
-        UnsupportedStrategyError: FSDP, DeepSpeed or another sharding strategy (at ``setup``).
+        UnsupportedStrategyError: FSDP1 (``FSDPStrategy``), DeepSpeed or another unsupported strategy
+            (at ``setup``). ``ModelParallelStrategy`` (FSDP2) is supported; ``compact=True`` under it
+            raises ``GradmaskConfigError``.
         RuntimeError: the masks differ between DDP ranks.
 
     Warns (at the start of training):
@@ -161,7 +168,12 @@ class GradientMask(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "GradientMask", sharded=False)
+        check_strategy(trainer, "GradientMask", sharded=True)
+        if self.compact and is_model_parallel(trainer):
+            raise GradmaskConfigError(
+                "GradientMask(compact=True) does not support ModelParallelStrategy (FSDP2) yet: the compact "
+                "tensors would have to be sharded like their parameters. Use compact=False, which supports it."
+            )
         warn_if_averaged_inexactly(trainer, "GradientMask")
         # a resumed checkpoint's masks (loaded before on_fit_start) are compared with this fit's spec
         self._masks = None

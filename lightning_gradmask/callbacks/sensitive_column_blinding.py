@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -26,6 +27,7 @@ from lightning_gradmask.functional.blinding import (
 )
 from lightning_gradmask.functional.constraints import parameter_constraints
 from lightning_gradmask.functional.frozen import FrozenEntries
+from lightning_gradmask.functional.sharding import is_sharded, local_part, local_tensor
 
 __all__ = ["SensitiveColumnBlinding"]
 
@@ -107,7 +109,8 @@ class SensitiveColumnBlinding(Callback):
             listed twice, ``feature_names`` of the wrong length, a ``layer`` that does not exist
             (closest names listed) or is not a Linear/Conv1d/Conv2d, a grouped convolution, or all
             columns of the layer blinded.
-        UnsupportedStrategyError: FSDP, DeepSpeed or another sharding strategy.
+        UnsupportedStrategyError: FSDP1 (``FSDPStrategy``; ``ModelParallelStrategy``, FSDP2, is
+            supported), DeepSpeed or another unsupported strategy.
         RuntimeError: the resolved columns differ between DDP ranks.
     """
 
@@ -191,7 +194,7 @@ class SensitiveColumnBlinding(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "SensitiveColumnBlinding", sharded=False)
+        check_strategy(trainer, "SensitiveColumnBlinding", sharded=True)
         # a resumed checkpoint's columns (loaded before on_fit_start) are compared with this fit's plan
         self._plan = None
 
@@ -241,8 +244,10 @@ class SensitiveColumnBlinding(Callback):
             # frozen values at the first optimizer step, so they are captured as 0
             self._own.zero_frozen_()
         else:
-            weight = self._plan.module.weight.detach()  # type: ignore[operator]  # nn.Module.__getattr__ types weight as Tensor | Module
-            self._initial = weight.masked_select(~self._plan.trainable.to(weight.device)).clone()
+            weight = self._plan.module.weight
+            assert isinstance(weight, torch.Tensor)
+            local = local_tensor(weight.detach())
+            self._initial = local.masked_select(~local_part(self._plan.trainable, like=weight).to(local.device)).clone()
         parameter_constraints(pl_module).attach(trainer.optimizers)
 
     @override
@@ -296,13 +301,16 @@ class SensitiveColumnBlinding(Callback):
     def weight_deviation(self) -> float:
         """Largest ``|blinded weight - required value|`` (0 in ``sever``, initial in ``grad``); 0.0 expected."""
         plan = self.plan
-        weight = plan.module.weight.detach()  # type: ignore[operator]  # nn.Module.__getattr__ types weight as Tensor | Module
-        blinded = weight.masked_select(~plan.trainable.to(weight.device))
-        if blinded.numel() == 0:
-            return 0.0
+        weight = plan.module.weight
+        assert isinstance(weight, torch.Tensor)
+        local = local_tensor(weight.detach())  # a sharded (FSDP2) weight: this process's rows
+        blinded = local.masked_select(~local_part(plan.trainable, like=weight).to(local.device))
         if self.mode == "grad" and self._initial is not None:
             blinded = blinded - self._initial.to(blinded.device)
-        return float(blinded.abs().max())
+        deviation = blinded.abs().max() if blinded.numel() else torch.zeros((), dtype=local.dtype, device=local.device)
+        if is_sharded(weight) and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(deviation, op=dist.ReduceOp.MAX)  # replicas agree, so the max over every process
+        return float(deviation)
 
     # ------------------------------------------------------------------ checkpointing
     @override
@@ -379,6 +387,7 @@ _IGNORED: tuple[type[nn.Module], ...] = (
 
 def _storages(value: Any, out: set[int]) -> set[int]:
     if isinstance(value, torch.Tensor):
+        value = local_tensor(value)  # a DTensor (tensor parallelism wraps a layer's input): its local memory
         if value.numel() and value.layout == torch.strided:
             out.add(value.untyped_storage().data_ptr())
     elif isinstance(value, dict):

@@ -49,6 +49,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_gradmask.errors import ColumnSpecError, GradmaskConfigError
 from lightning_gradmask.functional.selection import closest_names
+from lightning_gradmask.functional.sharding import replicated_like
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -402,7 +403,8 @@ class InputFill:
         if mask is None:
             mask = self._mask.to(x.device)
             self._on_device[x.device] = mask
-        return x.masked_fill(mask, 0)
+        # a DTensor input (tensor parallelism): the mask replicated on its mesh
+        return x.masked_fill(replicated_like(mask, like=x), 0)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:

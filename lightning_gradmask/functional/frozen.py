@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from lightning_gradmask.functional.sharding import is_sharded, local_part, local_tensor, sharded_sum
+
 __all__ = ["FrozenEntries", "combine_trainable"]
 
 
@@ -75,6 +77,7 @@ class _Entry:
     param: torch.Tensor
     all_frozen: bool
     num_frozen: int
+    local: torch.Tensor  # the parameter's values this process holds: itself, or its DTensor's local shard
     keep: torch.Tensor | None = None  # integers of the param's width: 1 where trainable, 0 where frozen
     snapshot: torch.Tensor | None = None  # frozen values, +0.0 at trainable positions
     # integer views of the parameter's and the snapshot's memory, made once at capture_
@@ -97,6 +100,10 @@ class FrozenEntries:
     Memory per masked entry (float32), on the parameter's device: the integer keep pattern used by the
     bit-exact kernels (4 bytes) and the snapshot (4 bytes). A fully frozen parameter needs only its
     snapshot. The caller's ``bool`` mask (1 byte) is the third part of the documented 9 bytes.
+
+    Sharded parameters (FSDP2 ``DTensor`` parameters) take a whole mask of their global shape, like any other;
+    each process keeps the keep pattern and snapshot of its local shard only, and works on the local
+    shards of the parameter and its gradient (so 8 bytes per masked entry *of the shard*).
     """
 
     def __init__(self, masks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -112,10 +119,11 @@ class FrozenEntries:
             num_frozen = trainable.numel() - int(trainable.sum())
             if num_frozen == 0:
                 continue
-            entry = _Entry(param=param, all_frozen=num_frozen == trainable.numel(), num_frozen=num_frozen)
+            local = local_tensor(param)
+            entry = _Entry(param=param, all_frozen=num_frozen == trainable.numel(), num_frozen=num_frozen, local=local)
             if not entry.all_frozen:
                 int_dtype = _INT_OF_SIZE[param.element_size()]
-                entry.keep = trainable.to(device=param.device, dtype=int_dtype)
+                entry.keep = local_part(trainable, like=param).to(device=local.device, dtype=int_dtype)
             self._entries[name] = entry
         self._last_selection: tuple[object, Any] | None = None
         self._captured = not self._entries
@@ -134,13 +142,14 @@ class FrozenEntries:
         """The ``bool`` frozen mask of one parameter (on its device), or ``None`` if none is frozen.
 
         Built on each call from the keep pattern (no ``bool`` copy is held); to zero the frozen
-        positions of a tensor, :meth:`zero_frozen_in_` needs no mask at all.
+        positions of a tensor, :meth:`zero_frozen_in_` needs no mask at all. For a sharded parameter,
+        the mask of this process's local shard.
         """
         entry = self._entries.get(name)
         if entry is None:
             return None
         if entry.all_frozen:
-            return torch.ones(entry.param.shape, dtype=torch.bool, device=entry.param.device)
+            return torch.ones(entry.local.shape, dtype=torch.bool, device=entry.local.device)
         assert entry.keep is not None
         return entry.keep.eq(0)
 
@@ -160,7 +169,8 @@ class FrozenEntries:
     def capture_(self) -> None:
         """Record the current values of the frozen entries: :meth:`restore_` writes these back."""
         for entry in self._entries.values():
-            data = entry.param.detach()
+            entry.local = local_tensor(entry.param)
+            data = entry.local.detach()
             entry.snapshot = data.clone()
             if not entry.all_frozen:
                 assert entry.keep is not None
@@ -176,10 +186,14 @@ class FrozenEntries:
     def zero_frozen_in_(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Set the frozen positions of ``tensor`` (parameter ``name``'s shape and dtype) to +0.0, in place.
 
-        A parameter with no frozen entry leaves ``tensor`` unchanged. Returns ``tensor``.
+        For a sharded parameter, ``tensor`` is a ``DTensor`` placed like it, or the tensor of its local
+        shard's shape. A parameter with no frozen entry leaves ``tensor`` unchanged. Returns ``tensor``.
         """
         entry = self._entries.get(name)
         if entry is None:
+            return tensor
+        if is_sharded(tensor):
+            self.zero_frozen_in_(name, local_tensor(tensor))
             return tensor
         if entry.all_frozen:
             return tensor.zero_()
@@ -207,6 +221,7 @@ class FrozenEntries:
         if not measure and self._mask_grouped():
             return None
         removed_sq: torch.Tensor | None = None
+        sharded_sq: list[tuple[torch.Tensor, torch.Tensor]] = []  # (square sum of a local shard, its parameter)
         grouped: list[torch.Tensor] = []
         keeps: list[torch.Tensor] = []
         for entry in self._entries.values():
@@ -218,9 +233,13 @@ class FrozenEntries:
                 if sq is not None:
                     removed_sq = sq if removed_sq is None else removed_sq + sq.to(removed_sq.device)
                 continue
+            grad = local_tensor(grad)
             if measure:
                 sq = _frozen_square_sum(grad, entry)
-                removed_sq = sq if removed_sq is None else removed_sq + sq.to(removed_sq.device)
+                if is_sharded(entry.param):
+                    sharded_sq.append((sq, entry.param))
+                else:
+                    removed_sq = sq if removed_sq is None else removed_sq + sq.to(removed_sq.device)
             if entry.all_frozen:
                 grad.zero_()
             elif grad.dtype == entry.param.dtype and grad.layout == torch.strided:
@@ -233,6 +252,10 @@ class FrozenEntries:
         if grouped:
             torch._foreach_mul_(grouped, keeps)
         if measure:
+            if sharded_sq:  # every process has the same sharded parameters, so all take part in the sums
+                device = sharded_sq[0][0].device
+                total = sharded_sum([sq for sq, _ in sharded_sq], [param for _, param in sharded_sq])
+                removed_sq = total if removed_sq is None else removed_sq.to(device) + total
             return torch.zeros(()) if removed_sq is None else removed_sq.sqrt().float()
         return None
 
@@ -248,24 +271,25 @@ class FrozenEntries:
                 for a step that cannot have written them (a ``torch.optim`` optimizer skips such
                 parameters, and nothing else ran after it).
         """
-        whole, small, large = self._restore_plan(params)
+        whole, small, large, sharded = self._restore_plan(params)
         for param, snapshot in whole:
             if skip_gradless_whole and param.grad is None:
                 continue
-            param.detach().copy_(snapshot)
+            local_tensor(param).detach().copy_(snapshot)
         # Integer arithmetic, not float: w * keep + snapshot keeps every bit of a trainable entry
         # and writes every bit of a frozen one back, inf/NaN/-0.0 included (at each position one
         # of the two terms is 0). It is also an order of magnitude faster on CPU than masked_fill_
         # or torch.where with a scattered mask (benchmarks/README.md).
         params_, bits, keeps, snapshots = small
         if bits:
-            if any(b.data_ptr() != p.data_ptr() for b, p in zip(bits, params_)):
+            current = [local_tensor(p) for p in params_] if sharded else params_
+            if any(b.data_ptr() != p.data_ptr() for b, p in zip(bits, current)):
                 self._rebind(params)  # a parameter's memory was replaced (param.data = ...)
                 return self.restore_(params)
             torch._foreach_mul_(bits, keeps)
             torch._foreach_add_(bits, snapshots)
         for param, bits_one, keep, snapshot_bits in large:
-            if bits_one.data_ptr() != param.data_ptr():
+            if bits_one.data_ptr() != local_tensor(param).data_ptr():
                 self._rebind(params)
                 return self.restore_(params)
             torch.addcmul(snapshot_bits, bits_one, keep, out=bits_one)  # one pass over the bytes
@@ -277,36 +301,40 @@ class FrozenEntries:
             return last[1]
         whole, large = [], []
         small: tuple[list[torch.Tensor], ...] = ([], [], [], [])
+        sharded = False
         for name, entry in self._entries.items():
             if params is not None and id(entry.param) not in params:
                 continue
             if entry.snapshot is None:
                 raise RuntimeError(f"restore_ called before capture_ for parameter {name!r}")
+            sharded = sharded or is_sharded(entry.param)
             if entry.all_frozen:
                 whole.append((entry.param, entry.snapshot))
                 continue
             assert entry.param_bits is not None and entry.keep is not None and entry.snapshot_bits is not None
+            # the parameter itself: a DTensor's local shard is looked up at each restore (it may be replaced)
             item = (entry.param, entry.param_bits, entry.keep, entry.snapshot_bits)
-            if entry.param.numel() <= _GROUPED_MAX_NUMEL:
+            if entry.local.numel() <= _GROUPED_MAX_NUMEL:
                 for column, value in zip(small, item):
                     column.append(value)
             else:
                 large.append(item)
-        plan = (whole, small, large)
+        plan = (whole, small, large, sharded)
         self._last_selection = (params, plan)
         return plan
 
     def _rebind(self, params: set[int] | None) -> None:
         for entry in self._entries.values():
+            entry.local = local_tensor(entry.param)
             if entry.param_bits is not None:
-                entry.param_bits = _bits(entry.param.detach())
+                entry.param_bits = _bits(entry.local.detach())
         self._last_selection = None
 
     @torch.no_grad()
     def zero_frozen_(self) -> None:
         """Set every frozen entry to 0 (used to sever weights before capturing them)."""
         for name, entry in self._entries.items():
-            self.zero_frozen_in_(name, entry.param.detach())
+            self.zero_frozen_in_(name, local_tensor(entry.param).detach())
         self._last_selection = None
 
     # ------------------------------------------------------------------ internals
@@ -331,6 +359,7 @@ class FrozenEntries:
             grads = [p.grad for p in params if p.grad is not None]
         if any(g.layout != torch.strided for g in grads):
             return False
+        grads = [local_tensor(g) for g in grads]
         try:
             # integer multiply by 1/0 on the gradient's bits: every bit kept, or +0.0
             torch._foreach_mul_([g.view(k.dtype) for g, k in zip(grads, keeps)], keeps)
@@ -338,7 +367,7 @@ class FrozenEntries:
             return False
         for param in whole:
             if param.grad is not None:
-                param.grad.zero_()
+                local_tensor(param.grad).zero_()
         return True
 
 

@@ -33,6 +33,7 @@ from numbers import Real
 import torch
 
 from lightning_gradmask.errors import GradmaskConfigError
+from lightning_gradmask.functional.sharding import is_sharded, local_part, local_tensor, shard_like, sharded_sum
 
 __all__ = [
     "check_strength",
@@ -72,6 +73,10 @@ def masked_l1_penalty(
     exactly 0 at entries the mask does not select. Masks must already be on their parameter's
     device. A parameter may appear in several terms; its terms add up.
 
+    A sharded (FSDP2 ``DTensor``) parameter takes a whole mask of its global shape, or a ``DTensor``
+    mask placed like it; its term is the global one (summed over the shards, the same on every
+    process, its gradient reaching each process's own shard), so the penalty equals the unsharded one.
+
     Returns:
         A 0-dim tensor on the first parameter's device (a CPU zero when there are no terms).
 
@@ -87,8 +92,12 @@ def masked_l1_penalty(
         )
     total: torch.Tensor | None = None
     for param, mask, strength in zip(params, masks, strengths):
+        if mask is not None and is_sharded(param) and not is_sharded(mask):
+            mask = shard_like(mask, like=param)
         selected = param if mask is None else param * mask
         term = selected.abs().sum() * strength
+        if is_sharded(term):
+            term = term.full_tensor()  # type: ignore[attr-defined]  # a differentiable sum over the shards
         total = term if total is None else total + term
     return torch.zeros(()) if total is None else total
 
@@ -103,11 +112,15 @@ def proximal_l1_step_(param: torch.Tensor, mask: torch.Tensor | None, threshold:
     ``threshold = lr * strength``. Entries whose magnitude is at most their threshold become exactly 0.
 
     Args:
-        param: the tensor to update (a ``Parameter`` is updated through ``.detach()``, outside autograd).
-        mask: ``None`` (every entry), a ``bool`` tensor, or real per-entry weights, on ``param``'s device.
+        param: the tensor to update (a ``Parameter`` is updated through ``.detach()``, outside autograd;
+            a sharded ``DTensor`` through its local shard).
+        mask: ``None`` (every entry), a ``bool`` tensor, or real per-entry weights, on ``param``'s device
+            (for a sharded ``param``, a whole mask of its global shape).
         threshold: a number ``>= 0``.
     """
-    data = param.detach()
+    data = local_tensor(param.detach())
+    if mask is not None:
+        mask = local_part(mask, like=param)
     if mask is None:
         data.copy_(data.abs().sub_(threshold).clamp_min_(0).mul_(data.sign()))
         return param
@@ -126,21 +139,27 @@ def masked_zero_fraction(params: Sequence[torch.Tensor], masks: Sequence[torch.T
 
     Each pair counts its own selected entries: pass each parameter once, with the union of its
     masks, to count an entry once. Returns a 0-dim float tensor (0 when nothing is selected).
+    Sharded (FSDP2) parameters take whole masks; their counts are summed over the shards.
     """
-    zeros: torch.Tensor | None = None
-    selected: torch.Tensor | None = None
+    zero_counts: list[torch.Tensor] = []
+    support_sizes: list[torch.Tensor] = []
     for param, mask in zip(params, masks):
-        is_zero = param.detach().eq(0)
+        local = local_tensor(param.detach())
+        is_zero = local.eq(0)
         if mask is None:
-            support_size = torch.tensor(param.numel(), device=param.device)
+            support_size = torch.tensor(local.numel(), device=local.device)
         else:
-            support = mask_support(mask)
+            support = mask_support(local_part(mask, like=param)).to(local.device)
             is_zero.logical_and_(support)
             support_size = support.sum()
-        count = is_zero.sum()
-        zeros = count if zeros is None else zeros + count.to(zeros.device)
-        selected = support_size if selected is None else selected + support_size.to(selected.device)
-    if zeros is None or selected is None:
+        zero_counts.append(is_zero.sum())
+        support_sizes.append(support_size)
+    if not zero_counts:
         return torch.zeros(())
+    device = zero_counts[0].device
+    zero_counts = [count.to(device) for count in zero_counts]
+    support_sizes = [size.to(device) for size in support_sizes]
+    zeros = sharded_sum(zero_counts, params)
+    selected = sharded_sum(support_sizes, params)
     # no host sync: when nothing is selected, zeros is 0 too and the result is 0
     return zeros.to(torch.float32) / selected.clamp_min(1)

@@ -49,6 +49,7 @@ from torch import nn
 
 from lightning_gradmask.errors import MaskSpecError
 from lightning_gradmask.functional.selection import match_parameters
+from lightning_gradmask.functional.sharding import is_sharded
 
 __all__ = [
     "MaskSpec",
@@ -127,6 +128,8 @@ def mask_from_value(
 
     Returns a ``bool`` tensor, or with ``allow_real=True`` a float32 tensor when the value holds
     numbers other than 0 and 1 (per-entry weights). The result never shares memory with ``value``.
+    A sharded (FSDP2 ``DTensor``) parameter has its global shape here, and the mask is whole; a
+    ``DTensor`` mask (from a callable given the sharded parameter) is gathered whole.
 
     Raises:
         MaskSpecError: naming the key and parameter, for a wrong shape, numbers other than 0/1
@@ -150,6 +153,8 @@ def mask_from_value(
         return mask_from_value(produced, name, param, key=key, allow_real=allow_real)
     if isinstance(value, bool):
         return torch.full(shape, value, dtype=torch.bool)
+    if is_sharded(value):  # a callable's mask computed on a sharded (FSDP2) parameter: gathered whole
+        value = value.full_tensor()
     if isinstance(value, torch.Tensor):
         if value.layout == torch.sparse_coo:
             return _from_sparse(value, where, shape)

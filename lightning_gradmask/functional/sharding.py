@@ -1,4 +1,4 @@
-"""Sharded parameters (FSDP2 ``DTensor``\\ s): the local shard of a whole tensor, and global sums.
+"""Sharded parameters (FSDP2 ``DTensor`` parameters): the local shard of a whole tensor, and global sums.
 
 Under FSDP2 (``torch.distributed.fsdp.fully_shard``, which Lightning's ``ModelParallelStrategy`` uses)
 every parameter is a ``DTensor``: its ``shape`` is the global one, and each process holds a local
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["is_sharded", "local_part", "local_tensor", "sharded_sum", "shard_like"]
+__all__ = ["is_sharded", "local_part", "local_tensor", "replicated_like", "sharded_sum", "shard_like"]
 
 
 def is_sharded(tensor: Any) -> bool:
@@ -36,7 +36,7 @@ def is_sharded(tensor: Any) -> bool:
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a ``DTensor`` (an alias of its memory: in-place changes reach it), else ``tensor``."""
     if is_sharded(tensor):
-        return tensor._local_tensor  # type: ignore[attr-defined,no-any-return]  # to_local() goes through autograd
+        return tensor._local_tensor  # type: ignore[attr-defined]  # to_local() goes through autograd
     return tensor
 
 
@@ -91,6 +91,20 @@ def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(whole, mesh, placements)
 
 
+def replicated_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (the same on every process) as a replicated ``DTensor`` on ``like``'s mesh, else itself.
+
+    For elementwise work between a ``DTensor`` activation (tensor parallelism turns a layer's input
+    into one) and a small whole tensor that broadcasts against it.
+    """
+    if not is_sharded(like):
+        return tensor
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh  # type: ignore[attr-defined]
+    return DTensor.from_local(tensor, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
 def sharded_sum(values: Sequence[torch.Tensor], likes: Sequence[torch.Tensor]) -> torch.Tensor:
     """``sum(values)``, where ``values[k]`` was computed on ``likes[k]``'s local shard: a global sum.
 
@@ -124,7 +138,7 @@ def _sum_over_shards(value: torch.Tensor, mesh: Any, placements: Sequence[Any]) 
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     reduced = [Partial() if isinstance(p, Shard) else Replicate() for p in placements]
-    return DTensor.from_local(value, mesh, reduced, run_check=False).full_tensor()  # type: ignore[no-any-return]
+    return DTensor.from_local(value, mesh, reduced, run_check=False).full_tensor()
 
 
 def _chunk(tensor: torch.Tensor, dim: int, pieces: int, index: int) -> torch.Tensor:

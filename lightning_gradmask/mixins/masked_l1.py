@@ -167,6 +167,9 @@ class MaskedL1Mixin:
     Registrations are plain attributes, not buffers: the model's ``state_dict`` keys do not change,
     and a resumed run rebuilds them in ``__init__``.
 
+    Under ``ModelParallelStrategy`` (FSDP2) the masks stay whole (global shape); each term is the
+    global penalty, the same on every process, and the proximal step works on each process's shard.
+
     Example::
 
         import lightning as L
@@ -299,7 +302,7 @@ class MaskedL1Mixin:
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             return
-        check_strategy(trainer, "MaskedL1Mixin", sharded=False)
+        check_strategy(trainer, "MaskedL1Mixin", sharded=True)
         state = _state_of(self)
         if state.supports:
             constraints = parameter_constraints(self)  # type: ignore[arg-type]  # the mixin is always mixed into a LightningModule

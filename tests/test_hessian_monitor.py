@@ -241,21 +241,26 @@ def test_ddp_an_evaluation_failing_on_one_rank_is_nan_on_every_rank_and_the_run_
     assert (0, "hessian/seconds") in values and (0, "probe/overhead") in values
 
 
+FSDP2_REFUSAL = (
+    r"ModelParallelStrategy \(FSDP2\): FSDP2 gathers .* outside autograd.*strategy='ddp'.*"
+    r"save_distributed_checkpoint=False.*hessian_statistics\(HessianOperator.from_module"
+)
+
+
 @pytest.mark.parametrize(
-    "strategy, message",
+    "namespace, strategy, message",
     [
-        ("ModelParallelStrategy", r"ModelParallelStrategy \(FSDP2\): FSDP2 gathers .* outside autograd.*strategy='ddp'.*"
-         r"save_distributed_checkpoint=False.*hessian_statistics\(HessianOperator.from_module"),
-        ("FSDPStrategy", r"FSDPStrategy.*Use strategy='ddp'"),
+        ("lightning.pytorch", "ModelParallelStrategy", FSDP2_REFUSAL),
+        ("pytorch_lightning", "ModelParallelStrategy", FSDP2_REFUSAL),
+        ("lightning.pytorch", "FSDPStrategy", r"FSDPStrategy.*Use strategy='ddp'"),
     ],
 )
-def test_sharding_strategies_are_refused_at_setup_with_what_to_do_instead(strategy, message):
+def test_sharding_strategies_are_refused_at_setup_with_what_to_do_instead(namespace, strategy, message):
     from types import SimpleNamespace
-
-    from lightning.pytorch import strategies
 
     from lightning_gradmask import UnsupportedStrategyError
 
+    strategies = pytest.importorskip(f"{namespace}.strategies")
     # the real strategy object alone: neither can be set up on a one-process CPU Trainer
     on_sharded = SimpleNamespace(strategy=getattr(strategies, strategy)())
     with pytest.raises(UnsupportedStrategyError, match=message):

@@ -241,6 +241,52 @@ def test_ddp_an_evaluation_failing_on_one_rank_is_nan_on_every_rank_and_the_run_
     assert (0, "hessian/seconds") in values and (0, "probe/overhead") in values
 
 
+FSDP2_REFUSAL = (
+    r"ModelParallelStrategy \(FSDP2\): FSDP2 gathers .* outside autograd.*strategy='ddp'.*"
+    r"save_distributed_checkpoint=False.*hessian_statistics\(HessianOperator.from_module"
+)
+
+
+@pytest.mark.parametrize(
+    "namespace, strategy, message",
+    [
+        ("lightning.pytorch", "ModelParallelStrategy", FSDP2_REFUSAL),
+        ("pytorch_lightning", "ModelParallelStrategy", FSDP2_REFUSAL),
+        ("lightning.pytorch", "FSDPStrategy", r"FSDPStrategy.*Use strategy='ddp'"),
+    ],
+)
+def test_sharding_strategies_are_refused_at_setup_with_what_to_do_instead(namespace, strategy, message):
+    from types import SimpleNamespace
+
+    from lightning_gradmask import UnsupportedStrategyError
+
+    strategies = pytest.importorskip(f"{namespace}.strategies")
+    # the real strategy object alone: neither can be set up on a one-process CPU Trainer
+    on_sharded = SimpleNamespace(strategy=getattr(strategies, strategy)())
+    with pytest.raises(UnsupportedStrategyError, match=message):
+        HessianMonitor(mse).setup(on_sharded, TinyRegressor(), "fit")
+
+
+def test_fsdp2_fit_is_refused_on_every_rank_before_any_step_and_the_offline_route_works(tmp_path):
+    run_script(REPO_ROOT / "tests" / "ddp" / "hessian_fsdp2.py", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for rank in ranks:
+        assert "does not support ModelParallelStrategy (FSDP2)" in rank["refusal"]
+        assert rank["training_steps"] == 0 and rank["untouched"]  # at setup: nothing sharded, no step taken
+
+    # what the message says to do instead: the full checkpoint holds the trained weights, and the
+    # statistics computed from it on the unsharded model are the exact ones
+    offline = ranks[0]["offline"]
+    for name, value in ranks[0]["trained"].items():
+        assert torch.equal(offline["state"][name], value), name
+    assert not torch.equal(offline["state"]["net.0.weight"], TinyRegressor().net[0].weight)
+    model = TinyRegressor()
+    model.load_state_dict(offline["state"])
+    expected = exact_hessian(model, regression_data().tensors)
+    assert offline["trace"] == pytest.approx(float(expected.trace()), rel=1e-6)
+    assert torch.allclose(offline["eigenvalues"], torch.linalg.eigvalsh(expected).flip(0)[:2], rtol=1e-6)
+
+
 def test_ddp_every_rank_logs_the_union_batch_statistics(tmp_path):
     run_script(REPO_ROOT / "tests" / "ddp" / "hessian_ddp.py", str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

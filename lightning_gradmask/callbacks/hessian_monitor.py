@@ -23,11 +23,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_gradmask._distributed import check_strategy
 from lightning_gradmask._namespaces import Callback, lightning_classes, trainer_callbacks
 from lightning_gradmask.callbacks._hessian_agreement import AgreeingReduce, PeerEvaluationError, agree
 from lightning_gradmask.callbacks._hessian_budget import OverheadBudget
 from lightning_gradmask.callbacks._hessian_output import density_figure, logger_step, run_directory, send_figure
+from lightning_gradmask.callbacks._hessian_strategy import check_hessian_strategy
 from lightning_gradmask.callbacks._rng import preserved_rng_state
 from lightning_gradmask.curvature import (
     STATS,
@@ -152,7 +152,9 @@ class HessianMonitor(Callback):
             without a graph, or runs through reentrant activation checkpointing.
         TypeError: (at construction) arguments of the wrong type, e.g. ``dataloader="abc"`` or
             ``options`` that is not a ``StatisticsOptions``.
-        UnsupportedStrategyError: FSDP, DeepSpeed and other sharding strategies.
+        UnsupportedStrategyError: (at ``setup``) ``ModelParallelStrategy`` (FSDP2: autograd cannot reach
+            its sharded parameters, so no Hessian-vector product; the message says what to do instead),
+            FSDP1, DeepSpeed and other sharding strategies.
 
     A NaN or infinite loss never stops training: the statistics are logged as NaN with a warning.
     """
@@ -249,7 +251,7 @@ class HessianMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "HessianMonitor", sharded=False)
+        check_hessian_strategy(trainer)
         same = [cb for cb in trainer_callbacks(trainer) if isinstance(cb, HessianMonitor) and cb is not self and cb.prefix == self.prefix]
         if same:
             raise GradmaskConfigError(

@@ -255,7 +255,7 @@ def test_sharding_strategies_are_refused_with_what_to_use_instead():
 
     # FSDP cannot be built on a CPU-only Trainer, so the check gets the real strategy object alone
     on_fsdp = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(UnsupportedStrategyError, match=r"FSDPStrategy.*Use strategy='ddp'"):
+    with pytest.raises(UnsupportedStrategyError, match=r"FSDPStrategy.*Use ModelParallelStrategy.*or strategy='ddp'"):
         GradientMask(SPEC).setup(on_fsdp, TinyRegressor(), "fit")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from lightning_gradmask import (
     WeightNoise,
 )
 
-from utils import REPO_ROOT, loader, run_script, snapshot, trainer
+from utils import REPO_ROOT, loader, run_script, scratch_dir, snapshot, trainer
 
 pl = pytest.importorskip("pytorch_lightning")
 
@@ -72,7 +71,7 @@ def test_gradient_mask_keeps_frozen_entries_exact_and_resumes_under_pytorch_ligh
     spec = {"net.0.weight": ~frozen, "net.2.bias": False}
     model = PLRegressor()
     before = snapshot(model)
-    directory = tempfile.mkdtemp(prefix="gradmask-test-")
+    directory = scratch_dir()
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=directory, save_last=True)
     pl_trainer(callbacks=[GradientMask(spec), checkpoint], enable_checkpointing=True).fit(model, loader())
     after = snapshot(model)
@@ -130,7 +129,7 @@ def test_without_pytorch_lightning_the_callbacks_are_lightning_callbacks():
         "['lightning_gradmask', 'lightning']\n"
         "assert lightning_classes('strategies', 'DDPStrategy') == (lp.strategies.DDPStrategy,)\n"
     )
-    script = Path(tempfile.mkdtemp(prefix="gradmask-test-")) / "no_pytorch_lightning.py"
+    script = Path(scratch_dir()) / "no_pytorch_lightning.py"
     script.write_text(code)
     run_script(script)
 

@@ -21,6 +21,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
+#: Scratch space of this test process (Trainer root dirs, generated scripts), removed when it exits.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="gradmask-test-")
+
+
+def scratch_dir() -> str:
+    """A fresh directory under this process's scratch space: nothing lands in the checkout or stays behind."""
+    return tempfile.mkdtemp(dir=_SCRATCH.name)
+
 
 def regression_data(n: int = 64, features: int = 6, seed: int = 0) -> TensorDataset:
     """A seeded regression set: y depends on every feature."""
@@ -67,7 +75,7 @@ def trainer(trainer_class: Callable[..., Any] = L.Trainer, **overrides: Any) -> 
     """A quiet CPU Trainer (``trainer_class``: another namespace's, e.g. ``pytorch_lightning.Trainer``);
     keyword arguments override the defaults."""
     settings: dict[str, Any] = dict(
-        default_root_dir=tempfile.mkdtemp(prefix="gradmask-test-"),  # nothing lands in the checkout
+        default_root_dir=scratch_dir(),  # nothing lands in the checkout
         accelerator="cpu",
         devices=1,
         max_epochs=2,

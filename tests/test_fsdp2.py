@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightning_gradmask import GradientMask, GradmaskConfigError, SensitiveColumnBlinding, UnsupportedStrategyError
 
-from utils import REPO_ROOT, TinyRegressor, run_script
+from utils import FSDP2_RUNS_ON_CPU, FSDP2_SKIP_REASON, REPO_ROOT, TinyRegressor, run_script
 
 SCRIPT = REPO_ROOT / "tests" / "ddp" / "fsdp2_everything.py"
 SEVERED = [0, 1]
@@ -26,6 +26,8 @@ HEAD_TRAINABLE = torch.tensor([[True, False, True, False, True]])
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
+    if not FSDP2_RUNS_ON_CPU:
+        pytest.skip(FSDP2_SKIP_REASON)
     out = tmp_path_factory.mktemp("fsdp2")
     run_script(SCRIPT, str(out), timeout=400)
     return out

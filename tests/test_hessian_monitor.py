@@ -15,7 +15,17 @@ from lightning_gradmask import GradientMask, HessianMonitor
 from lightning_gradmask.curvature import HessianOperator, hessian_statistics
 
 from reference import reference_hessian
-from utils import REPO_ROOT, TinyRegressor, loader, regression_data, run_script, snapshot, trainer
+from utils import (
+    FSDP2_RUNS_ON_CPU,
+    FSDP2_SKIP_REASON,
+    REPO_ROOT,
+    TinyRegressor,
+    loader,
+    regression_data,
+    run_script,
+    snapshot,
+    trainer,
+)
 
 
 def mse(module, batch):
@@ -267,6 +277,7 @@ def test_sharding_strategies_are_refused_at_setup_with_what_to_do_instead(namesp
         HessianMonitor(mse).setup(on_sharded, TinyRegressor(), "fit")
 
 
+@pytest.mark.skipif(not FSDP2_RUNS_ON_CPU, reason=FSDP2_SKIP_REASON)
 def test_fsdp2_fit_is_refused_on_every_rank_before_any_step_and_the_offline_route_works(tmp_path):
     run_script(REPO_ROOT / "tests" / "ddp" / "hessian_fsdp2.py", str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

@@ -21,6 +21,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
+#: FSDP2 (``fully_shard``) runs on CPU processes only where torch's CPU stream can record events
+#: (torch 2.6, the floor, has FSDP2 for CUDA only: its all-gather fails on CPU).
+FSDP2_RUNS_ON_CPU = hasattr(torch.cpu.Stream, "record_event")
+FSDP2_SKIP_REASON = f"FSDP2 does not run on CPU processes with torch {torch.__version__}"
+
 #: Scratch space of this test process (Trainer root dirs, generated scripts), removed when it exits.
 _SCRATCH = tempfile.TemporaryDirectory(prefix="gradmask-test-")
 

@@ -506,3 +506,26 @@ def test_ddp_ranks_draw_the_same_noise_and_end_identical(tmp_path):
     assert not torch.equal(rank0["perturbed"]["net.0.weight"], rank0["initial"]["net.0.weight"])
     assert rank0["first_loss"] != rank1["first_loss"]
     assert not torch.equal(rank0["final"]["net.0.weight"], rank0["initial"]["net.0.weight"])
+
+
+def test_fsdp2_run_adds_the_noise_of_the_ddp_run(tmp_path):
+    # the same model, data and seeds under strategy="ddp" and under ModelParallelStrategy (FSDP2, fully_shard)
+    run_script(REPO_ROOT / "tests" / "ddp" / "noise_fsdp.py", str(tmp_path))
+    ddp, fsdp, fsdp1 = (torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in ("ddp_rank0", "fsdp_rank0", "fsdp_rank1"))
+    names = list(ddp["final"])
+    for name in names:
+        # the weight noise is computed from the same weights, entry by entry: the same bits on the shards
+        assert torch.equal(fsdp["initial"][name], ddp["initial"][name]), name
+        assert torch.equal(fsdp["perturbed"][name], ddp["perturbed"][name]), name
+        # the gradient noise comes on top of a gradient reduced another way: float tolerance
+        torch.testing.assert_close(fsdp["noised_grads"][name], ddp["noised_grads"][name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fsdp["final"][name], ddp["final"][name], rtol=1e-5, atol=1e-5)
+        assert torch.equal(fsdp["final"][name], fsdp1["final"][name]), name  # ranks hold the same whole weights
+    # both runs added the documented gradient noise (std 0.05, far above the tolerance) at step 0
+    noise = expected_noise(ddp["initial"], 1, 0, 0.05, "gradient")
+    for run in (ddp, fsdp):
+        for name in names:
+            added = run["noised_grads"][name] - run["clean_grads"][name]
+            torch.testing.assert_close(added, noise[name], rtol=0, atol=1e-6)
+    assert not torch.equal(ddp["perturbed"]["net.0.weight"], ddp["initial"]["net.0.weight"])
+    assert not torch.equal(ddp["final"]["net.0.weight"], ddp["initial"]["net.0.weight"])

@@ -517,12 +517,16 @@ def test_fsdp2_run_adds_the_noise_of_the_ddp_run(tmp_path):
         # the weight noise is computed from the same weights, entry by entry: the same bits on the shards
         assert torch.equal(fsdp["initial"][name], ddp["initial"][name]), name
         assert torch.equal(fsdp["perturbed"][name], ddp["perturbed"][name]), name
+        # a state dict taken while the weights hold noise holds the clean ones (DTensors under FSDP2)
+        for run in (ddp, fsdp):
+            assert torch.equal(run["state_while_perturbed"][name], run["initial"][name]), name
         # the gradient noise comes on top of a gradient reduced another way: float tolerance
         torch.testing.assert_close(fsdp["noised_grads"][name], ddp["noised_grads"][name], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fsdp["final"][name], ddp["final"][name], rtol=1e-5, atol=1e-5)
         assert torch.equal(fsdp["final"][name], fsdp1["final"][name]), name  # ranks hold the same whole weights
-    # both runs added the documented gradient noise (std 0.05, far above the tolerance) at step 0
+    # both runs added the documented gradient noise (std 0.05, far above the tolerance) and the offset at step 0
     noise = expected_noise(ddp["initial"], 1, 0, 0.05, "gradient")
+    noise["net.2.bias"] += 0.25
     for run in (ddp, fsdp):
         for name in names:
             added = run["noised_grads"][name] - run["clean_grads"][name]

@@ -6,7 +6,7 @@ Trains the same model, data and seeds twice with 2 gloo processes: under ``strat
 network ``fully_shard``-ed in ``configure_model``. The hidden layer's weight (4500 x 16) spans two noise
 chunks and its shards cut one; the output layer's weight (1 x 4500) is held whole by rank 0 and not
 at all by rank 1. Each rank saves OUT_DIR/{ddp,fsdp}_rank{r}.pt: the whole parameters at the start,
-the weights its first training step saw (perturbed), the gradients before and after the noise at
+the weights its first training step saw (perturbed), the state dict taken then, the gradients before and after the noise at
 the first optimizer step, and the final parameters (gathered with ``full_tensor()`` under FSDP2).
 """
 
@@ -50,6 +50,7 @@ class Recorder(TinyRegressor):
     def training_step(self, batch, batch_idx):
         if self.perturbed is None:
             self.perturbed = whole(dict(self.named_parameters()))
+            self.state_while_perturbed = whole(self.state_dict())  # WeightNoise writes the clean values
         return super().training_step(batch, batch_idx)
 
 
@@ -71,12 +72,14 @@ class NoisedGradients(Callback):
 def fit(strategy, out: Path, label: str) -> None:
     model = Recorder()
     probe = NoisedGradients()
-    callbacks = [GradientNoise(std=0.05, seed=1), WeightNoise(std=0.1, relative=True, seed=2), probe]
+    gradient_noise = GradientNoise(std=0.05, offset={"net.2.bias": 0.25}, seed=1)  # a bias rank 1 holds none of
+    callbacks = [gradient_noise, WeightNoise(std=0.1, relative=True, seed=2), probe]
     run = trainer(strategy=strategy, devices=2, max_epochs=2, accumulate_grad_batches=2, callbacks=callbacks)
     run.fit(model, loader(regression_data(n=64, features=16, seed=1), batch_size=8))
     record = {
         "initial": model.initial,
         "perturbed": model.perturbed,
+        "state_while_perturbed": model.state_while_perturbed,
         "clean_grads": probe.clean,
         "noised_grads": probe.grads,
         "final": whole(dict(model.named_parameters())),

@@ -109,3 +109,12 @@ def test_a_callable_going_bad_names_the_step():
         make_schedule(std=lambda t: 1 / t)(0)
     with pytest.raises(NoiseStdError, match="step 3 must be a real number"):
         check_std(torch.ones(2), step=3)
+
+
+def test_tensors_of_one_span_on_different_devices_each_get_their_own_copy():
+    # "meta" stands in for a second device: the noise arrives there with its shape and dtype
+    shapes, dtypes = [(3, 4), (5,)], [torch.float16, torch.float16]
+    drawn = NoiseLayout(shapes, dtypes, devices=["cpu", "meta"]).draw_(2, 3, scale=2.0)
+    reference = noise_for([torch.empty(s, dtype=torch.float16) for s in shapes], 2, 3)
+    assert drawn[1].device.type == "meta" and drawn[1].shape == (5,) and drawn[1].dtype == torch.float16
+    assert torch.equal(drawn[0], reference[0] * 2.0)

@@ -248,9 +248,12 @@ class WeightNoise(SeededNoise):
         torch._foreach_copy_(cleans, datas)
         if self.relative:
             torch._foreach_mul_(noises, torch._foreach_abs(cleans))
-        for k, noise in zip(chosen, noises):
-            for alias in self._live[k][2]:
-                frozen.zero_frozen_in_(alias, noise)
+        masked = set(frozen.names)  # only parameters with frozen entries need a call
+        if masked:
+            for k, noise in zip(chosen, noises):
+                for alias in self._live[k][2]:
+                    if alias in masked:
+                        frozen.zero_frozen_in_(alias, noise)
         self._perturbed.extend((self._live[k][3], clean) for k, clean in zip(chosen, cleans))
         torch._foreach_add_(datas, noises)
 

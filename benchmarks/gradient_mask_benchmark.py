@@ -25,7 +25,7 @@ Usage::
     python benchmarks/gradient_mask_benchmark.py --optimizer sgd   # SGD momentum + weight decay
     python benchmarks/gradient_mask_benchmark.py --mechanism    # restore / mask kernels only, 15 s
     python benchmarks/gradient_mask_benchmark.py --memory --rounds 3   # peak RSS per masked entry, 1 min
-    python benchmarks/gradient_mask_benchmark.py --blocks 1000 --rounds 4   # 2,000 small tensors: mask, noise
+    python benchmarks/gradient_mask_benchmark.py --blocks 1000 --rounds 4   # 2,000 small tensors: mask, gradient and weight noise
     python benchmarks/gradient_mask_benchmark.py --steps 60 --rounds 4 --width 1024 --threads 2
 
 ``--threads`` defaults to 1: on a shared 2-core machine a two-thread kernel waits for its slower
@@ -493,7 +493,7 @@ def optimizer_side(case: Frozen, reps: int) -> None:
 
 
 # ---------------------------------------------------------------------------- many small tensors
-BLOCK_VARIANTS = ("plain", "gradient_mask", "gradient_noise")
+BLOCK_VARIANTS = ("plain", "gradient_mask", "gradient_noise", "weight_noise")
 
 
 class Blocks(L.LightningModule):
@@ -513,6 +513,7 @@ class Blocks(L.LightningModule):
 
 def blocks_fit(variant: str, args: argparse.Namespace) -> StepTimer:
     from lightning_gradmask.callbacks.gradient_noise import GradientNoise
+    from lightning_gradmask.callbacks.weight_noise import WeightNoise
 
     model = Blocks(args.blocks)
     callbacks: list[Callback] = []
@@ -520,6 +521,8 @@ def blocks_fit(variant: str, args: argparse.Namespace) -> StepTimer:
         callbacks = [GradientMask(trainable=weight_masks(model, 0.5))]
     elif variant == "gradient_noise":
         callbacks = [GradientNoise(std=1e-4)]
+    elif variant == "weight_noise":
+        callbacks = [WeightNoise(std=1e-4)]  # the weight of every Linear: 1,000 tensors
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, max_epochs=-1, logger=False,

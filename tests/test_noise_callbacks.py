@@ -14,7 +14,7 @@ from lightning_gradmask.callbacks.gradient_mask import GradientMask
 from lightning_gradmask.callbacks.gradient_noise import GradientNoise
 from lightning_gradmask.callbacks.weight_noise import WeightNoise
 from lightning_gradmask.errors import MaskSpecError, NoiseStdError
-from lightning_gradmask.functional.noise import noise_like
+from lightning_gradmask.functional.noise import noise_for
 
 from utils import REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer
 
@@ -55,8 +55,9 @@ class Recorder(TinyRegressor):
         self.seen["test"].append(snapshot(self))
 
 
-def expected_noise(param, seed, step, index, std, stream):
-    return noise_like(param, seed, step, index, stream=stream).mul_(std)
+def expected_noise(targets, seed, step, std, stream):
+    """``{name: std * noise}`` that a callback adds for ``targets`` (``{name: tensor}`` in parameter order)."""
+    return {name: noise.mul_(std) for name, noise in zip(targets, noise_for(list(targets.values()), seed, step, stream=stream))}
 
 
 # --------------------------------------------------------------------------- GradientNoise
@@ -77,9 +78,10 @@ def test_gradient_noise_once_per_step_on_unscaled_gradients_before_clipping():
     ).fit(model, loader())
     assert before.steps == after.steps == [0, 1]  # 4 micro-batches, 2 optimizer steps
     for k, step in enumerate(before.steps):
-        for index, (name, param) in enumerate(model.named_parameters()):
+        noise = expected_noise(dict(model.named_parameters()), 3, step, 100.0, "gradient")
+        for name in noise:
             # unscaled units: the noise is std * N(0, 1), not std * N(0, 1) / loss scale
-            want = before.grads[k][name] + expected_noise(param, 3, step, index, 100.0, "gradient")
+            want = before.grads[k][name] + noise[name]
             assert torch.equal(after.grads[k][name], want), (name, step)
     # clipping came after the noise: each update has norm <= lr * clip value
     change = torch.cat([(snapshot(model)[n] - initial[n]).flatten() for n in initial]).norm()
@@ -126,9 +128,10 @@ def test_annealed_std_is_logged_and_callable_std_respects_params():
     trainer(callbacks=[before, scheduled, after], max_epochs=1).fit(model, loader())
     assert scheduled.target_names == ["net.0.weight", "net.0.bias"]
     for k, step in enumerate(before.steps):
-        for index, (name, param) in enumerate(model.named_parameters()):
-            noise = expected_noise(param, 5, step, index, 0.1 * (step + 1), "gradient")
-            want = before.grads[k][name] + noise if name.startswith("net.0") else before.grads[k][name]
+        targets = {n: p for n, p in model.named_parameters() if n.startswith("net.0")}
+        noise = expected_noise(targets, 5, step, 0.1 * (step + 1), "gradient")
+        for name, _ in model.named_parameters():
+            want = before.grads[k][name] + noise[name] if name in noise else before.grads[k][name]
             assert torch.equal(after.grads[k][name], want), (name, step)
 
 
@@ -180,9 +183,9 @@ def test_manual_optimization_with_two_optimizers():
     assert before.steps == list(range(8))  # each optimizer.step() is one step
     for k, step in enumerate(before.steps):
         stepped = ("net.0.",) if k % 2 == 0 else ("net.2.",)  # only the stepping optimizer's parameters
-        for index, (name, param) in enumerate(model.named_parameters()):
-            noise = expected_noise(param, 1, step, index, 0.5, "gradient")
-            want = before.grads[k][name] + noise if name.startswith(stepped) else before.grads[k][name]
+        noise = expected_noise(dict(model.named_parameters()), 1, step, 0.5, "gradient")  # drawn for every target
+        for name in noise:
+            want = before.grads[k][name] + noise[name] if name.startswith(stepped) else before.grads[k][name]
             assert torch.equal(after.grads[k][name], want), (name, step)
     # WeightNoise: perturbed during each forward, clean weights back, bit-identical with lr=0
     assert all(not torch.equal(seen["net.0.weight"], initial["net.0.weight"]) for seen in model.seen)
@@ -203,9 +206,10 @@ def test_weight_noise_one_draw_per_window_clean_weights_outside_training():
     train = model.seen["train"]
     assert [step for step, _ in train] == [0, 0, 1, 1, 2, 2, 3, 3]
     for step, weights in train:  # w + std * |w| * N(0, 1) on the weights, biases untouched
-        for index, name in ((0, "net.0.weight"), (2, "net.2.weight")):
+        noise = expected_noise({n: initial[n] for n in ("net.0.weight", "net.2.weight")}, 4, step, 0.05, "weight")
+        for name in noise:
             clean = initial[name]
-            want = clean + expected_noise(clean, 4, step, index, 0.05, "weight").mul_(clean.abs())
+            want = clean + noise[name].mul_(clean.abs())
             assert torch.equal(weights[name], want), (name, step)
         assert torch.equal(weights["net.0.bias"], initial["net.0.bias"])
     # validation after batch 3 (mid-window), at epoch ends, and test: all clean
@@ -502,3 +506,30 @@ def test_ddp_ranks_draw_the_same_noise_and_end_identical(tmp_path):
     assert not torch.equal(rank0["perturbed"]["net.0.weight"], rank0["initial"]["net.0.weight"])
     assert rank0["first_loss"] != rank1["first_loss"]
     assert not torch.equal(rank0["final"]["net.0.weight"], rank0["initial"]["net.0.weight"])
+
+
+def test_fsdp2_run_adds_the_noise_of_the_ddp_run(tmp_path):
+    # the same model, data and seeds under strategy="ddp" and under ModelParallelStrategy (FSDP2, fully_shard)
+    run_script(REPO_ROOT / "tests" / "ddp" / "noise_fsdp.py", str(tmp_path))
+    ddp, fsdp, fsdp1 = (torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in ("ddp_rank0", "fsdp_rank0", "fsdp_rank1"))
+    names = list(ddp["final"])
+    for name in names:
+        # the weight noise is computed from the same weights, entry by entry: the same bits on the shards
+        assert torch.equal(fsdp["initial"][name], ddp["initial"][name]), name
+        assert torch.equal(fsdp["perturbed"][name], ddp["perturbed"][name]), name
+        # a state dict taken while the weights hold noise holds the clean ones (DTensors under FSDP2)
+        for run in (ddp, fsdp):
+            assert torch.equal(run["state_while_perturbed"][name], run["initial"][name]), name
+        # the gradient noise comes on top of a gradient reduced another way: float tolerance
+        torch.testing.assert_close(fsdp["noised_grads"][name], ddp["noised_grads"][name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fsdp["final"][name], ddp["final"][name], rtol=1e-5, atol=1e-5)
+        assert torch.equal(fsdp["final"][name], fsdp1["final"][name]), name  # ranks hold the same whole weights
+    # both runs added the documented gradient noise (std 0.05, far above the tolerance) and the offset at step 0
+    noise = expected_noise(ddp["initial"], 1, 0, 0.05, "gradient")
+    noise["net.2.bias"] += 0.25
+    for run in (ddp, fsdp):
+        for name in names:
+            added = run["noised_grads"][name] - run["clean_grads"][name]
+            torch.testing.assert_close(added, noise[name], rtol=0, atol=1e-6)
+    assert not torch.equal(ddp["perturbed"]["net.0.weight"], ddp["initial"]["net.0.weight"])
+    assert not torch.equal(ddp["final"]["net.0.weight"], ddp["initial"]["net.0.weight"])

@@ -1,9 +1,10 @@
 """What ``GradientNoise`` and ``WeightNoise`` share: a seed, the parameter table, the seeded draws.
 
-Both draw their noise with :func:`lightning_gradmask.functional.noise.noise_like` from a generator seeded
-with ``(seed, optimizer step, parameter index)``, so every DDP rank adds the same numbers and a
-resumed run adds what an uninterrupted run would have added. Neither is differential privacy:
-see ``docs/noise.md``.
+Both draw their noise with :class:`lightning_gradmask.functional.noise.NoiseLayout` (what
+:func:`~lightning_gradmask.functional.noise.noise_for` returns for their list of targets) from generators
+seeded with ``(seed, optimizer step)``, so every rank adds the same numbers (a rank holding an FSDP2
+shard adds that shard's part) and a resumed run adds what an uninterrupted run would have added.
+Neither is differential privacy: see ``docs/noise.md``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing_extensions import override
 
 from lightning_gradmask._namespaces import Callback
 from lightning_gradmask.errors import GradmaskConfigError, GradmaskConfigTypeError
-from lightning_gradmask.functional.noise import draw_dtype, draw_noise_, noise_seeds
+from lightning_gradmask.functional.noise import NoiseLayout, Part
 from lightning_gradmask.functional.selection import SelectorItem
+from lightning_gradmask.functional.sharding import is_sharded, local_part, local_tensor
 
 GRADIENT_STREAM = "gradient"
 WEIGHT_STREAM = "weight"
@@ -32,8 +34,9 @@ class SeededNoise(Callback):
     params: Optional[list[SelectorItem]]
     _twin: int = 0
     _key_settled: bool = False
-    _draw_buffers: dict[int, torch.Tensor]  # id(param) -> CPU draw buffer, reused across steps
-    _generator: torch.Generator
+    _layout: Optional[NoiseLayout] = None  # built at on_train_start
+    _layout_params: list[torch.Tensor]
+    _cut_whole: list[bool]
 
     #: every live noise callback, to tell apart instances built with the same seed and params
     _instances: "weakref.WeakSet[SeededNoise]" = weakref.WeakSet()
@@ -72,26 +75,32 @@ class SeededNoise(Callback):
             return self._generate_state_key(seed=self.seed, params=self._config()[1], twin=self._twin)
         return self._generate_state_key(seed=self.seed, params=self._config()[1])
 
-    def _draw(self, step: int, like: list[tuple[int, torch.Tensor, torch.Tensor]], stream: str) -> list[torch.Tensor]:
-        """``noise_like(tensor, seed, step, index, stream=stream)`` for every ``(index, param, tensor)``,
-        bit for bit, with one reseeded generator, one hash prefix and CPU buffers reused across steps.
+    def _lay_out(self, params: list[torch.Tensor]) -> None:
+        """Call once the targets are live (``on_train_start``): where each finds its noise, drawn whole or
+        (a ``DTensor`` shard) only for the part this process holds, on its device, in its dtype."""
+        parts, self._cut_whole = [], []
+        for param in params:
+            part = _local_range(param)
+            parts.append(part if part is not None else (0, param.numel(), tuple(param.shape)))
+            self._cut_whole.append(part is None)
+        self._layout = NoiseLayout(
+            [tuple(p.shape) for p in params],
+            [p.dtype for p in params],
+            devices=[local_tensor(p).device for p in params],
+            parts=parts,
+        )
+        self._layout_params = list(params)
 
-        A returned tensor may be the reused buffer itself: use it before the next draw.
+    def _draw(self, step: int, std: float, stream: str) -> list[torch.Tensor]:
+        """``std`` times the noise of every target at ``step``: the local shard's part for a ``DTensor``.
+
+        The returned tensors are reused buffers: use them before the next draw.
         """
-        seeds = noise_seeds(self.seed, step, [index for index, _, _ in like], stream=stream)
-        draws = []
-        for _, param, tensor in like:
-            dtype = draw_dtype(tensor.dtype)
-            buffer = self._draw_buffers.get(id(param))
-            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != dtype:
-                buffer = torch.empty(tuple(tensor.shape), dtype=dtype)
-                self._draw_buffers[id(param)] = buffer
-            draws.append(buffer)
-        draw_noise_(draws, seeds, self._generator)
-        return [
-            draw if draw.dtype == t.dtype and draw.device == t.device else draw.to(device=t.device, dtype=t.dtype)
-            for draw, (_, _, t) in zip(draws, like)
-        ]
+        assert self._layout is not None, "_lay_out runs at on_train_start"
+        noises = self._layout.draw_(self.seed, step, stream=stream, scale=std)
+        if any(self._cut_whole):  # shards that are not a contiguous range of their whole (tensor parallel)
+            noises = [local_part(n, like=p) if cut else n for n, p, cut in zip(noises, self._layout_params, self._cut_whole)]
+        return noises
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -123,3 +132,17 @@ def refuse_same_seed(trainer: pl.Trainer, owner: Callback) -> None:
 
 def _item_key(item: SelectorItem) -> str:
     return item if isinstance(item, str) else f"{item.__module__}.{item.__qualname__}"
+
+
+def _local_range(param: torch.Tensor) -> Optional[Part]:
+    """The entries of ``param``'s flattened whole that this process holds, if they are one contiguous
+    range (a plain tensor, an FSDP2 ``Shard(0)`` shard); ``None`` otherwise (cut from the whole)."""
+    if not is_sharded(param):
+        return 0, int(param.numel()), tuple(param.shape)
+    if not all(type(p).__name__ in ("Shard", "Replicate") for p in param.placements):  # type: ignore[attr-defined]
+        return None
+    part = local_part(torch.empty(tuple(param.shape), device="meta"), like=param)
+    if part.numel() and not part.is_contiguous():
+        return None
+    start = int(part.storage_offset()) if part.numel() else 0
+    return start, start + int(part.numel()), tuple(part.shape)

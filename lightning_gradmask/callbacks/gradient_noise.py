@@ -22,6 +22,7 @@ from lightning_gradmask.errors import MaskSpecError
 from lightning_gradmask.functional.constraints import parameter_constraints
 from lightning_gradmask.functional.noise import StdSchedule, make_schedule
 from lightning_gradmask.functional.selection import ParameterTable, ParamSelector, match_parameters, normalize_selector
+from lightning_gradmask.functional.sharding import local_part, local_tensor
 
 __all__ = ["GradientNoise"]
 
@@ -35,9 +36,12 @@ class GradientNoise(SeededNoise):
     ``SensitiveColumnBlinding`` on the module are re-applied, so frozen entries never receive noise,
     whatever the order of the callbacks.
 
-    The noise of parameter ``i`` at optimizer step ``t`` (``trainer.global_step``, 0 for the first
-    step) is ``std_t * noise_like(grad, seed, t, i)``: the same on every DDP rank (ranks keep
-    identical parameters), the same in a run resumed from a checkpoint, the same on CPU and GPU.
+    The noise at optimizer step ``t`` (``trainer.global_step``, 0 for the first step) is
+    ``std_t * noise_for(targets, seed, t, stream="gradient")`` for the list of target parameters
+    (:attr:`target_names`, in parameter order): the same on every DDP rank (ranks keep identical
+    parameters), the same in a run resumed from a checkpoint, the same on CPU and GPU; under
+    ``ModelParallelStrategy`` (FSDP2) each process adds its shard's part of that same noise, so the
+    run adds what the DDP run adds.
 
     Args:
         std: constant standard deviation (``>= 0``), or a callable ``step -> std`` (Python only).
@@ -82,7 +86,8 @@ class GradientNoise(SeededNoise):
             schedule that fails or returns NaN, inf or a negative number at step 0 (and later, at
             the step where it does, naming that step).
         MaskSpecError: ``params`` or ``offset`` keys naming no parameter; an offset of the wrong shape.
-        UnsupportedStrategyError: FSDP, DeepSpeed or another sharding strategy.
+        UnsupportedStrategyError: FSDP1 (``FSDPStrategy``), DeepSpeed or another strategy that is not
+            single-device, DDP or ``ModelParallelStrategy``.
     """
 
     def __init__(
@@ -110,12 +115,10 @@ class GradientNoise(SeededNoise):
                 raise MaskSpecError(f"GradientNoise(offset=...) keys must be parameter names; got {bad[0]!r}")
         self.offset = offset
         self.seed = check_seed(seed, "GradientNoise")
-        self._targets: list[tuple[str, int]] = []  # (name, parameter index), resolved at on_fit_start
+        self._targets: list[str] = []  # names in parameter order, resolved at on_fit_start
         self._offsets: dict[str, torch.Tensor] = {}  # CPU, resolved at on_fit_start
-        self._live_targets: list[tuple[int, torch.Tensor]] = []
-        self._live_offsets: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._draw_buffers: dict[int, torch.Tensor] = {}  # id(param) -> CPU draw buffer
-        self._generator = torch.Generator(device="cpu")
+        self._live_targets: list[torch.Tensor] = []
+        self._live_offsets: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, its local part of the offset)
         self._stepped: tuple[tuple[Any, ...], set[int]] | None = None
         self._last_std: float | None = None
         self._register()
@@ -129,14 +132,14 @@ class GradientNoise(SeededNoise):
     @property
     def target_names(self) -> list[str]:
         """Names of the parameters that receive noise (after ``setup``)."""
-        return [name for name, _ in self._targets]
+        return list(self._targets)
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "GradientNoise", sharded=False)
+        check_strategy(trainer, "GradientNoise", sharded=True)
         refuse_same_seed(trainer, self)
         self._settle_key()
 
@@ -145,7 +148,7 @@ class GradientNoise(SeededNoise):
         # after configure_model (layers built there exist now) and before any step
         table = ParameterTable(pl_module)
         names = table.select(self.params, "GradientNoise(params=...)") if self.params is not None else table.names
-        self._targets = [(name, table.index(name)) for name in names]
+        self._targets = list(names)
         self._offsets = _resolve_offsets(self.offset, table) if self.offset is not None else {}
         if self.schedule is not None:
             self.schedule(0)  # fail now, not at the first step
@@ -155,11 +158,13 @@ class GradientNoise(SeededNoise):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         table = ParameterTable(pl_module)
-        self._live_targets = [(index, table.param(name)) for name, index in self._targets]
+        self._live_targets = [table.param(name) for name in self._targets]
+        self._lay_out(self._live_targets)
         self._live_offsets = []
         for name, value in self._offsets.items():
             param = table.param(name)
-            self._live_offsets.append((param, value.to(device=param.device, dtype=param.dtype)))
+            local = local_tensor(param)
+            self._live_offsets.append((param, local_part(value, like=param).to(device=local.device, dtype=local.dtype)))
 
     @override
     @torch.no_grad()
@@ -177,7 +182,7 @@ class GradientNoise(SeededNoise):
             pl_module.log("gradient_noise/std", std, on_step=True, on_epoch=False)
         for param, value in self._live_offsets:
             if param.grad is not None and id(param) in stepped:
-                param.grad.add_(value)
+                local_tensor(param.grad).add_(value)
                 changed = True
         if changed:
             # frozen entries (GradientMask, blinding) never receive noise, whatever the callback order;
@@ -189,26 +194,29 @@ class GradientNoise(SeededNoise):
         if stage == "fit":
             self._live_targets = []
             self._live_offsets = []
-            self._draw_buffers = {}
+            self._layout = None
             self._stepped = None
 
     @torch.no_grad()
     def _add_noise(self, step: int, std: float, stepped: set[int]) -> bool:
-        """``grad += std * noise_like(grad, seed, step, index)`` for every target, bit for bit, but with
-        one generator, one hash prefix and grouped multiply/add kernels for all of them."""
-        chosen = []
-        for index, param in self._live_targets:
+        """``grad += std * noise`` for every target with a gradient that ``optimizer`` steps: one draw for
+        all targets (also those without a gradient now, so that each target's noise never depends on
+        the others'), one grouped add."""
+        grads, noises = [], []
+        drawn: list[torch.Tensor] | None = None
+        for k, param in enumerate(self._live_targets):
             grad = param.grad
             if grad is None or id(param) not in stepped:
                 continue
             if grad.is_sparse:
                 raise RuntimeError("GradientNoise does not support sparse gradients (nn.Embedding(sparse=True))")
-            chosen.append((index, param, grad))
-        if not chosen:
+            if drawn is None:
+                drawn = self._draw(step, std, GRADIENT_STREAM)
+            grads.append(local_tensor(grad))
+            noises.append(drawn[k])
+        if not grads:
             return False
-        noises = self._draw(step, [(index, param, grad) for index, param, grad in chosen], GRADIENT_STREAM)
-        torch._foreach_mul_(noises, std)
-        torch._foreach_add_([grad for _, _, grad in chosen], noises)
+        torch._foreach_add_(grads, noises)
         return True
 
     def _stepped_ids(self, optimizer: torch.optim.Optimizer) -> set[int]:

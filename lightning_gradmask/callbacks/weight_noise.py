@@ -22,6 +22,7 @@ from lightning_gradmask.errors import GradmaskConfigError, GradmaskConfigTypeErr
 from lightning_gradmask.functional.constraints import parameter_constraints
 from lightning_gradmask.functional.noise import StdSchedule, make_schedule
 from lightning_gradmask.functional.selection import ParameterTable, ParamSelector, normalize_selector
+from lightning_gradmask.functional.sharding import is_sharded, local_tensor
 
 __all__ = ["WeightNoise"]
 
@@ -36,8 +37,10 @@ class WeightNoise(SeededNoise):
     is not ``w`` in floating point), so the optimizer updates the clean weights with the gradient
     taken at the perturbed point. With a learning rate of 0 the weights end bit-identical.
 
-    The noise of parameter ``i`` at optimizer step ``t`` is ``std_t * noise_like(w, seed, t, i)``
-    (times ``|w|`` per entry with ``relative=True``), identical on every DDP rank and after resume.
+    The noise at optimizer step ``t`` is ``std_t * noise_for(targets, seed, t, stream="weight")``
+    for the list of chosen parameters (:attr:`target_names`, in parameter order), times ``|w|`` per
+    entry with ``relative=True``: identical on every DDP rank and after resume; under
+    ``ModelParallelStrategy`` (FSDP2) each process perturbs its shard by its part of that same noise.
     Frozen entries of ``GradientMask`` and severed weights of ``SensitiveColumnBlinding`` are never
     perturbed (severed weights stay exactly 0). Parameters with ``requires_grad=False`` are skipped.
 
@@ -82,7 +85,8 @@ class WeightNoise(SeededNoise):
         MaskSpecError: ``params`` naming no parameter, a module type the model does not contain, no
             ``nn.Linear`` for the default.
         GradmaskConfigError: a selected parameter that is not floating point.
-        UnsupportedStrategyError: FSDP, DeepSpeed or another sharding strategy.
+        UnsupportedStrategyError: FSDP1 (``FSDPStrategy``), DeepSpeed or another strategy that is not
+            single-device, DDP or ``ModelParallelStrategy``.
     """
 
     def __init__(
@@ -102,10 +106,8 @@ class WeightNoise(SeededNoise):
         self._chosen: list[tuple[str, int, tuple[str, ...]]] = []  # (name, index, alias names)
         self._live: list[tuple[str, int, tuple[str, ...], torch.Tensor]] = []
         self._clean: dict[str, torch.Tensor] = {}
-        self._perturbed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, clean copy)
+        self._perturbed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, clean copy of its local data)
         self._hook: Any = None
-        self._draw_buffers: dict[int, torch.Tensor] = {}  # id(param) -> CPU draw buffer
-        self._generator = torch.Generator(device="cpu")
         self._last_std: float | None = None
         self._register()
 
@@ -130,7 +132,7 @@ class WeightNoise(SeededNoise):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "WeightNoise", sharded=False)
+        check_strategy(trainer, "WeightNoise", sharded=True)
         refuse_same_seed(trainer, self)
         self._settle_key()
 
@@ -150,6 +152,7 @@ class WeightNoise(SeededNoise):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         table = ParameterTable(pl_module)
         self._live = [(name, index, aliases, table.param(name)) for name, index, aliases in self._chosen]
+        self._lay_out([param for _, _, _, param in self._live])
         self._clean = {}
         if self._hook is None:
             owner = weakref.ref(pl_module)
@@ -219,20 +222,23 @@ class WeightNoise(SeededNoise):
             self._hook = None
         self._live = []
         self._clean = {}
-        self._draw_buffers = {}
+        self._layout = None
 
     # ------------------------------------------------------------------ the mechanism
     @torch.no_grad()
     def _perturb(self, pl_module: pl.LightningModule, step: int, std: float) -> None:
-        # the same arithmetic as noise_like(...).mul_(std) [.mul_(|clean|)] then data.add_(noise),
-        # bit for bit, in grouped kernels
+        # one draw for every target (also those with requires_grad off now, so that each target's noise
+        # never depends on the others'), grouped copies, multiplications and adds on the local data
         frozen = parameter_constraints(pl_module).frozen
-        chosen = [(name, index, aliases, param) for name, index, aliases, param in self._live if param.requires_grad]
+        chosen = [k for k, (_, _, _, param) in enumerate(self._live) if param.requires_grad]
         if not chosen:
             return
+        drawn = self._draw(step, std, WEIGHT_STREAM)
+        noises = [drawn[k] for k in chosen]
         datas, cleans = [], []
-        for name, _, _, param in chosen:
-            data = param.detach()
+        for k in chosen:
+            name, _, _, param = self._live[k]
+            data = local_tensor(param).detach()
             clean = self._clean.get(name)
             if clean is None or clean.shape != data.shape or clean.dtype != data.dtype or clean.device != data.device:
                 clean = torch.empty_like(data, memory_format=torch.preserve_format)
@@ -240,20 +246,23 @@ class WeightNoise(SeededNoise):
             datas.append(data)
             cleans.append(clean)
         torch._foreach_copy_(cleans, datas)
-        noises = self._draw(step, [(index, param, data) for (_, index, _, param), data in zip(chosen, datas)], WEIGHT_STREAM)
-        torch._foreach_mul_(noises, std)
         if self.relative:
             torch._foreach_mul_(noises, torch._foreach_abs(cleans))
-        for (_, _, aliases, _), noise in zip(chosen, noises):
-            for alias in aliases:
-                frozen.zero_frozen_in_(alias, noise)
-        self._perturbed.extend((param, clean) for (_, _, _, param), clean in zip(chosen, cleans))
+        masked = set(frozen.names)  # only parameters with frozen entries need a call
+        if masked:
+            for k, noise in zip(chosen, noises):
+                for alias in self._live[k][2]:
+                    if alias in masked:
+                        frozen.zero_frozen_in_(alias, noise)
+        self._perturbed.extend((self._live[k][3], clean) for k, clean in zip(chosen, cleans))
         torch._foreach_add_(datas, noises)
 
     @torch.no_grad()
     def _restore(self) -> None:
         if self._perturbed:
-            torch._foreach_copy_([param.detach() for param, _ in self._perturbed], [clean for _, clean in self._perturbed])
+            torch._foreach_copy_(
+                [local_tensor(param).detach() for param, _ in self._perturbed], [clean for _, clean in self._perturbed]
+            )
         self._perturbed = []
 
     def _clean_state_dict(self, module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
@@ -269,8 +278,20 @@ class WeightNoise(SeededNoise):
                 key = prefix + alias
                 value = state.get(key)
                 if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                    state[key] = clean.clone()
+                    state[key] = _clean_value(clean, param, value)
 
+
+def _clean_value(clean: torch.Tensor, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The state-dict entry for ``param`` from ``clean`` (a copy of its local data), shaped like ``value``."""
+    if not is_sharded(param):
+        return clean.clone()
+    from torch.distributed.tensor import DTensor
+
+    whole = DTensor.from_local(
+        clean.clone(), param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()  # type: ignore[attr-defined]
+    )
+    # a sharded state dict holds DTensors; a full one (gathered on every process, in the same order) whole tensors
+    return whole if is_sharded(value) else whole.full_tensor().to(value.device)
 
 
 def _linear_weights(table: ParameterTable) -> list[str]:

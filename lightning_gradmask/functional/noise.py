@@ -1,20 +1,27 @@
 """Seeded Gaussian noise and noise-std schedules: pure tensor code, no Lightning.
 
-Noise for one parameter at one optimizer step is drawn from a CPU :class:`torch.Generator`
-seeded from ``(stream, seed, step, parameter index)``. The numbers therefore depend on nothing
-else: not on the process (every DDP rank draws the same), not on the device the parameter lives
-on (the draw is made on the CPU and then moved), not on how many draws happened before (a resumed
-run draws what an uninterrupted run would have drawn).
+The noise of one optimizer step for a fixed, ordered list of tensors (the parameters a callback
+perturbs) is read from flat standard-normal *streams*, one per dtype: the tensors of a dtype,
+flattened and laid end to end in list order, take consecutive entries of their stream. A stream is
+cut into chunks of :data:`NOISE_CHUNK` entries; chunk ``c`` is drawn on the CPU by a
+:class:`torch.Generator` seeded from a hash of ``(stream label, seed, step, dtype, c)``. The
+numbers therefore depend on the seed, the step and the list's shapes and dtypes, and on nothing
+else: not on the process (every DDP rank draws the same), not on the device the tensors live on
+(the draw is made on the CPU and then moved), not on how many draws happened before (a resumed
+run draws what an uninterrupted run would have drawn). A process holding only a shard of a tensor
+(FSDP2) draws the chunks its shard covers and gets the same numbers as a process holding it whole.
 
     >>> import torch
 
-    >>> w = torch.zeros(2, 3)
-    >>> a = noise_like(w, seed=0, step=5, index=1)
-    >>> b = noise_like(w, seed=0, step=5, index=1)
-    >>> bool(torch.equal(a, b)), tuple(a.shape), a.dtype
+    >>> w, b = torch.zeros(2, 3), torch.zeros(3)
+    >>> first = noise_for([w, b], seed=0, step=5)
+    >>> again = noise_for([w, b], seed=0, step=5)
+    >>> all(torch.equal(x, y) for x, y in zip(first, again)), tuple(first[0].shape), first[0].dtype
     (True, (2, 3), torch.float32)
-    >>> bool(torch.equal(a, noise_like(w, seed=1, step=5, index=1)))
+    >>> torch.equal(first[0], noise_for([w, b], seed=1, step=5)[0])
     False
+    >>> torch.equal(torch.cat([first[0].flatten(), first[1]]), noise_for([torch.zeros(9)], seed=0, step=5)[0])
+    True
 
 A *std schedule* maps the optimizer step ``t`` (0 for the first step) to a standard deviation:
 
@@ -33,76 +40,41 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-from collections.abc import Callable
-from typing import Any, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import torch
 
 from lightning_gradmask.errors import GradmaskConfigError, GradmaskConfigTypeError, NoiseStdError
 
 __all__ = [
+    "NOISE_CHUNK",
     "AnnealedStd",
     "CallableStd",
     "ConstantStd",
+    "NoiseLayout",
     "StdSchedule",
     "StdValue",
     "check_std",
     "make_schedule",
     "draw_dtype",
-    "draw_noise_",
-    "noise_generator",
-    "noise_like",
-    "noise_seed",
-    "noise_seeds",
+    "noise_for",
 ]
 
 StdValue = Union[float, Callable[[int], Any]]
 """A noise std: a non-negative number, or a callable ``step -> std`` (Python only)."""
 
+NOISE_CHUNK = 1 << 16
+"""Entries of a noise stream drawn by one seeded generator (the last chunk of a stream may be shorter)."""
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-
-# --------------------------------------------------------------------------- seeding
-
-
-def noise_seed(seed: int, step: int, index: int, *, stream: str = "") -> int:
-    """A 64-bit generator seed derived from ``(stream, seed, step, index)`` by a hash.
-
-    Neighbouring inputs (step 4 and 5, parameter 0 and 1) give unrelated seeds. ``stream`` keeps
-    two users of the same ``seed`` apart (``GradientNoise`` and ``WeightNoise`` draw
-    independent noise even when both use ``seed=0``).
-    """
-    for label, value in (("seed", seed), ("step", step), ("index", index)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise TypeError(f"noise {label} must be an integer, got {type(value).__name__} {value!r}")
-    text = f"lightning_gradmask.functional.noise|{stream}|{int(seed)}|{int(step)}|{int(index)}"
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+Part = tuple[int, int, tuple[int, ...]]
+"""``(start, stop, shape)``: the entries ``[start, stop)`` of a tensor's flattened (row-major) whole
+that a process needs, viewed as ``shape`` (``stop - start`` entries)."""
 
 
-def noise_seeds(seed: int, step: int, indices: list[int], *, stream: str = "") -> list[int]:
-    """:func:`noise_seed` for many parameter indices at once (the same numbers, hashed faster)."""
-    noise_seed(seed, step, 0, stream=stream)  # the same argument checks
-    prefix = hashlib.blake2b(f"lightning_gradmask.functional.noise|{stream}|{int(seed)}|{int(step)}|".encode(), digest_size=8)
-    seeds = []
-    for index in indices:
-        digest = prefix.copy()
-        digest.update(str(int(index)).encode())
-        seeds.append(int.from_bytes(digest.digest(), "big"))
-    return seeds
-
-
-def draw_noise_(out: list[torch.Tensor], seeds: list[int], generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Fill CPU tensors with standard normal noise, ``out[k]`` from a generator seeded with ``seeds[k]``.
-
-    ``out[k]`` then holds exactly what ``torch.randn(out[k].shape, generator=...)`` draws, which is
-    what :func:`noise_like` draws before moving the noise (``out`` in the draw dtype: ``float32``
-    for ``float16``/``bfloat16`` parameters). One generator is reseeded for every tensor.
-    """
-    generator = generator if generator is not None else torch.Generator(device="cpu")
-    for tensor, value in zip(out, seeds):
-        generator.manual_seed(value)
-        torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype, out=tensor)
-    return out
+# --------------------------------------------------------------------------- drawing
 
 
 def draw_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,35 +82,162 @@ def draw_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def noise_generator(seed: int, step: int, index: int, *, stream: str = "") -> torch.Generator:
-    """A fresh CPU generator seeded with :func:`noise_seed`."""
-    return torch.Generator(device="cpu").manual_seed(noise_seed(seed, step, index, stream=stream))
+def _check_integer(label: str, value: Any) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"noise {label} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
-def noise_like(param: torch.Tensor, seed: int, step: int, index: int, *, stream: str = "") -> torch.Tensor:
-    """Standard normal noise with ``param``'s shape, dtype and device, fixed by the arguments.
+class NoiseLayout:
+    """Where each tensor of a fixed, ordered list finds its noise in a step's streams; draws it.
 
-    The draw is made on the CPU with a generator seeded from ``(stream, seed, step, index)``, so
-    it is the same on every process and every device. ``float32`` and ``float64`` parameters get
-    noise drawn in their own dtype; ``float16``/``bfloat16`` parameters get noise drawn in
-    ``float32`` and rounded to their dtype.
+    Built once per run (the list, its shapes, dtypes and devices do not change between steps);
+    :meth:`draw_` then fills reused buffers with one generator reseeding and one ``normal_`` call
+    per chunk of :data:`NOISE_CHUNK` entries, one copy to the tensors' device and dtype and one
+    multiplication per contiguous span, whatever the number of tensors.
 
     Args:
-        param: the tensor whose shape, dtype and device the noise takes (it is not read or changed).
+        shapes: the (global) shape of every tensor, in the fixed order.
+        dtypes: their dtypes (floating point); each dtype has its own stream.
+        devices: the device each tensor's noise is returned on (default: the CPU).
+        parts: per tensor, the part of its whole this process needs (see :data:`Part`), default the
+            whole (``(0, numel, shape)``); a shard of an FSDP2 parameter is a contiguous range of rows.
+
+    >>> layout = NoiseLayout([(4, 2)], [torch.float32], parts=[(2, 6, (2, 2))])   # rows 1 and 2
+    >>> whole = noise_for([torch.zeros(4, 2)], seed=3, step=0)[0]
+    >>> torch.equal(layout.draw_(3, 0)[0], whole[1:3])
+    True
+
+    Raises:
+        TypeError: a dtype that is not floating point.
+        ValueError: lists of different lengths, or a part outside its tensor.
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[Sequence[int]],
+        dtypes: Sequence[torch.dtype],
+        *,
+        devices: Optional[Sequence[Union[torch.device, str]]] = None,
+        parts: Optional[Sequence[Part]] = None,
+    ) -> None:
+        count = len(shapes)
+        placed: list[torch.device] = [torch.device("cpu")] * count if devices is None else [torch.device(d) for d in devices]
+        sizes = [math.prod(shape) for shape in shapes]
+        parts = [(0, size, tuple(shape)) for size, shape in zip(sizes, shapes)] if parts is None else list(parts)
+        if not len(dtypes) == len(placed) == len(parts) == count:
+            raise ValueError("NoiseLayout: shapes, dtypes, devices and parts must have one entry per tensor")
+        for dtype in dtypes:
+            if not dtype.is_floating_point:
+                raise TypeError(f"noise needs a floating-point tensor, got dtype {dtype}")
+        self._out: list[Optional[torch.Tensor]] = [None] * count
+        # per stream (dtype): its length and its spans (runs of chunks some part needs)
+        self._streams: list[tuple[torch.dtype, list[_Span]]] = []
+        offsets: dict[torch.dtype, int] = {}
+        wanted: dict[torch.dtype, list[tuple[int, int, int]]] = {}  # dtype -> (begin, end, tensor) in its stream
+        for k, (size, dtype, (start, stop, shape)) in enumerate(zip(sizes, dtypes, parts)):
+            if not 0 <= start <= stop <= size or math.prod(shape) != stop - start:
+                raise ValueError(f"NoiseLayout: part {(start, stop, tuple(shape))} does not fit tensor {k} of {size} entries")
+            offset = offsets.get(dtype, 0)
+            offsets[dtype] = offset + size
+            wanted.setdefault(dtype, []).append((offset + start, offset + stop, k))
+        for dtype, pieces in wanted.items():
+            spans: list[_Span] = []
+            for begin, end, k in sorted(pieces):
+                if begin == end:
+                    self._out[k] = torch.empty(parts[k][2], dtype=dtype, device=placed[k])
+                    continue
+                first, last = begin // NOISE_CHUNK, (end - 1) // NOISE_CHUNK + 1
+                if spans and first <= spans[-1].last:
+                    spans[-1].last = max(spans[-1].last, last)
+                else:
+                    spans.append(_Span(first, last))
+                spans[-1].members.append((begin, end, k))
+            for span in spans:
+                span.build(dtype, offsets[dtype], [(parts[k][2], placed[k]) for _, _, k in span.members])
+                for view, (_, _, k) in zip(span.views, span.members):
+                    self._out[k] = view
+            self._streams.append((dtype, spans))
+
+    def draw_(self, seed: int, step: int, *, stream: str = "", scale: float = 1.0) -> list[torch.Tensor]:
+        """``scale`` times each tensor's part of the standard normal noise of ``(stream, seed, step)``.
+
+        Returns one tensor per tensor of the layout, of its part's shape, on its device, in its
+        dtype. They are reused buffers, refilled by the next call: use them before drawing again.
+        """
+        seed, step = _check_integer("seed", seed), _check_integer("step", step)
+        generator = torch.Generator(device="cpu")
+        for dtype, spans in self._streams:
+            label = f"lightning_gradmask.functional.noise|{stream}|{seed}|{step}|{str(dtype).removeprefix('torch.')}|"
+            prefix = hashlib.blake2b(label.encode(), digest_size=8)
+            for span in spans:
+                span.draw_(prefix, generator, scale)
+        return self._out  # type: ignore[return-value]  # every entry was set in __init__
+
+
+class _Span:
+    """Chunks ``[first, last)`` of one stream, drawn into one CPU buffer, and the parts they serve."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.members: list[tuple[int, int, int]] = []  # (begin, end, tensor) in stream entries
+        self.views: list[torch.Tensor] = []
+
+    def build(self, dtype: torch.dtype, length: int, targets: list[tuple[tuple[int, ...], torch.device]]) -> None:
+        base = self.first * NOISE_CHUNK
+        self.bounds = [(c * NOISE_CHUNK - base, min((c + 1) * NOISE_CHUNK, length) - base) for c in range(self.first, self.last)]
+        self.draw = torch.empty(self.bounds[-1][1], dtype=draw_dtype(dtype))
+        devices = {device for _, device in targets}
+        # one copy to the device and dtype for the span when its tensors share a device, else one per tensor
+        self.out: Optional[torch.Tensor] = None
+        if len(devices) == 1:
+            device = next(iter(devices))
+            self.out = self.draw if (device.type, dtype) == ("cpu", self.draw.dtype) else torch.empty(
+                self.draw.shape, dtype=dtype, device=device
+            )
+            source = self.out
+            self.views = [source[b - base : e - base].view(shape) for (b, e, _), (shape, _) in zip(self.members, targets)]
+        else:
+            self.views = [torch.empty(shape, dtype=dtype, device=device) for shape, device in targets]
+        self._cuts = [self.draw[b - base : e - base].view(shape) for (b, e, _), (shape, _) in zip(self.members, targets)]
+
+    def draw_(self, prefix: Any, generator: torch.Generator, scale: float) -> None:
+        for chunk, (start, stop) in enumerate(self.bounds, start=self.first):
+            digest = prefix.copy()
+            digest.update(str(chunk).encode())
+            generator.manual_seed(int.from_bytes(digest.digest(), "big"))
+            self.draw[start:stop].normal_(generator=generator)
+        if self.out is not None:
+            if self.out is not self.draw:
+                self.out.copy_(self.draw)
+            if scale != 1.0:
+                self.out.mul_(scale)
+            return
+        for view, cut in zip(self.views, self._cuts):
+            view.copy_(cut)
+            if scale != 1.0:
+                view.mul_(scale)
+
+
+def noise_for(tensors: Sequence[torch.Tensor], seed: int, step: int, *, stream: str = "") -> list[torch.Tensor]:
+    """The standard normal noise of ``(stream, seed, step)`` for ``tensors``, in their order.
+
+    One new tensor per input, of its shape, dtype and device (inputs are not read or changed).
+    ``float32`` and ``float64`` tensors get noise drawn in their own dtype; ``float16``/``bfloat16``
+    tensors get noise drawn in ``float32`` and rounded to their dtype. This is what
+    ``GradientNoise`` and ``WeightNoise`` add (times the std) for their list of target parameters.
+
+    Args:
+        tensors: the tensors whose shapes, dtypes and devices the noise takes, in a fixed order.
         seed: the user's seed.
         step: the optimizer step the noise belongs to.
-        index: the parameter's position in the module's parameter list.
         stream: a label that separates independent uses of the same seed.
 
     Raises:
-        TypeError: ``param`` is not a floating-point tensor, or an index is not an integer.
+        TypeError: a tensor is not floating point, or ``seed``/``step`` is not an integer.
     """
-    if not param.is_floating_point():
-        raise TypeError(f"noise needs a floating-point tensor, got dtype {param.dtype}")
-    generator = noise_generator(seed, step, index, stream=stream)
-    draw_dtype = torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
-    noise = torch.randn(tuple(param.shape), generator=generator, dtype=draw_dtype, device="cpu")
-    return noise.to(device=param.device, dtype=param.dtype)
+    layout = NoiseLayout([t.shape for t in tensors], [t.dtype for t in tensors], devices=[t.device for t in tensors])
+    return layout.draw_(seed, step, stream=stream)
 
 
 # --------------------------------------------------------------------------- std schedules

@@ -1,4 +1,7 @@
-"""GradientMask, SensitiveColumnBlinding and MaskedL1Mixin under ModelParallelStrategy (FSDP2), 2 gloo processes.
+"""Every callback together under ModelParallelStrategy (FSDP2, tensor parallel), 2 gloo processes.
+
+GradientMask, SensitiveColumnBlinding, MaskedL1Mixin, GradientNoise and WeightNoise in one Trainer;
+HessianMonitor's refusal is tested in test_hessian_monitor.py.
 
 One launch of tests/ddp/fsdp2_everything.py runs every fit (see its docstring); the tests read what
 each rank saved.

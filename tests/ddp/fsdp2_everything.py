@@ -1,4 +1,7 @@
-"""Run by tests/test_fsdp2.py: the callbacks under ModelParallelStrategy (FSDP2), against strategy="ddp".
+"""Run by tests/test_fsdp2.py: the callbacks together under ModelParallelStrategy (FSDP2), against strategy="ddp".
+
+WeightNoise, GradientNoise, SensitiveColumnBlinding, GradientMask and MaskedL1Mixin in one Trainer
+(HessianMonitor refuses FSDP2: tests/ddp/hessian_fsdp2.py).
 
 Usage: python fsdp2_everything.py OUT_DIR
 
@@ -29,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from lightning_gradmask import GradientMask, MaskedL1Mixin, SensitiveColumnBlinding
+from lightning_gradmask import GradientMask, GradientNoise, MaskedL1Mixin, SensitiveColumnBlinding, WeightNoise
 from lightning_gradmask.functional.sharding import is_sharded, local_part, local_tensor
 
 from utils import regression_data, run_distributed
@@ -127,6 +130,8 @@ def whole_weights(module: nn.Module) -> dict:
 
 def callbacks() -> list:
     return [
+        WeightNoise(std=1e-2, relative=True, seed=3),
+        GradientNoise(std=1e-3, seed=5),
         SensitiveColumnBlinding(columns=SEVERED, layer="net.0"),
         GradientMask({"net.0.weight": TRAINABLE, "net.4.weight": HEAD_TRAINABLE, "net.2.bias": False}),
     ]

@@ -316,7 +316,7 @@ def test_piecewise_and_layerwise_rules_average_several_batches():
 
 
 class SharedWeights(nn.Module):
-    """Convolutions with stride, dilation, groups and "same" padding, a weight used twice, a linear map used by hand."""
+    """Convolutions with stride, dilation, groups, "same" padding, a weight used twice, a weight used by hand, BatchNorm."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -325,18 +325,21 @@ class SharedWeights(nn.Module):
         self.twice = nn.Conv2d(4, 4, 1)  # applied to two tensors, summed: linear in its weight, not one call
         self.same = nn.Conv2d(4, 2, 3, padding="same")  # string padding: not recorded
         self.lin = nn.Linear(12, 5)
+        self.norm = nn.BatchNorm1d(5)  # eval mode: a per-feature affine map
         self.head = nn.Linear(5, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.grouped(F.relu(self.strided(x)))
         h = F.relu(self.same(F.relu(self.twice(h) + self.twice(0.5 * h)))).flatten(1)
         h = F.relu(self.lin(h) + h[:, :5] @ self.lin.weight[:, :5].T)  # lin.weight also used outside F.linear
-        return self.head(h)
+        return self.head(self.norm(h))
 
 
 def test_piecewise_factors_are_exact_for_conv_options_and_fall_back_for_shared_weights():
     torch.manual_seed(0)
     model = SharedWeights().double().eval()
+    model.norm.running_mean.uniform_(-0.5, 0.5)
+    model.norm.running_var.uniform_(0.5, 2.0)
     x, y = inputs(7, 2, 9, 10)
     ref = reference_diagonal(model, ce_of(x, y))
     op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))

@@ -10,9 +10,10 @@ row per sample that is ``(lambda . S**2)^T x**2``; for ``conv2d`` one ``einsum``
 and for linear layers the ``out_features`` Hessian products of the layerwise rule.
 
 Calls are recorded by a :class:`torch.overrides.TorchFunctionMode` active only while the closure runs
-(in the calling thread). Handled: ``F.linear`` on a 2-D input (one row per sample) and ``conv2d``
+(in the calling thread). Handled: ``F.linear`` on a 2-D input (one row per sample), ``conv2d``
 with numeric stride, padding and dilation (``padding="same"`` leaves the parameter to the generic
-path). A parameter is handled here only when it appears in exactly one call seen by the mode and the
+path) and ``F.batch_norm`` with running statistics in eval mode (a per-channel affine map of the
+normalized input). A parameter is handled here only when it appears in exactly one call seen by the mode and the
 gradient rebuilt from ``(input, dL/dy)`` equals autograd's (the caller checks that with
 :meth:`FactorLayer.gradient`), so a weight also used elsewhere, or penalized inside the loss, is
 caught.
@@ -36,17 +37,26 @@ _PASS_BYTES = 256 * 2**20  # per-sample gradients held at once
 
 @dataclass
 class FactorLayer:
-    """One recorded ``F.linear(x, weight, bias)`` or ``conv2d(x, weight, bias, ...)`` call."""
+    """One recorded ``F.linear(x, weight, bias)``, ``conv2d(x, weight, bias, ...)`` or eval-mode ``F.batch_norm`` call.
+
+    For ``F.batch_norm`` (running statistics, ``training=False``: a per-channel affine map) ``x``
+    holds the normalized input ``(input - running_mean) / sqrt(running_var + eps)``.
+    """
 
     x: Tensor  # detached input
     y: Tensor  # the output, with its graph
-    weight: Tensor
+    weight: Tensor | None
     bias: Tensor | None
     conv: tuple[tuple[int, int], tuple[int, int], tuple[int, int], int] | None = None  # stride, padding, dilation, groups
+    batch_norm: bool = False
 
     def gradient(self, gy: Tensor) -> tuple[Tensor, Tensor]:
         """``(dL/dweight, dL/dbias)`` rebuilt from the input and ``gy = dL/dy`` (float64)."""
         gy = gy.detach()
+        if self.batch_norm:
+            dims = [d for d in range(gy.ndim) if d != 1]
+            return (gy * self.x).sum(dim=dims).to(torch.float64), gy.sum(dim=dims).to(torch.float64)
+        assert self.weight is not None
         if self.conv is None:
             gw = gy.T.to(torch.float64) @ self.x.to(torch.float64)
             return gw, gy.sum(dim=0).to(torch.float64)
@@ -59,6 +69,13 @@ class FactorLayer:
 
         ``factors``: ``(J, N, *y.shape[1:])``; ``weights``: ``(N, J)``.
         """
+        if self.batch_norm:  # per-sample gradients: sums over the positions of each channel
+            w = weights.to(factors.dtype)
+            j, n, channels = factors.shape[:3]
+            per_w = (factors * self.x.to(factors.dtype)).reshape(j, n, channels, -1).sum(dim=-1)
+            per_b = factors.reshape(j, n, channels, -1).sum(dim=-1)
+            diag_w = torch.einsum("nj,jnc->c", w, per_w.square())
+            return diag_w.to(torch.float64), torch.einsum("nj,jnc->c", w, per_b.square()).to(torch.float64)
         if self.conv is None:
             w = weights.to(factors.dtype)
             per_row = torch.einsum("nj,jno->no", w, factors.square())  # (N, out)
@@ -67,7 +84,7 @@ class FactorLayer:
         return self._conv_squared_gradients(factors, weights)
 
     def _conv_squared_gradients(self, factors: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-        assert self.conv is not None
+        assert self.conv is not None and self.weight is not None
         stride, padding, dilation, groups = self.conv
         n, out_channels = factors.shape[1], factors.shape[2]
         kh, kw = self.weight.shape[-2:]
@@ -120,6 +137,24 @@ def _linear_arguments(input: Tensor, weight: Tensor, bias: Tensor | None = None)
     return input, weight, bias
 
 
+def _batch_norm_arguments(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool, float]:
+    return input, running_mean, running_var, weight, bias, training, eps
+
+
+def _normalized(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return ((x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps)).detach()
+
+
 class FactorLayers(TorchFunctionMode):
     """While active (in this thread): records ``F.linear`` and ``conv2d`` calls on watched parameters.
 
@@ -145,6 +180,8 @@ class FactorLayers(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func is F.multi_head_attention_forward:
             self.token_maps.update(id(a) for a in (*args, *kwargs.values()) if isinstance(a, Tensor))
+        if func is F.batch_norm:
+            return self._batch_norm(args, kwargs, out)
         if func is not torch.conv2d and func is not F.linear:
             return out
         if func is F.linear:
@@ -167,6 +204,18 @@ class FactorLayers(TorchFunctionMode):
         self.calls.append(FactorLayer(x.detach(), out, weight, bias, conv))
         return out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not touch the recorded output
 
+    def _batch_norm(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        x, mean, var, weight, bias, training, eps = _batch_norm_arguments(*args, **kwargs)
+        hit = [id(t) for t in (weight, bias) if t is not None and id(t) in self.watched]
+        if not hit:
+            return out
+        for i in hit:
+            self.seen[i] = self.seen.get(i, 0) + 1
+        if training or mean is None or var is None or x.ndim < 2 or not isinstance(out, Tensor):
+            return out
+        self.calls.append(FactorLayer(_normalized(x.detach(), mean, var, eps), out, weight, bias, batch_norm=True))
+        return out.clone()
+
     def owned(self, index_of: dict[int, int], batch: int) -> list[tuple[FactorLayer, int | None, int | None]]:
         """``(call, weight op index, bias op index)`` for each call whose selected parameters it alone uses.
 
@@ -175,7 +224,7 @@ class FactorLayers(TorchFunctionMode):
         """
         out = []
         for call in self.calls:
-            w_k = index_of.get(id(call.weight))
+            w_k = index_of.get(id(call.weight)) if call.weight is not None else None
             b_k = index_of.get(id(call.bias)) if call.bias is not None else None
             used = [t for t, k in ((call.weight, w_k), (call.bias, b_k)) if k is not None and t is not None]
             if not used or any(self.seen.get(id(t)) != 1 for t in used):

@@ -49,6 +49,7 @@ def test_layerwise_and_piecewise_mlp_is_exact_with_inplace_relu():
     assert_rel(res.diagonal, ref, 1e-10)
     assert res.per_parameter["0.weight"].shape == (8, 5)
     assert res.num_matvecs < op.dim  # out_features products per layer + row checks
+    assert exact_diagonal_cost(op) >= res.num_matvecs  # an upper bound, piecewise checks included
 
 
 def test_linear_calls_are_recorded_without_replacing_f_linear():
@@ -279,6 +280,7 @@ def test_piecewise_linear_cnn_with_batchnorm_and_residual_is_exact_without_per_e
     assert set(res.methods.values()) == {"piecewise"}
     assert_rel(res.diagonal, ref, 1e-10)
     assert res.num_matvecs < 60 < op.dim  # about 2 * classes + checks, not one product per entry
+    assert exact_diagonal_cost(op) >= res.num_matvecs
 
 
 def test_piecewise_rule_refuses_smooth_activations_and_train_mode_batchnorm():

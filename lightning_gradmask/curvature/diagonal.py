@@ -56,7 +56,7 @@ from torch import Tensor
 from lightning_gradmask.curvature._random import Seed, as_generator
 from lightning_gradmask.curvature.layerwise import LayerwiseOutcome, layerwise_cost, layerwise_diagonal
 from lightning_gradmask.curvature.operator import HessianOperator, LinearOperator
-from lightning_gradmask.curvature.piecewise import PiecewiseOutcome, piecewise_diagonal
+from lightning_gradmask.curvature.piecewise import PiecewiseOutcome, piecewise_cost, piecewise_diagonal
 from lightning_gradmask.curvature.trace import estimate_trace
 
 __all__ = ["DiagonalResult", "estimate_diagonal", "exact_diagonal", "exact_diagonal_cost", "parameter_diagonal"]
@@ -110,13 +110,15 @@ def _owner_notes(op: HessianOperator, covered: set[int]) -> dict[str, str]:
 def exact_diagonal_cost(op: HessianOperator) -> int:
     """Upper bound on the matvecs :func:`exact_diagonal` spends (no matvec is run).
 
-    Runs the first closure once (forward only) to find the linear layers. Layerwise parameters
-    cost ``out_features`` matvecs with the layer-output Hessian per layer and closure, times the
-    rows per group (1 for an MLP or a feed-forward layer, up to the sequence length for attention
-    projections), plus the grouping checks; every other selected entry costs one matvec.
+    Runs the first closure once (forward only) to find the linear layers and the model output.
+    The piecewise rule costs ``2 C + ceil(log2 N)`` matvecs per closure with the output Hessian
+    (``N`` samples, ``C`` outputs each); layerwise parameters cost ``out_features`` matvecs with
+    the layer-output Hessian per layer and closure, times the rows per group (1 for an MLP or a
+    feed-forward layer, up to the sequence length for attention projections), plus the grouping
+    checks; every other selected entry costs one matvec.
     """
     cost, covered = layerwise_cost(op)
-    return cost + sum(size for k, size in enumerate(op.sizes) if k not in covered)
+    return cost + piecewise_cost(op) + sum(size for k, size in enumerate(op.sizes) if k not in covered)
 
 
 def exact_diagonal(

@@ -42,6 +42,7 @@ Everything it relies on is checked, or the parameter takes the generic path:
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from lightning_gradmask.curvature._output_hessian import Grouping, batched_grad,
 from lightning_gradmask.curvature._random import gaussian
 from lightning_gradmask.curvature.operator import HessianOperator
 
-__all__ = ["PiecewiseOutcome", "piecewise_diagonal"]
+__all__ = ["PiecewiseOutcome", "piecewise_cost", "piecewise_diagonal"]
 
 _LINEARITY_TOL = 1e-6
 _REPRODUCE_TOL = 1e-5
@@ -354,3 +355,20 @@ def piecewise_diagonal(op: HessianOperator, indices: list[int], seed: int = 2024
     for k in run.indices:
         run.outcome.parts[k] = op.select_entries(k, run.acc[k])
     return run.outcome
+
+
+def piecewise_cost(op: HessianOperator) -> int:
+    """Upper bound on the matvecs :func:`piecewise_diagonal` spends: ``2 C + ceil(log2 N)`` per closure.
+
+    Runs the first closure once (forward only) to read the model output's shape; 0 without a module.
+    """
+    if op.module is None:
+        return 0
+    calls: list[_Forward] = []
+    with _capturing(op.module, calls), op.autograd_context():
+        op.evaluate_loss(0)
+    if len(calls) != 1:
+        return 0
+    f = calls[0].output
+    n, c = int(f.shape[0]), int(f[0].numel()) if f.ndim else 1
+    return len(op.loss_fns) * (2 * c + (math.ceil(math.log2(n)) if n > 1 else 0))

@@ -362,3 +362,34 @@ def test_piecewise_factors_respect_masks_and_frozen_parameters():
     res = exact_diagonal(op)
     assert res.methods == {"0.weight": "piecewise", "4.bias": "piecewise"}
     assert_rel(res.diagonal, torch.cat([ref[:54][keep.reshape(-1)], ref[-3:]]), 1e-10)
+
+
+class ActivationPenalty(nn.Module):
+    """A convolution whose output the loss also penalizes: not through the model output only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.head = nn.Linear(18, 3)
+        self.hidden = torch.zeros(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.hidden = self.conv(x)
+        return self.head(F.relu(self.hidden).flatten(1))
+
+
+def test_piecewise_factors_refuse_a_penalty_on_a_layer_output():
+    torch.manual_seed(0)
+    model = ActivationPenalty().double().eval()
+    x, y = inputs(5, 1, 5, 5)
+
+    def loss_of(m: nn.Module, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = functional_call(m, p, (x,))
+        return F.cross_entropy(out, y) + 0.1 * m.hidden.pow(4).sum()
+
+    ref = reference_diagonal(model, loss_of)
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y) + 0.1 * model.hidden.pow(4).sum())
+    res = exact_diagonal(op)
+    assert res.methods["conv.weight"] == "products" and "model output only" in res.notes["conv.weight"]
+    assert res.methods["head.weight"] == "piecewise"
+    assert_rel(res.diagonal, ref, 1e-10)

@@ -224,13 +224,20 @@ def _accumulate(run: _Run, loss: Tensor, model: _Model, gen: torch.Generator, la
     g_f, g_ys, g_params = grads[0], grads[1 : 1 + len(ys)], grads[1 + len(ys) :]
     if g_f is None or not g_f.requires_grad:
         return run.fail_all("the loss does not depend on the model output twice-differentiably")
-    rebuilt = torch.autograd.grad(f, list(params.values()), grad_outputs=g_f.detach(), retain_graph=True,
-                                  allow_unused=True, materialize_grads=True)
-    for k, got, want in zip(list(run.indices), rebuilt, g_params):
-        if want is None or not close(got.reshape(-1).double(), want.detach().reshape(-1).double()):
-            run.fail(k, "gradient does not pass through the model output only (a penalty inside the loss?)")
     want_of = dict(zip(list(params), g_params))
-    layers = [layer for layer, gy in zip(layers, g_ys) if _factor_gradient_matches(run, layer, gy, want_of)]
+    matched = [(layer, gy) for layer, gy in zip(layers, g_ys) if _factor_gradient_matches(run, layer, gy, want_of)]
+    layers = [layer for layer, _ in matched]
+    in_layers = {k for _, w_k, b_k in layers for k in (w_k, b_k) if k is not None}
+    # Every other parameter: its gradient rebuilt through the output alone. (The factor layers are
+    # checked the same way, on dL/dy, inside the batched backward pass of _ggn_diagonal.)
+    others = [k for k in run.indices if k not in in_layers]
+    if others:
+        rebuilt = torch.autograd.grad(f, [op.params[k] for k in others], grad_outputs=g_f.detach(),
+                                      retain_graph=True, allow_unused=True, materialize_grads=True)
+        for k, got in zip(others, rebuilt):
+            want = want_of[op.names[k]]
+            if want is None or not close(got.reshape(-1).double(), want.detach().reshape(-1).double()):
+                run.fail(k, _NOT_THROUGH_OUTPUT)
     rows = Grouping("rows", torch.arange(f.shape[0]), torch.zeros(f.shape[0], dtype=torch.long), f.shape[0], 1)
     independent, spent = decoupled(g_f, f, rows, gen)
     run.outcome.num_matvecs += spent
@@ -242,7 +249,7 @@ def _accumulate(run: _Run, loss: Tensor, model: _Model, gen: torch.Generator, la
             if not _linear_in(model.subset(_CHECK_SAMPLES), {name: detached[name]}, name, gen):
                 run.fail(k, "the output is not piecewise linear in this parameter (tanh, LayerNorm, reuse, ...)")
         if run.indices:
-            _ggn_diagonal(run, model, g_f, f, layers)
+            _ggn_diagonal(run, model, g_f, f, matched)
     except (RuntimeError, ValueError) as err:  # torch.func cannot transform this forward
         run.fail_all(f"torch.func could not transform the model ({type(err).__name__}: {str(err)[:120]})")
 
@@ -274,25 +281,35 @@ def _factor_gradient_matches(run: _Run, layer: _Layer, gy: Tensor | None, want_o
     return True
 
 
-def _ggn_diagonal(run: _Run, model: _Model, g_f: Tensor, f: Tensor, layers: list[_Layer]) -> None:
+_NOT_THROUGH_OUTPUT = "gradient does not pass through the model output only (a penalty inside the loss?)"
+
+
+def _ggn_diagonal(run: _Run, model: _Model, g_f: Tensor, f: Tensor, matched: list[tuple[_Layer, Tensor]]) -> None:
     """``sum_n sum_c lambda_nc (J_n^T u_nc)**2`` for every parameter left in ``run.indices``.
 
-    Linear and convolution layers recorded once (``layers``): from factors at their outputs, one batched
-    backward pass through the closure's graph for all of them. Every other parameter: per-sample
-    gradients of the pseudo-losses (``torch.func.vmap`` over the samples).
+    Layers recorded once (``matched``: the call and ``dL/dy``): from factors at their outputs, one
+    batched backward pass through the closure's graph for all of them, which also rebuilds ``dL/dy``
+    through the output alone (a layer whose ``dL/dy`` differs fails). Every other parameter:
+    per-sample gradients of the pseudo-losses (``torch.func.vmap`` over the samples).
     """
     op = run.op
     blocks = _output_hessian_blocks(g_f, f)
     lam, vecs = torch.linalg.eigh(blocks.detach())  # (N, C), (N, C, C)
     n, classes = blocks.shape[0], blocks.shape[1]
     run.outcome.num_matvecs += 2 * classes
-    layers = [(call, w, b) for call, w, b in layers if any(k is not None and k in run.indices for k in (w, b))]
-    in_layers = {k for _, w, b in layers for k in (w, b) if k is not None}
-    if layers:
+    matched = [(layer, gy) for layer, gy in matched if any(k is not None and k in run.indices for k in layer[1:])]
+    in_layers = {k for (_, w, b), _ in matched for k in (w, b) if k is not None}
+    if matched:
         cot = vecs.permute(2, 0, 1).to(f.dtype).reshape(classes, *f.shape)  # cotangent c: u_nc on sample n
-        factors = _backward_batched(f, [call.y for call, _, _ in layers], cot)
-        for (call, w_k, b_k), s in zip(layers, factors):
-            diag_w, diag_b = call.squared_gradients(s.detach(), lam)
+        cot = torch.cat([cot, g_f.detach().unsqueeze(0)])  # and dL/df, to rebuild dL/dy through f
+        factors = _backward_batched(f, [call.y for (call, _, _), _ in matched], cot)
+        for ((call, w_k, b_k), gy), s in zip(matched, factors):
+            if not close(s[-1].reshape(-1).double(), gy.detach().reshape(-1).double()):
+                for k in (w_k, b_k):
+                    if k is not None and k in run.indices:
+                        run.fail(k, _NOT_THROUGH_OUTPUT)
+                continue
+            diag_w, diag_b = call.squared_gradients(s[:-1].detach(), lam)
             for k, full in ((w_k, diag_w), (b_k, diag_b)):
                 if k is not None and k in run.indices:
                     run.acc[k] = run.acc.get(k, 0.0) + full.reshape(-1)

@@ -337,7 +337,13 @@ class SharedWeights(nn.Module):
         return self.head(self.norm(h))
 
 
-def test_piecewise_factors_are_exact_for_conv_options_and_fall_back_for_shared_weights():
+@pytest.mark.parametrize("one_direction_per_pass", [False, True])
+def test_piecewise_factors_are_exact_for_conv_options_and_fall_back_for_shared_weights(
+    one_direction_per_pass, monkeypatch
+):
+    if one_direction_per_pass:  # the memory caps: one output direction per backward pass and per product
+        monkeypatch.setattr("lightning_gradmask.curvature.piecewise._PASS_BYTES", 1)
+        monkeypatch.setattr("lightning_gradmask.curvature._factor_layers._PASS_BYTES", 1)
     torch.manual_seed(0)
     model = SharedWeights().double().eval()
     model.norm.running_mean.uniform_(-0.5, 0.5)

@@ -300,19 +300,7 @@ def _ggn_diagonal(run: _Run, model: _Model, g_f: Tensor, f: Tensor, matched: lis
     matched = [(layer, gy) for layer, gy in matched if any(k is not None and k in run.indices for k in layer[1:])]
     in_layers = {k for (_, w, b), _ in matched for k in (w, b) if k is not None}
     if matched:
-        cot = vecs.permute(2, 0, 1).to(f.dtype).reshape(classes, *f.shape)  # cotangent c: u_nc on sample n
-        cot = torch.cat([cot, g_f.detach().unsqueeze(0)])  # and dL/df, to rebuild dL/dy through f
-        factors = _backward_batched(f, [call.y for (call, _, _), _ in matched], cot)
-        for ((call, w_k, b_k), gy), s in zip(matched, factors):
-            if not close(s[-1].reshape(-1).double(), gy.detach().reshape(-1).double()):
-                for k in (w_k, b_k):
-                    if k is not None and k in run.indices:
-                        run.fail(k, _NOT_THROUGH_OUTPUT)
-                continue
-            diag_w, diag_b = call.squared_gradients(s[:-1].detach(), lam)
-            for k, full in ((w_k, diag_w), (b_k, diag_b)):
-                if k is not None and k in run.indices:
-                    run.acc[k] = run.acc.get(k, 0.0) + full.reshape(-1)
+        _factor_diagonals(run, matched, g_f, f, lam, vecs)
     rest = [k for k in run.indices if k not in in_layers]
     if not rest:
         return
@@ -326,6 +314,43 @@ def _ggn_diagonal(run: _Run, model: _Model, g_f: Tensor, f: Tensor, matched: lis
         for k in rest:
             g = per_sample[op.names[k]].detach().reshape(weight.shape[0], -1)
             run.acc[k] = run.acc.get(k, 0.0) + (weight @ g.square()).to(torch.float64)
+
+
+def _factor_diagonals(
+    run: _Run, matched: list[tuple[_Layer, Tensor]], g_f: Tensor, f: Tensor, lam: Tensor, vecs: Tensor
+) -> None:
+    """Accumulate the recorded layers' diagonals from factors, as many output directions per backward as fit.
+
+    The first backward pass also carries ``dL/df``: a layer whose ``dL/dy`` rebuilt through the
+    output differs from autograd's fails (the loss sees it elsewhere too).
+    """
+    classes = vecs.shape[1]
+    ys = [call.y for (call, _, _), _ in matched]
+    step = max(1, min(classes, _PASS_BYTES // max(1, sum(y.numel() for y in ys) * f.element_size())))
+    cot = vecs.permute(2, 0, 1).to(f.dtype).reshape(classes, *f.shape)  # cotangent c: u_nc on sample n
+    live = list(range(len(matched)))
+    for c0 in range(0, classes, step):
+        chunk = cot[c0 : c0 + step]
+        if c0 == 0:
+            chunk = torch.cat([chunk, g_f.detach().unsqueeze(0)])  # and dL/df, to rebuild dL/dy through f
+        kept = []
+        for i, s in zip(live, _backward_batched(f, [ys[i] for i in live], chunk)):
+            (call, w_k, b_k), gy = matched[i]
+            if c0 == 0:
+                if not close(s[-1].reshape(-1).double(), gy.detach().reshape(-1).double()):
+                    for k in (w_k, b_k):
+                        if k is not None and k in run.indices:
+                            run.fail(k, _NOT_THROUGH_OUTPUT)
+                    continue
+                s = s[:-1]
+            diag_w, diag_b = call.squared_gradients(s.detach(), lam[:, c0 : c0 + step])
+            for k, full in ((w_k, diag_w), (b_k, diag_b)):
+                if k is not None and k in run.indices:
+                    run.acc[k] = run.acc.get(k, 0.0) + full.reshape(-1)
+            kept.append(i)
+        live = kept
+        if not live:
+            return
 
 
 def _backward_batched(f: Tensor, ys: list[Tensor], cotangents: Tensor) -> list[Tensor]:

@@ -571,9 +571,9 @@ def _backpack_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Ca
     return run
 
 
-def exact_diagonal_section() -> None:
+def exact_diagonal_section(repeats: int = 5) -> None:
     """Exact diagonal: ours vs BackPACK ``DiagHessian`` and vs 100 Hutchinson products; trace at 100 products."""
-    print("\n### Exact diagonal against BackPACK and Hutchinson (medians of 5 interleaved repeats)\n")
+    print(f"\n### Exact diagonal against BackPACK and Hutchinson (medians of {repeats} interleaved repeats)\n")
     print(
         "| model | params | `exact_diagonal` methods | products | time (s) | BackPACK DiagHessian (s) | ours / BackPACK "
         "| max diff / max diag vs BackPACK | 100 Hutchinson products (s) | ours / Hutchinson | default trace rel. error |"
@@ -593,7 +593,7 @@ def exact_diagonal_section() -> None:
             fns["backpack"] = bp
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            got = _median_times(fns, 5)
+            got = _median_times(fns, repeats)
         res, t_ours = got["ours"]
         _, t_hutch = got["hutchinson"]
         methods = ", ".join(sorted(set(res.methods.values())))  # type: ignore[attr-defined]
@@ -644,8 +644,10 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         default="hvp,eigen,trace,diagonal,lanczos30,peers",
-        help="comma-separated: hvp, eigen, trace, diagonal, lanczos30 (30 seeds, peers), peers (diagonal, matmat)",
+        help="comma-separated: hvp, eigen, trace, diagonal, lanczos30 (30 seeds, peers), peers (= exactdiag and "
+        "matmat), exactdiag (exact diagonal vs BackPACK and Hutchinson), matmat",
     )
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the exactdiag timings")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = 3 if args.quick else 10
@@ -677,8 +679,9 @@ def main() -> None:
         diagonal_section(seeds)
     if "lanczos30" in sections:
         lanczos_section(30)
-    if "peers" in sections:
-        exact_diagonal_section()
+    if "peers" in sections or "exactdiag" in sections:
+        exact_diagonal_section(args.repeats)
+    if "peers" in sections or "matmat" in sections:
         matmat_section()
 
 

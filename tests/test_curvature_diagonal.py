@@ -35,18 +35,21 @@ def assert_rel(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
     assert err <= rel * float(b.abs().max()), (err, float(b.abs().max()))
 
 
-def test_layerwise_mlp_is_exact_with_inplace_relu():
+def test_layerwise_and_piecewise_mlp_is_exact_with_inplace_relu():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 7), nn.ReLU(inplace=True), nn.Linear(7, 3)).double()
     x, y = inputs(24, 5)
     ref = reference_diagonal(model, ce_of(x, y))
     op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
     res = exact_diagonal(op)
-    assert set(res.methods.values()) == {"layerwise"}
+    # a tanh follows the first layer (layerwise rule); only ReLU and linear maps follow the others
+    # (piecewise-linear rule, from output factors)
+    assert res.methods == {"0.weight": "layerwise", "0.bias": "layerwise", **dict.fromkeys(op.names[2:], "piecewise")}
     assert res.exact and res.stderr is None
     assert_rel(res.diagonal, ref, 1e-10)
     assert res.per_parameter["0.weight"].shape == (8, 5)
     assert res.num_matvecs < op.dim  # out_features products per layer + row checks
+    assert exact_diagonal_cost(op) >= res.num_matvecs  # an upper bound, piecewise checks included
 
 
 def test_linear_calls_are_recorded_without_replacing_f_linear():
@@ -62,7 +65,7 @@ def test_linear_calls_are_recorded_without_replacing_f_linear():
 
     op = HessianOperator.from_module(model, closure)
     res = exact_diagonal(op)
-    assert set(res.methods.values()) == {"layerwise"}
+    assert res.methods["0.weight"] == "layerwise" and res.methods["2.weight"] == "piecewise"
     assert len(unpatched) >= 3 and all(unpatched)  # operator, layer discovery, recording
     assert_rel(res.diagonal, reference_diagonal(model, ce_of(x, y)), 1e-10)
     assert not torch.overrides._get_current_function_mode_stack()  # the recording mode is gone
@@ -77,7 +80,7 @@ def test_layerwise_float32_within_1e5():
     xf = x.float()
     op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(xf), y))
     res = exact_diagonal(op)
-    assert set(res.methods.values()) == {"layerwise"}
+    assert res.methods == {"0.weight": "layerwise", "0.bias": "layerwise", "2.weight": "piecewise", "2.bias": "piecewise"}
     assert_rel(res.diagonal, ref, 1e-5)
 
 
@@ -88,7 +91,7 @@ def test_cnn_uses_product_fallback_and_is_exact():
     ref = reference_diagonal(model, ce_of(x, y))
     op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
     res = exact_diagonal(op)
-    assert res.methods["0.weight"] == "products" and res.methods["3.weight"] == "layerwise"
+    assert res.methods["0.weight"] == "products" and res.methods["3.weight"] == "piecewise"
     assert "Conv2d" in res.notes["0.weight"]
     assert_rel(res.diagonal, ref, 1e-10)
 
@@ -172,7 +175,7 @@ def test_products_method_and_reduce():
     assert len(calls) == 1  # the whole diagonal is reduced once
     calls.clear()
     exact_diagonal(op)
-    assert len(calls) == 2  # path flags + diagonal
+    assert len(calls) == 3  # path flags of the piecewise and the layerwise rule + diagonal
 
 
 @pytest.mark.parametrize("method", ["hutchinson", "xtrace", "adaptive"])
@@ -222,15 +225,15 @@ def test_transformer_linear_maps_are_exact_per_layer(batch_first):
     assert_rel(res.diagonal, ref, 1e-10)  # exact on every torch
     if not MHA_PROJECTIONS_ARE_F_LINEAR:
         pytest.skip("this torch runs nn.MultiheadAttention through its fused kernel: exact, but per entry")
-    linear = [n for n in op.names if "norm" not in n]
+    linear = [n for n in op.names if "norm" not in n and not n.startswith("head.")]
     assert all(res.methods[n] == "layerwise" for n in linear), {n: res.notes.get(n) for n in linear}
+    assert res.methods["head.weight"] == res.methods["head.bias"] == "piecewise"  # only linear maps follow
     # LayerNorm: the last one feeds only linear maps (exact by the piecewise-linear rule), the first
     # one a second LayerNorm (one product per entry)
     assert res.methods["block.norm2.weight"] == "piecewise" and res.methods["block.norm1.weight"] == "products"
     # attention and the mean over tokens couple the tokens of a sequence, never two sequences;
     # the head sees one row per sequence
-    assert all(res.groupings[n].endswith("5x4") for n in linear if n.startswith("block."))
-    assert res.groupings["head.weight"] == "rows"
+    assert all(res.groupings[n].endswith("5x4") for n in linear)
     assert_rel(res.diagonal, ref, 1e-10)
     norms = sum(op.sizes[k] for k, n in enumerate(op.names) if "norm" in n)
     assert res.num_matvecs < 0.6 * op.dim and exact_diagonal_cost(op) >= res.num_matvecs - norms
@@ -274,10 +277,10 @@ def test_piecewise_linear_cnn_with_batchnorm_and_residual_is_exact_without_per_e
     ref = reference_diagonal(model, ce_of(x, y))
     op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
     res = exact_diagonal(op)
-    assert res.methods["head.weight"] == "layerwise"
-    assert {res.methods[n] for n in op.names if not n.startswith("head.")} == {"piecewise"}
+    assert set(res.methods.values()) == {"piecewise"}
     assert_rel(res.diagonal, ref, 1e-10)
     assert res.num_matvecs < 60 < op.dim  # about 2 * classes + checks, not one product per entry
+    assert exact_diagonal_cost(op) >= res.num_matvecs
 
 
 def test_piecewise_rule_refuses_smooth_activations_and_train_mode_batchnorm():
@@ -310,5 +313,89 @@ def test_piecewise_and_layerwise_rules_average_several_batches():
         model, [lambda: F.cross_entropy(model(x1), y1), lambda: F.cross_entropy(model(x2), y2)]
     )
     res = exact_diagonal(op)
-    assert set(res.methods.values()) == {"layerwise", "piecewise"}
+    assert set(res.methods.values()) == {"piecewise"}
+    assert_rel(res.diagonal, ref, 1e-10)
+
+
+class SharedWeights(nn.Module):
+    """Convolutions with stride, dilation, groups, "same" padding, a weight used twice, a weight used by hand, BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strided = nn.Conv2d(2, 4, 3, stride=2, padding=(1, 0), bias=False)
+        self.grouped = nn.Conv2d(4, 4, 2, dilation=2, groups=2)
+        self.twice = nn.Conv2d(4, 4, 1)  # applied to two tensors, summed: linear in its weight, not one call
+        self.same = nn.Conv2d(4, 2, 3, padding="same")  # string padding: not recorded
+        self.lin = nn.Linear(12, 5)
+        self.norm = nn.BatchNorm1d(5)  # eval mode: a per-feature affine map
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.grouped(F.relu(self.strided(x)))
+        h = F.relu(self.same(F.relu(self.twice(h) + self.twice(0.5 * h)))).flatten(1)
+        h = F.relu(self.lin(h) + h[:, :5] @ self.lin.weight[:, :5].T)  # lin.weight also used outside F.linear
+        return self.head(self.norm(h))
+
+
+@pytest.mark.parametrize("one_direction_per_pass", [False, True])
+def test_piecewise_factors_are_exact_for_conv_options_and_fall_back_for_shared_weights(
+    one_direction_per_pass, monkeypatch
+):
+    if one_direction_per_pass:  # the memory caps: one output direction per backward pass and per product
+        monkeypatch.setattr("lightning_gradmask.curvature.piecewise._PASS_BYTES", 1)
+        monkeypatch.setattr("lightning_gradmask.curvature._factor_layers._PASS_BYTES", 1)
+    torch.manual_seed(0)
+    model = SharedWeights().double().eval()
+    model.norm.running_mean.uniform_(-0.5, 0.5)
+    model.norm.running_var.uniform_(0.5, 2.0)
+    x, y = inputs(7, 2, 9, 10)
+    ref = reference_diagonal(model, ce_of(x, y))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    res = exact_diagonal(op)
+    assert set(res.methods.values()) == {"piecewise"}
+    assert_rel(res.diagonal, ref, 1e-10)
+
+
+def test_piecewise_factors_respect_masks_and_frozen_parameters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 3)).double().eval()
+    x, y = inputs(6, 2, 6, 6)
+    ref = reference_diagonal(model, ce_of(x, y))  # over all 105 entries: 0.weight 54, 0.bias 3, 4.weight 36, 4.bias 3
+    model[0].bias.requires_grad_(False)
+    model[4].weight.requires_grad_(False)
+    keep = torch.rand(3, 2, 3, 3, generator=torch.Generator().manual_seed(1)) < 0.5
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y), masks={"0.weight": keep})
+    res = exact_diagonal(op)
+    assert res.methods == {"0.weight": "piecewise", "4.bias": "piecewise"}
+    assert_rel(res.diagonal, torch.cat([ref[:54][keep.reshape(-1)], ref[-3:]]), 1e-10)
+
+
+class ActivationPenalty(nn.Module):
+    """A convolution whose output the loss also penalizes: not through the model output only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.head = nn.Linear(18, 3)
+        self.hidden = torch.zeros(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.hidden = self.conv(x)
+        return self.head(F.relu(self.hidden).flatten(1))
+
+
+def test_piecewise_factors_refuse_a_penalty_on_a_layer_output():
+    torch.manual_seed(0)
+    model = ActivationPenalty().double().eval()
+    x, y = inputs(5, 1, 5, 5)
+
+    def loss_of(m: nn.Module, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = functional_call(m, p, (x,))
+        return F.cross_entropy(out, y) + 0.1 * m.hidden.pow(4).sum()
+
+    ref = reference_diagonal(model, loss_of)
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y) + 0.1 * model.hidden.pow(4).sum())
+    res = exact_diagonal(op)
+    assert res.methods["conv.weight"] == "products" and "model output only" in res.notes["conv.weight"]
+    assert res.methods["head.weight"] == "piecewise"
     assert_rel(res.diagonal, ref, 1e-10)

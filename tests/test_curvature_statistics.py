@@ -63,10 +63,11 @@ def test_estimated_path_and_density():
     assert not stats.exact["eigenvalues"] and not stats.exact["density"]
     eig = torch.linalg.eigvalsh(h).flip(0)
     assert float(((stats.eigen.eigenvalues - eig[:2]).abs() / eig[:2].abs()).max()) < 1e-4
-    # Linear layers: trace and diagonal come exactly from the layerwise diagonal
+    # Linear layers: trace and diagonal come exactly from the layerwise (and, for the last layer,
+    # the piecewise-linear) diagonal
     assert stats.exact["trace"] and stats.exact["diagonal"]
     assert stats.trace.trace == pytest.approx(float(torch.trace(h)), rel=1e-9)
-    assert set(stats.diagonal.methods.values()) == {"layerwise"}
+    assert set(stats.diagonal.methods.values()) == {"layerwise", "piecewise"}
     assert stats.density.nodes.shape == (3, 25)
     torch.testing.assert_close(stats.density.weights.sum(dim=1), torch.ones(3, dtype=torch.float64))
     assert float(torch.trapezoid(stats.density.density, stats.density.grid)) == pytest.approx(1.0, abs=1e-2)

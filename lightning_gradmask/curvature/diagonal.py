@@ -1,23 +1,27 @@
 """The Hessian diagonal: exact, or estimated from random probes.
 
-Exact (:func:`exact_diagonal`), two paths chosen per parameter:
+Exact (:func:`exact_diagonal`), three paths chosen per parameter, tried in this order:
 
-* ``"layerwise"`` (fast) for the weight and bias of every linear map ``y = x W^T + b`` computed
-  with ``torch.nn.functional.linear``: ``nn.Linear`` layers, and inside ``nn.MultiheadAttention``
-  the packed query/key/value projection and the output projection (so every linear map of a
-  transformer block, and its head). For ``y = x W^T + b`` the loss depends on ``W`` only through
-  ``y``, linearly, so ``d2L/dW_ij^2 = sum_{r,r'} x_rj x_r'j d2L/dy_ri dy_r'i``. Rows ``r`` of ``y``
-  (samples, tokens) fall into groups that never interact downstream (every row alone in an MLP;
-  the tokens of one sequence in a transformer); with ``S`` rows per group, ``S * out_features``
-  products with the Hessian w.r.t. ``y`` (all groups at once) give the diagonal exactly. Each
-  layer is checked on its own (call count, gradient rebuilt from ``(x, dL/dy)``, the grouping
-  tested with ``ceil(log2(groups))`` products); see :mod:`lightning_gradmask.curvature.layerwise`.
-  The per-layer path decisions are combined across processes with ``reduce``.
-* ``"piecewise"`` for every remaining parameter in which the network output is piecewise linear
-  (convolutions, BatchNorm in eval mode, anything followed only by ReLU, max-pooling, residual
-  additions and linear maps): there the diagonal equals the generalized Gauss-Newton diagonal,
-  computed exactly from ``C`` per-sample gradient passes for ``C`` outputs per sample; every
-  assumption is checked, see :mod:`lightning_gradmask.curvature.piecewise`.
+* ``"piecewise"`` for every parameter in which the network output is piecewise linear
+  (convolutions, linear layers, BatchNorm in eval mode, anything followed only by ReLU,
+  max-pooling, residual additions and linear maps): there the diagonal equals the generalized
+  Gauss-Newton diagonal, computed exactly from the ``C`` eigenvectors of each sample's output
+  Hessian (``C`` outputs per sample): for ``F.linear`` (one row per sample) and ``conv2d`` calls
+  from factors at the layer output (one batched backward pass for all of them, then a product with
+  the input or its unfolded patches), for any other parameter from ``C`` per-sample gradient passes;
+  every assumption is checked, see :mod:`lightning_gradmask.curvature.piecewise`.
+* ``"layerwise"`` for the weight and bias of every remaining linear map ``y = x W^T + b`` computed
+  with ``torch.nn.functional.linear``: ``nn.Linear`` layers followed by a smooth nonlinearity, and
+  inside ``nn.MultiheadAttention`` the packed query/key/value projection and the output projection
+  (so every linear map of a transformer block). For ``y = x W^T + b`` the loss depends on ``W`` only
+  through ``y``, linearly, so ``d2L/dW_ij^2 = sum_{r,r'} x_rj x_r'j d2L/dy_ri dy_r'i``. Rows ``r`` of
+  ``y`` (samples, tokens) fall into groups that never interact downstream (every row alone in an
+  MLP; the tokens of one sequence in a transformer); with ``S`` rows per group, ``S *
+  out_features`` products with the Hessian w.r.t. ``y`` (all groups at once) give the diagonal
+  exactly. Each layer is checked on its own (call count, gradient rebuilt from ``(x, dL/dy)``, the
+  grouping tested with ``ceil(log2(groups))`` products); see
+  :mod:`lightning_gradmask.curvature.layerwise`.
+  The per-layer path decisions of both rules are combined across processes with ``reduce``.
 * ``"products"`` (fallback, any module, e.g. LayerNorm before another normalization, embeddings,
   convolutions followed by tanh, or a layer whose checks failed): one matvec per selected entry,
   ``d(dL/dp[j]) / dp`` restricted to the parameter itself, keeping entry ``j`` (the textbook recipe), vmapped in chunks where that is
@@ -52,7 +56,7 @@ from torch import Tensor
 from lightning_gradmask.curvature._random import Seed, as_generator
 from lightning_gradmask.curvature.layerwise import LayerwiseOutcome, layerwise_cost, layerwise_diagonal
 from lightning_gradmask.curvature.operator import HessianOperator, LinearOperator
-from lightning_gradmask.curvature.piecewise import PiecewiseOutcome, piecewise_diagonal
+from lightning_gradmask.curvature.piecewise import PiecewiseOutcome, piecewise_cost, piecewise_diagonal
 from lightning_gradmask.curvature.trace import estimate_trace
 
 __all__ = ["DiagonalResult", "estimate_diagonal", "exact_diagonal", "exact_diagonal_cost", "parameter_diagonal"]
@@ -106,13 +110,15 @@ def _owner_notes(op: HessianOperator, covered: set[int]) -> dict[str, str]:
 def exact_diagonal_cost(op: HessianOperator) -> int:
     """Upper bound on the matvecs :func:`exact_diagonal` spends (no matvec is run).
 
-    Runs the first closure once (forward only) to find the linear layers. Layerwise parameters
-    cost ``out_features`` matvecs with the layer-output Hessian per layer and closure, times the
-    rows per group (1 for an MLP or a feed-forward layer, up to the sequence length for attention
-    projections), plus the grouping checks; every other selected entry costs one matvec.
+    Runs the first closure once (forward only) to find the linear layers and the model output.
+    The piecewise rule costs ``2 C + ceil(log2 N)`` matvecs per closure with the output Hessian
+    (``N`` samples, ``C`` outputs each); layerwise parameters cost ``out_features`` matvecs with
+    the layer-output Hessian per layer and closure, times the rows per group (1 for an MLP or a
+    feed-forward layer, up to the sequence length for attention projections), plus the grouping
+    checks; every other selected entry costs one matvec.
     """
     cost, covered = layerwise_cost(op)
-    return cost + sum(size for k, size in enumerate(op.sizes) if k not in covered)
+    return cost + piecewise_cost(op) + sum(size for k, size in enumerate(op.sizes) if k not in covered)
 
 
 def exact_diagonal(
@@ -127,7 +133,7 @@ def exact_diagonal(
     Args:
         op: a :class:`HessianOperator` (built with ``from_module`` for the piecewise rule, which
             evaluates the module itself; the layerwise rule needs no module).
-        method: ``"auto"`` (layerwise where its checks pass, then piecewise where its checks pass,
+        method: ``"auto"`` (piecewise where its checks pass, then layerwise where its checks pass,
             products elsewhere) or ``"products"`` (one product per entry everywhere: the slow
             reference).
         chunk_size: output columns per vmapped product in the layerwise path (capped so that the
@@ -146,13 +152,13 @@ def exact_diagonal(
         torch.testing.assert_close(res.diagonal, torch.diagonal(dense_hessian(op)))
     """
     start = op.num_matvecs
-    outcome = layerwise_diagonal(op, chunk_size) if method == "auto" else LayerwiseOutcome()
-    diag_parts = dict(outcome.parts)
+    everything = list(range(len(op.names)))
+    piecewise = piecewise_diagonal(op, everything) if method == "auto" else PiecewiseOutcome()
+    rest = {k for k in everything if k not in piecewise.parts}
+    outcome = layerwise_diagonal(op, chunk_size, rest) if method == "auto" and rest else LayerwiseOutcome()
+    diag_parts = {**piecewise.parts, **outcome.parts}
     notes = _owner_notes(op, set(diag_parts) | {op.names.index(n) for n in outcome.notes})
     notes.update(outcome.notes)
-    rest = [k for k in range(len(op.names)) if k not in diag_parts]
-    piecewise = piecewise_diagonal(op, rest) if method == "auto" and rest else PiecewiseOutcome()
-    diag_parts.update(piecewise.parts)
     for name, why in piecewise.notes.items():
         notes[name] = f"{notes[name]}; {why}" if name in notes else why
     if method != "auto":

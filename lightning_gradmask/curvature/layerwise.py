@@ -154,12 +154,13 @@ def _recording(layers: dict[int, _Layer], by_param: dict[int, int]) -> _LinearCa
     return _LinearCalls(record)
 
 
-def linear_layers(op: HessianOperator) -> tuple[dict[int, _Layer], dict[int, int]]:
+def linear_layers(op: HessianOperator, indices: set[int] | None = None) -> tuple[dict[int, _Layer], dict[int, int]]:
     """Candidate layers from one forward of the first closure: ``{key: layer}``, ``{id(param): key}``.
 
-    The key of a layer is its weight's op index (or its bias's when the weight is not selected).
+    The key of a layer is its weight's op index (or its bias's when the weight is not selected);
+    only the op parameters ``indices`` (default: all) are considered.
     """
-    index_of = {id(p): k for k, p in enumerate(op.params)}
+    index_of = {id(p): k for k, p in enumerate(op.params) if indices is None or k in indices}
     seen: list[tuple[Tensor, Tensor | None, tuple[int, ...]]] = []
 
     def spy(input: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
@@ -354,13 +355,14 @@ def _first_valid_grouping(
     return None
 
 
-def layerwise_diagonal(op: HessianOperator, chunk_size: int = 16) -> LayerwiseOutcome:
+def layerwise_diagonal(op: HessianOperator, chunk_size: int = 16, indices: set[int] | None = None) -> LayerwiseOutcome:
     """The exact diagonal of every selected linear-map weight and bias whose checks pass.
 
-    Returns local (not reduced) diagonals; the caller agrees on the path across processes and
-    reduces. Parameters without a layerwise rule are simply absent from ``parts``.
+    Only the op parameters ``indices`` (default: all) are considered. Returns local (not reduced)
+    diagonals; the caller agrees on the path across processes and reduces. Parameters without a
+    layerwise rule are simply absent from ``parts``.
     """
-    layers, by_param = linear_layers(op)
+    layers, by_param = linear_layers(op, indices)
     run = _Pass(op, layers)
     if not layers:
         return run.outcome

@@ -13,9 +13,14 @@ BatchNorm in eval mode, ReLU, max-pooling, residual additions, flattening, in an
     diag(H_PP) = sum_n sum_c lambda_nc (J_n^T u_nc)^2
 
 with ``H_f``'s per-sample ``C x C`` blocks ``sum_c lambda_nc u_nc u_nc^T``. That takes ``C``
-products for the blocks and ``C`` passes of per-sample gradients (``torch.func.vmap``) of the
-pseudo-losses ``u_nc . f_n``: the cost of a few backward passes, not one product per entry
-(BackPACK's ``DiagHessian`` computes the same quantity by propagating the factors layer by layer).
+products for the blocks and the per-sample gradients of the pseudo-losses ``u_nc . f_n``: for the
+weight and bias of an ``F.linear`` call with one row per sample or of a ``conv2d`` call, from the
+factors ``J^T u_c`` at the layer output (one batched backward pass through the closure's graph for
+all such layers, then a product with the input or its unfolded patches,
+:mod:`lightning_gradmask.curvature._factor_layers`; what BackPACK's ``DiagHessian`` does); for any
+other parameter (BatchNorm, a weight used twice, ``padding="same"``) from ``C`` per-sample
+gradient passes (``torch.func.vmap``). The cost of a few backward passes, not one product per entry.
+Linear maps applied to several rows (tokens) per sample are left to the layerwise rule.
 
 Everything it relies on is checked, or the parameter takes the generic path:
 
@@ -28,13 +33,18 @@ Everything it relies on is checked, or the parameter takes the generic path:
 * ``H_f`` has no entry across samples (``ceil(log2(N))`` products);
 * per parameter tensor, ``d2/dt2 f(P + t v) = 0`` for a random direction ``v`` (forward-over-forward
   mode, exact zero for piecewise-linear paths; fails for tanh, sigmoid, GELU, LayerNorm, a weight
-  used twice).
+  used twice in sequence);
+* for the factor path: the parameter appears in exactly one ``F.linear`` / ``conv2d`` call, and its
+  gradient rebuilt from that call's input and ``dL/dy`` equals autograd's (a weight also used
+  elsewhere takes the per-sample path).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,11 +52,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
+from lightning_gradmask.curvature._factor_layers import FactorLayer, FactorLayers
 from lightning_gradmask.curvature._output_hessian import Grouping, batched_grad, close, decoupled
 from lightning_gradmask.curvature._random import gaussian
 from lightning_gradmask.curvature.operator import HessianOperator
 
-__all__ = ["PiecewiseOutcome", "piecewise_diagonal"]
+__all__ = ["PiecewiseOutcome", "piecewise_cost", "piecewise_diagonal"]
 
 _LINEARITY_TOL = 1e-6
 _REPRODUCE_TOL = 1e-5
@@ -178,7 +189,8 @@ def _one_closure(run: _Run, fn_index: int, gen: torch.Generator) -> None:
     op = run.op
     assert op.module is not None
     calls: list[_Forward] = []
-    with _capturing(op.module, calls), op.autograd_context():
+    recorded = FactorLayers({id(op.params[k]) for k in run.indices})
+    with _capturing(op.module, calls), recorded, op.autograd_context():
         loss = op.evaluate_loss(fn_index)
     if len(calls) != 1:
         return run.fail_all(f"the model was called {len(calls)} times in one loss evaluation (needs exactly 1)")
@@ -186,26 +198,46 @@ def _one_closure(run: _Run, fn_index: int, gen: torch.Generator) -> None:
         if any(m.training for m in op.module.modules()):
             # train-mode BatchNorm couples the samples (and re-running it would move its statistics)
             return run.fail_all("the model is in training mode (samples coupled, e.g. train-mode BatchNorm)")
-        _accumulate(run, loss, _Model(op.module, [op.names[k] for k in run.indices], calls[0]), gen)
+        for k in list(run.indices):
+            if id(op.params[k]) in recorded.token_maps:
+                run.fail(k, "a linear map applied to several rows (tokens) per sample: left to the layerwise rule")
+        index_of = {id(op.params[k]): k for k in run.indices}
+        layers = recorded.owned(index_of, int(calls[0].output.shape[0]))
+        _accumulate(run, loss, _Model(op.module, [op.names[k] for k in run.indices], calls[0]), gen, layers)
 
 
-def _accumulate(run: _Run, loss: Tensor, model: _Model, gen: torch.Generator) -> None:
+_Layer = tuple[FactorLayer, int | None, int | None]  # a recorded linear or conv2d call, its weight's and bias's op index
+
+
+def _accumulate(run: _Run, loss: Tensor, model: _Model, gen: torch.Generator, layers: list[_Layer]) -> None:
     op = run.op
     f = model.call.output
     params = {op.names[k]: op.params[k] for k in run.indices}
     detached = {n: p.detach() for n, p in params.items()}
-    if not _reproduces(model.subset(_CHECK_SAMPLES), detached, f[:_CHECK_SAMPLES]):
+    # the checks override only the parameter under test: the others stay the module's own (they
+    # require grad, which keeps modules such as nn.TransformerEncoderLayer off their fused inference paths)
+    if not _reproduces(model.subset(_CHECK_SAMPLES), {}, f[:_CHECK_SAMPLES]):
         return run.fail_all("evaluated one sample at a time the model does not reproduce its batch output "
                             "(samples coupled, e.g. train-mode BatchNorm)")
-    grads = torch.autograd.grad(loss, [f, *params.values()], create_graph=True, allow_unused=True)
-    g_f = grads[0]
+    ys = [call.y for call, _, _ in layers]
+    grads = torch.autograd.grad(loss, [f, *ys, *params.values()], create_graph=True, allow_unused=True)
+    g_f, g_ys, g_params = grads[0], grads[1 : 1 + len(ys)], grads[1 + len(ys) :]
     if g_f is None or not g_f.requires_grad:
         return run.fail_all("the loss does not depend on the model output twice-differentiably")
-    rebuilt = torch.autograd.grad(f, list(params.values()), grad_outputs=g_f.detach(), retain_graph=True,
-                                  allow_unused=True, materialize_grads=True)
-    for k, got, want in zip(list(run.indices), rebuilt, grads[1:]):
-        if want is None or not close(got.reshape(-1).double(), want.detach().reshape(-1).double()):
-            run.fail(k, "gradient does not pass through the model output only (a penalty inside the loss?)")
+    want_of = dict(zip(list(params), g_params))
+    matched = [(layer, gy) for layer, gy in zip(layers, g_ys) if _factor_gradient_matches(run, layer, gy, want_of)]
+    layers = [layer for layer, _ in matched]
+    in_layers = {k for _, w_k, b_k in layers for k in (w_k, b_k) if k is not None}
+    # Every other parameter: its gradient rebuilt through the output alone. (The factor layers are
+    # checked the same way, on dL/dy, inside the batched backward pass of _ggn_diagonal.)
+    others = [k for k in run.indices if k not in in_layers]
+    if others:
+        rebuilt = torch.autograd.grad(f, [op.params[k] for k in others], grad_outputs=g_f.detach(),
+                                      retain_graph=True, allow_unused=True, materialize_grads=True)
+        for k, got in zip(others, rebuilt):
+            want = want_of[op.names[k]]
+            if want is None or not close(got.reshape(-1).double(), want.detach().reshape(-1).double()):
+                run.fail(k, _NOT_THROUGH_OUTPUT)
     rows = Grouping("rows", torch.arange(f.shape[0]), torch.zeros(f.shape[0], dtype=torch.long), f.shape[0], 1)
     independent, spent = decoupled(g_f, f, rows, gen)
     run.outcome.num_matvecs += spent
@@ -213,10 +245,11 @@ def _accumulate(run: _Run, loss: Tensor, model: _Model, gen: torch.Generator) ->
         return run.fail_all("the loss couples the samples' outputs")
     try:
         for k in list(run.indices):
-            if not _linear_in(model.subset(_CHECK_SAMPLES), detached, op.names[k], gen):
+            name = op.names[k]
+            if not _linear_in(model.subset(_CHECK_SAMPLES), {name: detached[name]}, name, gen):
                 run.fail(k, "the output is not piecewise linear in this parameter (tanh, LayerNorm, reuse, ...)")
         if run.indices:
-            _ggn_diagonal(run, model, g_f, f)
+            _ggn_diagonal(run, model, g_f, f, matched)
     except (RuntimeError, ValueError) as err:  # torch.func cannot transform this forward
         run.fail_all(f"torch.func could not transform the model ({type(err).__name__}: {str(err)[:120]})")
 
@@ -233,22 +266,103 @@ def _reproduces(model: _Model, params: dict[str, Tensor], f: Tensor) -> bool:
     return float((per_sample - f.detach()).abs().max()) <= _REPRODUCE_TOL * scale
 
 
-def _ggn_diagonal(run: _Run, model: _Model, g_f: Tensor, f: Tensor) -> None:
+def _factor_gradient_matches(run: _Run, layer: _Layer, gy: Tensor | None, want_of: Mapping[str, Tensor | None]) -> bool:
+    """Whether the recorded call alone accounts for its parameters' gradients (else: the per-sample path)."""
+    call, w_k, b_k = layer
+    if gy is None:
+        return False
+    gw, gb = call.gradient(gy)
+    for k, got in ((w_k, gw), (b_k, gb)):
+        if k is None:
+            continue
+        want = want_of.get(run.op.names[k])
+        if want is None or not close(got.reshape(-1), want.detach().reshape(-1).double()):
+            return False
+    return True
+
+
+_NOT_THROUGH_OUTPUT = "gradient does not pass through the model output only (a penalty inside the loss?)"
+
+
+def _ggn_diagonal(run: _Run, model: _Model, g_f: Tensor, f: Tensor, matched: list[tuple[_Layer, Tensor]]) -> None:
+    """``sum_n sum_c lambda_nc (J_n^T u_nc)**2`` for every parameter left in ``run.indices``.
+
+    Layers recorded once (``matched``: the call and ``dL/dy``): from factors at their outputs, one
+    batched backward pass through the closure's graph for all of them, which also rebuilds ``dL/dy``
+    through the output alone (a layer whose ``dL/dy`` differs fails). Every other parameter:
+    per-sample gradients of the pseudo-losses (``torch.func.vmap`` over the samples).
+    """
     op = run.op
     blocks = _output_hessian_blocks(g_f, f)
     lam, vecs = torch.linalg.eigh(blocks.detach())  # (N, C), (N, C, C)
     n, classes = blocks.shape[0], blocks.shape[1]
     run.outcome.num_matvecs += 2 * classes
-    params = {op.names[k]: op.params[k].detach() for k in run.indices}
+    matched = [(layer, gy) for layer, gy in matched if any(k is not None and k in run.indices for k in layer[1:])]
+    in_layers = {k for (_, w, b), _ in matched for k in (w, b) if k is not None}
+    if matched:
+        _factor_diagonals(run, matched, g_f, f, lam, vecs)
+    rest = [k for k in run.indices if k not in in_layers]
+    if not rest:
+        return
+    params = {op.names[k]: op.params[k].detach() for k in rest}
     numel = sum(p.numel() for p in params.values())
     per_pass = max(1, min(classes, _PASS_BYTES // max(1, n * numel * f.element_size())))
     for c0 in range(0, classes, per_pass):
         c1 = min(classes, c0 + per_pass)
         per_sample = model.per_sample_grads(params, vecs[:, :, c0:c1].transpose(1, 2).to(f.dtype))  # (N, J, C)
         weight = lam[:, c0:c1].to(f.dtype).reshape(-1)  # (N * J,)
-        for k in run.indices:
+        for k in rest:
             g = per_sample[op.names[k]].detach().reshape(weight.shape[0], -1)
             run.acc[k] = run.acc.get(k, 0.0) + (weight @ g.square()).to(torch.float64)
+
+
+def _factor_diagonals(
+    run: _Run, matched: list[tuple[_Layer, Tensor]], g_f: Tensor, f: Tensor, lam: Tensor, vecs: Tensor
+) -> None:
+    """Accumulate the recorded layers' diagonals from factors, as many output directions per backward as fit.
+
+    The first backward pass also carries ``dL/df``: a layer whose ``dL/dy`` rebuilt through the
+    output differs from autograd's fails (the loss sees it elsewhere too).
+    """
+    classes = vecs.shape[1]
+    ys = [call.y for (call, _, _), _ in matched]
+    step = max(1, min(classes, _PASS_BYTES // max(1, sum(y.numel() for y in ys) * f.element_size())))
+    cot = vecs.permute(2, 0, 1).to(f.dtype).reshape(classes, *f.shape)  # cotangent c: u_nc on sample n
+    live = list(range(len(matched)))
+    for c0 in range(0, classes, step):
+        chunk = cot[c0 : c0 + step]
+        if c0 == 0:
+            chunk = torch.cat([chunk, g_f.detach().unsqueeze(0)])  # and dL/df, to rebuild dL/dy through f
+        kept = []
+        for i, s in zip(live, _backward_batched(f, [ys[i] for i in live], chunk)):
+            (call, w_k, b_k), gy = matched[i]
+            if c0 == 0:
+                if not close(s[-1].reshape(-1).double(), gy.detach().reshape(-1).double()):
+                    for k in (w_k, b_k):
+                        if k is not None and k in run.indices:
+                            run.fail(k, _NOT_THROUGH_OUTPUT)
+                    continue
+                s = s[:-1]
+            diag_w, diag_b = call.squared_gradients(s.detach(), lam[:, c0 : c0 + step])
+            for k, full in ((w_k, diag_w), (b_k, diag_b)):
+                if k is not None and k in run.indices:
+                    run.acc[k] = run.acc.get(k, 0.0) + full.reshape(-1)
+            kept.append(i)
+        live = kept
+        if not live:
+            return
+
+
+def _backward_batched(f: Tensor, ys: list[Tensor], cotangents: Tensor) -> list[Tensor]:
+    """``d(cot_j . f) / dy`` for every ``y`` and every slice ``j`` of ``cotangents`` (vmapped, loop fallback)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return list(torch.autograd.grad(f, ys, grad_outputs=cotangents, retain_graph=True,
+                                            is_grads_batched=True, materialize_grads=True))
+    except RuntimeError:
+        rows = [torch.autograd.grad(f, ys, grad_outputs=c, retain_graph=True, materialize_grads=True) for c in cotangents]
+        return [torch.stack([r[i] for r in rows]) for i in range(len(ys))]
 
 
 _PASS_BYTES = 256 * 2**20  # per-sample gradients held at once
@@ -283,3 +397,20 @@ def piecewise_diagonal(op: HessianOperator, indices: list[int], seed: int = 2024
     for k in run.indices:
         run.outcome.parts[k] = op.select_entries(k, run.acc[k])
     return run.outcome
+
+
+def piecewise_cost(op: HessianOperator) -> int:
+    """Upper bound on the matvecs :func:`piecewise_diagonal` spends: ``2 C + ceil(log2 N)`` per closure.
+
+    Runs the first closure once (forward only) to read the model output's shape; 0 without a module.
+    """
+    if op.module is None:
+        return 0
+    calls: list[_Forward] = []
+    with _capturing(op.module, calls), op.autograd_context():
+        op.evaluate_loss(0)
+    if len(calls) != 1:
+        return 0
+    f = calls[0].output
+    n, c = int(f.shape[0]), int(f[0].numel()) if f.ndim else 1
+    return len(op.loss_fns) * (2 * c + (math.ceil(math.log2(n)) if n > 1 else 0))

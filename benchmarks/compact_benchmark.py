@@ -21,7 +21,8 @@ Options of the memory part: ``--log-stats`` logs every step (a ``CSVLogger`` in 
 which turns off glibc's dynamic threshold: freed blocks of that size or more go back to the system at
 once, so the RSS follows the live tensors instead of what the heap keeps after freeing them;
 ``--hidden`` sets the MLP's hidden width and ``--variants`` the variants run (ratios are to the first);
-``--trace VARIANT`` runs one fit and prints, at each hook, the RSS above the model and glibc's heap
+``--trace VARIANT`` runs one fit and prints, at each hook, the RSS above the baseline of the peak figure
+(``ru_maxrss`` before the fit: hence negative at first) and glibc's heap
 (``mallinfo2``: bytes in the brk heap, in use, free, and in mmap blocks).
 
 Usage::

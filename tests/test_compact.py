@@ -288,3 +288,27 @@ def test_a_compact_checkpoint_resumes_densely_with_its_state_expanded(tmp_path):
     trainer(callbacks=[GradientMask(SPEC)], max_epochs=4).fit(dense_resumed, loader(), ckpt_path=tmp_path / "last.ckpt")
     for key, value in snapshot(compact_whole).items():
         assert torch.equal(value, snapshot(dense_resumed)[key]), key
+
+
+def test_write_back_over_several_slices_is_exact_and_leaves_frozen_entries_alone():
+    # more trainable entries than one write-back slice (65,536), int32 positions widened slice by slice
+    param = torch.nn.Parameter(torch.randn(400, 400))
+    mask = torch.rand(400, 400, generator=torch.Generator().manual_seed(3)) < 0.6
+    entries = CompactEntries({"w": (param, mask)})
+    before = param.detach().clone()
+    values = torch.randn(int(mask.sum()))
+    entries.compact("w").data.copy_(values)
+    entries.scatter_()
+    assert int(mask.sum()) > 65_536
+    assert torch.equal(param.detach()[mask], values) and torch.equal(param.detach()[~mask], before[~mask])
+
+
+def test_frozen_gradient_norm_is_the_norm_of_the_dropped_entries():
+    param = torch.nn.Parameter(torch.zeros(300, 300))
+    mask = torch.rand(300, 300, generator=torch.Generator().manual_seed(4)) < 0.3
+    entries = CompactEntries({"w": (param, mask)})
+    param.grad = torch.randn(300, 300)
+    expected = torch.linalg.vector_norm(param.grad[~mask].double())
+    torch.testing.assert_close(entries.frozen_grad_norm(param), expected, rtol=1e-9, atol=0)
+    entries.gather_grad_(param)
+    assert entries.frozen_grad_norm(param) is None  # the dense gradient is gone once gathered

@@ -340,12 +340,10 @@ class GradientMask(Callback):
     def _add_removed(self, param: torch.Tensor) -> None:
         """Add the squared norm of ``param``'s frozen gradient (before the gather) to the logged figure."""
         assert self._compact is not None
-        trainable = self._compact.trainable_grad_norm(param)
-        if trainable is None:
+        frozen = self._compact.frozen_grad_norm(param)  # in slices: no float64 copy of the gradient
+        if frozen is None:
             return
-        assert param.grad is not None
-        total = torch.linalg.vector_norm(param.grad.double() if param.grad.layout == torch.strided else param.grad.to_dense().double())
-        removed_sq = (total.square() - trainable.square()).clamp_min(0)
+        removed_sq = frozen.square()
         self._removed_sq = removed_sq if self._removed_sq is None else self._removed_sq + removed_sq
 
     def _scatter_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -56,8 +56,8 @@ __all__ = ["CompactEntries", "expand_compact_state_"]
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-#: Entries per slice of the write-back: its one transient buffer stays small (1 MiB for float32).
-_SCATTER_SLICE = 1 << 18
+#: Positions per slice of the write-back: its one buffer (int64 positions) stays small, 512 KiB.
+_SCATTER_SLICE = 1 << 16
 
 
 @dataclass
@@ -75,9 +75,12 @@ class CompactEntries:
         masks: ``{name: (parameter, trainable)}``, ``trainable`` a ``bool`` tensor of the
             parameter's shape with at least one trainable and one frozen entry.
 
-    Memory per masked parameter, on its device: 4 bytes (the int32 position; 8 for a parameter of
-    2**31 entries or more) plus the compact value (the parameter's element size) per trainable
-    entry; the optimizer's gradient and state then cover the trainable entries only.
+    Memory, on the parameters' devices, per trainable entry: its position (int32, 4 bytes; int64 for a
+    parameter of 2**31 entries or more), the compact value and, from the first gathered gradient on,
+    the compact gradient (one buffer reused step after step; each the parameter's element size); the
+    optimizer's state covers the trainable entries only. Nothing is kept per frozen entry. Besides:
+    one 512 KiB buffer per device for :meth:`scatter_`, and while :meth:`gather_grad_` runs, the dense
+    gradient it frees.
     """
 
     def __init__(self, masks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -100,6 +103,7 @@ class CompactEntries:
             self._by_param[id(param)] = entry
         # (optimizer, param group, position in it, entry) of every swapped-in compact tensor
         self._swapped: list[tuple[torch.optim.Optimizer, dict[str, Any], int, _Compact]] = []
+        self._positions: dict[torch.device, torch.Tensor] = {}  # scatter_'s int64 slice buffer, per device
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -195,13 +199,31 @@ class CompactEntries:
             self.gather_grad_(entry.param)
 
     @torch.no_grad()
-    def trainable_grad_norm(self, param: torch.Tensor) -> torch.Tensor | None:
-        """L2 norm of the trainable part of ``param.grad`` (``None`` without a gradient)."""
+    def frozen_grad_norm(self, param: torch.Tensor) -> torch.Tensor | None:
+        """L2 norm (float64) of the frozen part of ``param.grad``, the part :meth:`gather_grad_` drops
+        (``None`` without a gradient).
+
+        Computed in slices through one 512 KiB buffer: no copy of the gradient, whatever its size.
+        """
         entry = self._by_param.get(id(param))
         if entry is None or param.grad is None:
             return None
         grad = param.grad.to_dense() if param.grad.layout != torch.strided else param.grad
-        return torch.linalg.vector_norm(grad.reshape(-1).index_select(0, entry.indices).double())
+        flat = grad.reshape(-1)
+        buffer = torch.empty(min(_SCATTER_SLICE, flat.numel()), dtype=torch.float64, device=flat.device)
+        total = torch.zeros((), dtype=torch.float64, device=flat.device)
+        trainable = torch.zeros_like(total)
+        for start in range(0, flat.numel(), buffer.numel()):
+            part = flat[start : start + buffer.numel()]
+            wide = buffer[: part.numel()]
+            wide.copy_(part)
+            total += torch.dot(wide, wide)
+        for start in range(0, entry.indices.numel(), buffer.numel()):
+            where = entry.indices[start : start + buffer.numel()]
+            wide = buffer[: where.numel()]
+            wide.copy_(flat.index_select(0, where))
+            trainable += torch.dot(wide, wide)
+        return (total - trainable).clamp_min(0).sqrt()
 
     @torch.no_grad()
     def refresh_(self) -> None:
@@ -224,17 +246,28 @@ class CompactEntries:
             data, values = entry.param.detach(), entry.tensor.detach().to(entry.param.dtype)
             if not data.is_contiguous():
                 data.put_(entry.indices.long(), values)
-            elif entry.indices.dtype == torch.int64:
-                data.view(-1).index_copy_(0, entry.indices, values)
-            else:
-                # index_copy_ takes only int64 positions; on the values' bits, old + (new - old) is new
-                # exactly (integer arithmetic wraps), inf/NaN/-0.0 included
-                bits = data.view(-1).view(_INT_OF_SIZE[data.element_size()])
-                new = values.view(bits.dtype)
-                for start in range(0, entry.indices.numel(), _SCATTER_SLICE):  # small transients only
-                    where = entry.indices[start : start + _SCATTER_SLICE]
-                    delta = bits.index_select(0, where)
-                    bits.index_add_(0, where, torch.sub(new[start : start + _SCATTER_SLICE], delta, out=delta))
+                continue
+            # a copy of the values' bits (inf, NaN payloads and -0.0 exact); index_copy_ takes int64
+            # positions only, so int32 ones are widened a slice at a time into one small reused buffer
+            bits = data.view(-1).view(_INT_OF_SIZE[data.element_size()])
+            new = values.view(bits.dtype)
+            if entry.indices.dtype == torch.int64:
+                bits.index_copy_(0, entry.indices, new)
+                continue
+            positions = self._positions_buffer(entry.indices.device)
+            for start in range(0, entry.indices.numel(), _SCATTER_SLICE):
+                where = entry.indices[start : start + _SCATTER_SLICE]
+                wide = positions[: where.numel()]
+                wide.copy_(where)
+                bits.index_copy_(0, wide, new[start : start + _SCATTER_SLICE])
+
+    def _positions_buffer(self, device: torch.device) -> torch.Tensor:
+        """The int64 slice buffer of :meth:`scatter_` on ``device``, allocated once: a fresh one every
+        step would leave holes in the CPU allocator's heap that later, larger allocations cannot use."""
+        buffer = self._positions.get(device)
+        if buffer is None:
+            buffer = self._positions[device] = torch.empty(_SCATTER_SLICE, dtype=torch.int64, device=device)
+        return buffer
 
     # ------------------------------------------------------------------ state conversion
     @staticmethod

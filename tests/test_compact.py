@@ -193,7 +193,9 @@ def test_ddp_with_accumulation_matches_the_dense_mask(tmp_path):
         assert torch.equal(dense[0]["final"][name], final[name]), name
 
 
-def test_write_back_is_bit_exact_for_special_values_and_non_contiguous_parameters():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_write_back_is_bit_exact_for_special_values_and_non_contiguous_parameters(deterministic):
+    torch.use_deterministic_algorithms(deterministic)  # (put_ has no deterministic kernel; the conftest restores)
     for weight in (torch.randn(5, 4), torch.randn(4, 5).T):  # contiguous, and a transposed view
         param = torch.nn.Parameter(weight)
         mask = torch.zeros(5, 4, dtype=torch.bool)
@@ -205,6 +207,13 @@ def test_write_back_is_bit_exact_for_special_values_and_non_contiguous_parameter
         entries.scatter_()
         assert torch.equal(param.detach()[mask].view(torch.int32), values.view(torch.int32))
         assert torch.equal(param.detach()[~mask], before[~mask])
+
+
+def test_compact_mode_trains_under_deterministic_algorithms():
+    model = TinyRegressor()
+    initial = snapshot(model)
+    trainer(callbacks=[GradientMask(SPEC, compact=True)], deterministic=True).fit(model, loader())
+    assert_frozen(model, initial)
 
 
 class HeadFirst(TinyRegressor):

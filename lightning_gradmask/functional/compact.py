@@ -244,8 +244,8 @@ class CompactEntries:
             if params is not None and id(entry.tensor) not in params:
                 continue
             data, values = entry.param.detach(), entry.tensor.detach().to(entry.param.dtype)
-            if not data.is_contiguous():
-                data.put_(entry.indices.long(), values)
+            if not data.is_contiguous():  # (index_put_ rather than put_: it has a deterministic kernel)
+                data.index_put_(torch.unravel_index(entry.indices.long(), data.shape), values)
                 continue
             # a copy of the values' bits (inf, NaN payloads and -0.0 exact); index_copy_ takes int64
             # positions only, so int32 ones are widened a slice at a time into one small reused buffer

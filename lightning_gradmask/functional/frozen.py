@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -127,7 +127,7 @@ class FrozenEntries:
             self._entries[name] = entry
         self._last_selection: tuple[object, Any] | None = None
         self._captured = not self._entries
-        self._grouped: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._grouped: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], bool] | None = None
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -350,16 +350,19 @@ class FrozenEntries:
                 [e.param for e in partial],
                 [e.keep for e in partial],  # type: ignore[misc]
                 [e.param for e in self._entries.values() if e.all_frozen],
+                any(is_sharded(e.param) for e in self._entries.values()),
             )
-        params, keeps, whole = self._grouped
-        if any(p.grad is None for p in params):
-            pairs = [(p.grad, k) for p, k in zip(params, keeps) if p.grad is not None]
+        params, keeps, whole, sharded = self._grouped
+        found = [p.grad for p in params]
+        if any(g is None for g in found):
+            pairs = [(g, k) for g, k in zip(found, keeps) if g is not None]
             grads, keeps = [g for g, _ in pairs], [k for _, k in pairs]
         else:
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = cast("list[torch.Tensor]", found)
         if any(g.layout != torch.strided for g in grads):
             return False
-        grads = [local_tensor(g) for g in grads]
+        if sharded:  # (looked up only then: this runs every step, for thousands of tensors)
+            grads = [local_tensor(g) for g in grads]
         try:
             # integer multiply by 1/0 on the gradient's bits: every bit kept, or +0.0
             torch._foreach_mul_([g.view(k.dtype) for g, k in zip(grads, keeps)], keeps)

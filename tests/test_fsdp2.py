@@ -33,6 +33,7 @@ def runs(tmp_path_factory) -> Path:
         pytest.skip(FSDP2_SKIP_REASON)
     out = tmp_path_factory.mktemp("fsdp2")
     run_script(SCRIPT, str(out), timeout=400)
+    run_script(SCRIPT, str(out), "2d", timeout=400)  # 4 processes: FSDP2 over tensor parallelism
     return out
 
 
@@ -46,20 +47,31 @@ def metrics(log_dir: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize(
-    ("fsdp2", "ddp", "first"), [("fsdp2", "ddp", "fsdp2"), ("fsdp2_built", "ddp_built", "fsdp2_built"), ("tp", "ddp", "tp")]
+    ("fsdp2", "ddp", "first"),
+    [
+        ("fsdp2", "ddp", "fsdp2"),
+        ("fsdp2_built", "ddp_built", "fsdp2_built"),
+        ("tp", "ddp", "tp"),
+        ("fsdp2_tp", "ddp4", "fsdp2_tp"),
+    ],
 )
 def test_fsdp2_keeps_every_guarantee_and_equals_ddp(runs, fsdp2, ddp, first):
-    ranks = [load(runs, f"{fsdp2}_rank{r}") for r in (0, 1)]
+    ranks = [load(runs, f"{fsdp2}_rank{r}") for r in ((0, 1, 2, 3) if fsdp2 == "fsdp2_tp" else (0, 1))]
     start = load(runs, f"{first}_start_rank0")
     final = ranks[0]["final"]
     # ranks hold the same whole model
-    for name, value in final.items():
-        assert torch.equal(value, ranks[1]["final"][name]), name
+    for other in ranks[1:]:
+        for name, value in final.items():
+            assert torch.equal(value, other["final"][name]), name
+    # the L1 masks held for the step: placed like their (sharded) parameters, holding only the shard
+    for rank in ranks:
+        assert rank["l1_masks"] and all(sharded and held == size for sharded, held, size in rank["l1_masks"])
 
     weight = final["net.0.weight"]
     assert torch.equal(weight[:, SEVERED], torch.zeros(16, 2))  # severed exactly 0
-    assert ranks[0]["deviation"] == 0.0 and ranks[1]["deviation"] == 0.0
-    assert ranks[0]["mask"] == ranks[1]["mask"] == ("cpu", (16, 6), "Tensor")  # the whole bool mask, on the CPU
+    for rank in ranks:
+        assert rank["deviation"] == 0.0
+        assert rank["mask"] == ("cpu", (16, 6), "Tensor")  # the whole bool mask, on the CPU
     frozen = ~TRAINABLE
     frozen[:, SEVERED] = False
     assert torch.equal(weight[frozen], start["net.0.weight"][frozen])  # frozen entries bit-identical
@@ -76,9 +88,10 @@ def test_fsdp2_keeps_every_guarantee_and_equals_ddp(runs, fsdp2, ddp, first):
         torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_fsdp2_logs_the_global_figures_ddp_logs(runs):
-    sharded = metrics(load(runs, "fsdp2_rank0")["log_dir"])
-    reference = metrics(load(runs, "ddp_rank0")["log_dir"])
+@pytest.mark.parametrize(("fsdp2", "ddp"), [("fsdp2", "ddp"), ("tp", "ddp"), ("fsdp2_tp", "ddp4")])
+def test_fsdp2_logs_the_global_figures_ddp_logs(runs, fsdp2, ddp):
+    sharded = metrics(load(runs, f"{fsdp2}_rank0")["log_dir"])
+    reference = metrics(load(runs, f"{ddp}_rank0")["log_dir"])
     keys = ("gradient_mask/frozen_fraction", "gradient_mask/removed_grad_norm", "masked_l1/penalty", "masked_l1/zero_fraction")
     steps = [row for row in sharded if row.get(keys[0])]
     assert len(steps) == 16
@@ -148,6 +161,17 @@ def test_local_shards_are_cut_like_torch_chunk(size, pieces):
     for index in range(pieces):
         expected = chunks[index] if index < len(chunks) else whole[:0]  # chunk gives fewer pieces: empty shards
         assert torch.equal(_chunk(whole, 0, pieces, index), expected)
+
+
+def test_sums_over_shards_add_over_every_cut_mesh_dimension():
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from lightning_gradmask.functional.sharding import summing_placements
+
+    # FSDP2 over tensor parallelism places a weight as (strided shard over data parallel, shard over tensor parallel)
+    placements = [_StridedShard(0, split_factor=2), Shard(1), Replicate()]
+    assert [type(p) for p in summing_placements(placements)] == [Partial, Partial, Replicate]
 
 
 def test_plain_tensors_pass_through_the_sharding_helpers():

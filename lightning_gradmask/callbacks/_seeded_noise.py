@@ -83,10 +83,12 @@ class SeededNoise(Callback):
             part = _local_range(param)
             parts.append(part if part is not None else (0, param.numel(), tuple(param.shape)))
             self._cut_whole.append(part is None)
+        self._devices = [local_tensor(p).device for p in params]
         self._layout = NoiseLayout(
             [tuple(p.shape) for p in params],
             [p.dtype for p in params],
-            devices=[local_tensor(p).device for p in params],
+            # a shard cut from the whole noise: the whole stays on the CPU, only the shard's part moves
+            devices=[torch.device("cpu") if cut else device for device, cut in zip(self._devices, self._cut_whole)],
             parts=parts,
         )
         self._layout_params = list(params)
@@ -99,7 +101,10 @@ class SeededNoise(Callback):
         assert self._layout is not None, "_lay_out runs at on_train_start"
         noises = self._layout.draw_(self.seed, step, stream=stream, scale=std)
         if any(self._cut_whole):  # shards that are not a contiguous range of their whole (tensor parallel)
-            noises = [local_part(n, like=p) if cut else n for n, p, cut in zip(noises, self._layout_params, self._cut_whole)]
+            noises = [
+                local_part(n, like=p).to(device) if cut else n
+                for n, p, cut, device in zip(noises, self._layout_params, self._cut_whole, self._devices)
+            ]
         return noises
 
     @override

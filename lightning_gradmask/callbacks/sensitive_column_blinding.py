@@ -7,7 +7,6 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -27,7 +26,7 @@ from lightning_gradmask.functional.blinding import (
 )
 from lightning_gradmask.functional.constraints import parameter_constraints
 from lightning_gradmask.functional.frozen import FrozenEntries
-from lightning_gradmask.functional.sharding import is_sharded, local_part, local_tensor
+from lightning_gradmask.functional.sharding import local_part, local_tensor
 
 __all__ = ["SensitiveColumnBlinding"]
 
@@ -283,7 +282,8 @@ class SensitiveColumnBlinding(Callback):
             self.weight_deviation(),
             on_step=False,
             on_epoch=True,
-            sync_dist=True,  # the same on every rank; this only silences Lightning's DDP advice
+            sync_dist=True,  # the same on every DDP rank; under FSDP2 each rank measures its shard: the max of them
+            reduce_fx="max",
         )
 
     @override
@@ -299,7 +299,11 @@ class SensitiveColumnBlinding(Callback):
     # ------------------------------------------------------------------ checks
     @torch.no_grad()
     def weight_deviation(self) -> float:
-        """Largest ``|blinded weight - required value|`` (0 in ``sever``, initial in ``grad``); 0.0 expected."""
+        """Largest ``|blinded weight - required value|`` (0 in ``sever``, initial in ``grad``); 0.0 expected.
+
+        Under ``ModelParallelStrategy`` (FSDP2, tensor parallelism), over this process's shard of the
+        weight (no communication); the logged ``weight_deviation`` is the largest over all processes.
+        """
         plan = self.plan
         weight = plan.module.weight
         assert isinstance(weight, torch.Tensor)
@@ -307,10 +311,7 @@ class SensitiveColumnBlinding(Callback):
         blinded = local.masked_select(~local_part(plan.trainable, like=weight).to(local.device))
         if self.mode == "grad" and self._initial is not None:
             blinded = blinded - self._initial.to(blinded.device)
-        deviation = blinded.abs().max() if blinded.numel() else torch.zeros((), dtype=local.dtype, device=local.device)
-        if is_sharded(weight) and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(deviation, op=dist.ReduceOp.MAX)  # replicas agree, so the max over every process
-        return float(deviation)
+        return float(blinded.abs().max()) if blinded.numel() else 0.0
 
     # ------------------------------------------------------------------ checkpointing
     @override

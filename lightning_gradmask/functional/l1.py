@@ -33,7 +33,7 @@ from numbers import Real
 import torch
 
 from lightning_gradmask.errors import GradmaskConfigError
-from lightning_gradmask.functional.sharding import is_sharded, local_part, local_tensor, shard_like, sharded_sum
+from lightning_gradmask.functional.sharding import is_sharded, local_of, local_tensor, shard_like, sharded_sum
 
 __all__ = [
     "check_strength",
@@ -115,12 +115,12 @@ def proximal_l1_step_(param: torch.Tensor, mask: torch.Tensor | None, threshold:
         param: the tensor to update (a ``Parameter`` is updated through ``.detach()``, outside autograd;
             a sharded ``DTensor`` through its local shard).
         mask: ``None`` (every entry), a ``bool`` tensor, or real per-entry weights, on ``param``'s device
-            (for a sharded ``param``, a whole mask of its global shape).
+            (for a sharded ``param``, a whole mask of its global shape or a ``DTensor`` placed like it).
         threshold: a number ``>= 0``.
     """
     data = local_tensor(param.detach())
     if mask is not None:
-        mask = local_part(mask, like=param)
+        mask = local_of(mask, like=param)
     if mask is None:
         data.copy_(data.abs().sub_(threshold).clamp_min_(0).mul_(data.sign()))
         return param
@@ -139,7 +139,8 @@ def masked_zero_fraction(params: Sequence[torch.Tensor], masks: Sequence[torch.T
 
     Each pair counts its own selected entries: pass each parameter once, with the union of its
     masks, to count an entry once. Returns a 0-dim float tensor (0 when nothing is selected).
-    Sharded (FSDP2) parameters take whole masks; their counts are summed over the shards.
+    Sharded (FSDP2) parameters take whole masks or ``DTensor`` masks placed like them; their counts are
+    summed over the shards.
     """
     zero_counts: list[torch.Tensor] = []
     support_sizes: list[torch.Tensor] = []
@@ -149,7 +150,7 @@ def masked_zero_fraction(params: Sequence[torch.Tensor], masks: Sequence[torch.T
         if mask is None:
             support_size = torch.tensor(local.numel(), device=local.device)
         else:
-            support = mask_support(local_part(mask, like=param)).to(local.device)
+            support = mask_support(local_of(mask, like=param)).to(local.device)
             is_zero.logical_and_(support)
             support_size = support.sum()
         zero_counts.append(is_zero.sum())

@@ -24,7 +24,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["is_sharded", "local_part", "local_tensor", "replicated_like", "sharded_sum", "shard_like"]
+__all__ = [
+    "is_sharded",
+    "local_of",
+    "local_part",
+    "local_tensor",
+    "placement_key",
+    "replicated_like",
+    "shard_like",
+    "sharded_sum",
+    "summing_placements",
+]
 
 
 def is_sharded(tensor: Any) -> bool:
@@ -57,11 +67,11 @@ def local_part(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return whole
     if tuple(whole.shape) != tuple(like.shape):
         raise ValueError(f"local_part: a tensor of shape {list(whole.shape)} for a parameter of shape {list(like.shape)}")
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Shard
 
     mesh = like.device_mesh  # type: ignore[attr-defined]
     placements = like.placements  # type: ignore[attr-defined]
-    if all(type(p) in (Shard, Replicate) for p in placements):
+    if _plain_placements(placements):
         part = whole
         for mesh_dim, placement in enumerate(placements):
             if isinstance(placement, Shard):
@@ -83,9 +93,13 @@ def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     mesh, placements = like.device_mesh, like.placements  # type: ignore[attr-defined]
-    whole = whole.to(local_tensor(like).device)
-    if all(type(p).__name__ in ("Shard", "Replicate") for p in placements):
-        return DTensor.from_local(local_part(whole, like).contiguous(), mesh, placements, run_check=False, shape=like.shape, stride=like.stride())
+    device = local_tensor(like).device
+    if _plain_placements(placements):  # cut where the whole is (the CPU, usually): only the shard moves
+        local = local_part(whole, like).to(device)
+        # its own memory, the shard's size (a view of the whole would keep the whole alive)
+        local = local.clone() if local.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr() else local.contiguous()
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=like.shape, stride=like.stride())
+    whole = whole.to(device)
     if _distribute_takes_src_data_rank():
         return distribute_tensor(whole, mesh, placements, src_data_rank=None)
     return distribute_tensor(whole, mesh, placements)
@@ -135,10 +149,38 @@ def sharded_sum(values: Sequence[torch.Tensor], likes: Sequence[torch.Tensor]) -
 
 
 def _sum_over_shards(value: torch.Tensor, mesh: Any, placements: Sequence[Any]) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor import DTensor
 
-    reduced = [Partial() if isinstance(p, Shard) else Replicate() for p in placements]
-    return DTensor.from_local(value, mesh, reduced, run_check=False).full_tensor()
+    return DTensor.from_local(value, mesh, summing_placements(placements), run_check=False).full_tensor()
+
+
+def summing_placements(placements: Sequence[Any]) -> list[Any]:
+    """Per mesh dimension: ``Partial`` (sum) where the tensor is cut (``Shard`` and the strided shards of
+    FSDP2 over tensor parallelism, which are no ``Shard`` subclass in every torch), ``Replicate`` where
+    every process holds the same numbers."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    return [Replicate() if p.is_replicate() else Partial() for p in placements]
+
+
+def placement_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What a tensor placed like ``tensor`` depends on: its device, and for a ``DTensor`` its mesh and placements."""
+    if not is_sharded(tensor):
+        return (tensor.device,)
+    return (tensor.device, id(tensor.device_mesh), tuple(tensor.placements))  # type: ignore[attr-defined]
+
+
+def local_of(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``mask`` for parameter ``like``: the local shard of a ``DTensor`` mask
+    placed like ``like``, or :func:`local_part` of a whole one."""
+    return local_tensor(mask) if is_sharded(mask) else local_part(mask, like)
+
+
+def _plain_placements(placements: Sequence[Any]) -> bool:
+    """Whether every placement is a plain ``Shard`` or ``Replicate`` (cut here without communication)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    return all(type(p) in (Shard, Replicate) for p in placements)
 
 
 def _chunk(tensor: torch.Tensor, dim: int, pieces: int, index: int) -> torch.Tensor:

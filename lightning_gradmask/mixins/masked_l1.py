@@ -32,6 +32,7 @@ from lightning_gradmask.functional.l1 import (
 )
 from lightning_gradmask.functional.masks import MaskValue, mask_from_value
 from lightning_gradmask.functional.selection import ParamSelector, select_parameters
+from lightning_gradmask.functional.sharding import is_sharded, placement_key, shard_like
 
 __all__ = ["MaskedL1Mixin", "MaskedL1Term"]
 
@@ -105,20 +106,21 @@ class _State:
         return any(not term.proximal for term in self.terms)
 
     # ------------------------------------------------------------------ device copies
-    def mask_on(self, index: int, device: torch.device) -> Optional[torch.Tensor]:
-        """Term ``index``'s mask on ``device`` (moved once per device)."""
-        key = ("term", index, device)
-        if key not in self._on_device:
-            mask = self.terms[index].mask
-            self._on_device[key] = None if mask is None else mask.to(device)
-        return self._on_device[key]
+    def mask_on(self, index: int, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """Term ``index``'s mask for ``param`` as it is now: on its device, or for a sharded (FSDP2)
+        parameter a ``DTensor`` placed like it, holding only the local shard (made once per placement)."""
+        return self._placed(("term", index), self.terms[index].mask, param)
 
-    def support_on(self, name: str, device: torch.device) -> Optional[torch.Tensor]:
-        """The union of ``name``'s proximal masks on ``device`` (moved once per device)."""
-        key = ("support", name, device)
+    def support_on(self, name: str, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """The union of ``name``'s proximal masks for ``param``, placed as :meth:`mask_on` places them."""
+        return self._placed(("support", name), self.supports[name], param)
+
+    def _placed(self, what: tuple[Any, ...], mask: Optional[torch.Tensor], param: torch.Tensor) -> Optional[torch.Tensor]:
+        # the root module of FSDP2 holds its parameters unsharded (plain) from forward to backward, and
+        # sharded otherwise: both forms may be asked for in one step
+        key = (*what, placement_key(param))
         if key not in self._on_device:
-            support = self.supports[name]
-            self._on_device[key] = None if support is None else support.to(device)
+            self._on_device[key] = None if mask is None else shard_like(mask, like=param) if is_sharded(param) else mask.to(param.device)
         return self._on_device[key]
 
     def groups_of(self, optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
@@ -285,7 +287,7 @@ class MaskedL1Mixin:
                 continue
             param = self.get_parameter(term.name)  # type: ignore[attr-defined]  # the mixin is always mixed into a LightningModule
             params.append(param)
-            masks.append(state.mask_on(index, param.device))
+            masks.append(state.mask_on(index, param))
             strengths.append(term.strength)
         if not params:
             first = next(self.parameters(), None)  # type: ignore[attr-defined]  # the mixin is always mixed into a LightningModule
@@ -330,7 +332,7 @@ class MaskedL1Mixin:
                 self.log("masked_l1/penalty", penalty.detach(), on_step=True, on_epoch=False)  # type: ignore[attr-defined]  # the mixin is always mixed into a LightningModule
         if logging and state.supports:
             params = [self.get_parameter(name) for name in state.supports]  # type: ignore[attr-defined]  # the mixin is always mixed into a LightningModule
-            supports = [state.support_on(name, param.device) for name, param in zip(state.supports, params)]
+            supports = [state.support_on(name, param) for name, param in zip(state.supports, params)]
             self.log("masked_l1/zero_fraction", masked_zero_fraction(params, supports), on_step=True, on_epoch=False)  # type: ignore[attr-defined]  # the mixin is always mixed into a LightningModule
         return output
 
@@ -354,7 +356,7 @@ class MaskedL1Mixin:
                     f"MaskedL1Mixin: the proximal term on {term.name!r} needs a learning rate, but the "
                     f"{type(optimizer).__name__} parameter group holding it has no 'lr'"
                 )
-            proximal_l1_step_(param, state.mask_on(index, param.device), float(group["lr"]) * term.strength)
+            proximal_l1_step_(param, state.mask_on(index, param), float(group["lr"]) * term.strength)
 
 
 def _state_of(module: Any) -> _State:

@@ -3,7 +3,7 @@
 WeightNoise, GradientNoise, SensitiveColumnBlinding, GradientMask and MaskedL1Mixin in one Trainer
 (HessianMonitor refuses FSDP2: tests/ddp/hessian_fsdp2.py).
 
-Usage: python fsdp2_everything.py OUT_DIR
+Usage: python fsdp2_everything.py OUT_DIR [2d]
 
 One launch of 2 gloo processes runs these fits, each from the same seeded start:
 
@@ -14,6 +14,11 @@ One launch of 2 gloo processes runs these fits, each from the same seeded start:
 * ``ddp_built`` / ``fsdp2_built``: the layers built in ``configure_model`` (on the meta device under FSDP2);
 * ``tp``: tensor parallelism instead (``tensor_parallel_size=2``: ``net.0`` column-wise, ``net.2``
   row-wise, ``net.4`` left whole), each rank seeing the whole batch that the two DDP ranks split.
+
+With ``2d``, 4 processes instead: ``ddp4`` (strategy="ddp") and ``fsdp2_tp`` (``data_parallel_size=2,
+tensor_parallel_size=2``: tensor parallelism, then ``fully_shard`` over the data-parallel mesh, which
+gives the strided shards of FSDP2 over tensor parallelism). Every step sees the same 16 samples in all
+fits, split among the data-parallel replicas.
 
 Each fit saves, on every rank, the whole weights at the start and at the end (``full_tensor()``) to
 OUT_DIR/<fit>_rank<r>.pt, with the logged metrics the test checks.
@@ -34,6 +39,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lightning_gradmask import GradientMask, GradientNoise, MaskedL1Mixin, SensitiveColumnBlinding, WeightNoise
 from lightning_gradmask.functional.sharding import is_sharded, local_part, local_tensor
+from lightning_gradmask.mixins.masked_l1 import _state_of
 
 from utils import regression_data, run_distributed
 
@@ -66,11 +72,10 @@ def layers() -> nn.Sequential:
 
 
 class Model(MaskedL1Mixin, L.LightningModule):
-    def __init__(self, out: Path, tag: str, build_in_configure_model: bool = False, tensor_parallel: bool = False) -> None:
+    def __init__(self, out: Path, tag: str, build_in_configure_model: bool = False) -> None:
         super().__init__()
         self.out, self.tag = out, tag
         self.built_late = build_in_configure_model
-        self.tensor_parallel = tensor_parallel
         if not build_in_configure_model:
             self.net = layers()
             self.register_terms()
@@ -89,17 +94,17 @@ class Model(MaskedL1Mixin, L.LightningModule):
         mesh = self.device_mesh
         if mesh is None:  # strategy="ddp"
             return
-        if self.tensor_parallel:
+        if mesh["tensor_parallel"].size() > 1:
             from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
             parallelize_module(self.net, mesh["tensor_parallel"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-            return
-        from torch.distributed.fsdp import fully_shard
+        if mesh["data_parallel"].size() > 1:
+            from torch.distributed.fsdp import fully_shard
 
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh["data_parallel"])
-        fully_shard(self.net, mesh=mesh["data_parallel"])
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh["data_parallel"])
+            fully_shard(self.net, mesh=mesh["data_parallel"])
 
     def forward(self, x):
         return self.net(x)
@@ -110,10 +115,12 @@ class Model(MaskedL1Mixin, L.LightningModule):
 
     def train_dataloader(self):
         data = regression_data(n=64, seed=2)
-        if self.tensor_parallel:  # one data-parallel replica: the batches of both DDP ranks at once
-            return DataLoader(data, batch_size=16, shuffle=False)
-        sampler = DistributedSampler(data, num_replicas=2, rank=self.global_rank, shuffle=False)
-        return DataLoader(data, batch_size=8, sampler=sampler)
+        # the data-parallel replicas split each step's 16 samples; tensor-parallel ranks share theirs
+        mesh = self.device_mesh
+        replicas = self.trainer.world_size if mesh is None else mesh["data_parallel"].size()
+        rank = self.global_rank if mesh is None else mesh["data_parallel"].get_local_rank()
+        sampler = DistributedSampler(data, num_replicas=replicas, rank=rank, shuffle=False)
+        return DataLoader(data, batch_size=16 // replicas, sampler=sampler)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=0.02, weight_decay=0.1)
@@ -137,18 +144,18 @@ def callbacks() -> list:
     ]
 
 
-def fit(out: Path, tag: str, sharded: bool, epochs: int, *, resume_from=None, checkpoint=None, built=False, tp=False):
-    sizes = {"data_parallel_size": 1, "tensor_parallel_size": 2} if tp else {"data_parallel_size": 2, "tensor_parallel_size": 1}
+def fit(out: Path, tag: str, sharded: bool, epochs: int, *, resume_from=None, checkpoint=None, built=False, dp=2, tp=1):
+    sizes = {"data_parallel_size": dp, "tensor_parallel_size": tp}
     strategy = ModelParallelStrategy(**sizes, **({} if checkpoint is None else checkpoint)) if sharded else "ddp"
 
     extra = [] if resume_from is not None or checkpoint is None else [ModelCheckpoint(dirpath=out / tag, save_last=True)]
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs, use_distributed_sampler=False,
+        accelerator="cpu", devices=dp * tp, strategy=strategy, max_epochs=epochs, use_distributed_sampler=False,
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
         enable_checkpointing=bool(extra), logger=CSVLogger(out, name=tag), callbacks=[*callbacks(), *extra],
     )
     torch.manual_seed(0)
-    model = Model(out, tag, build_in_configure_model=built, tensor_parallel=tp)
+    model = Model(out, tag, build_in_configure_model=built)
     trainer.fit(model, ckpt_path=resume_from)
     blinding = next(c for c in trainer.callbacks if isinstance(c, SensitiveColumnBlinding))
     mask = next(c for c in trainer.callbacks if isinstance(c, GradientMask)).masks["net.0.weight"]
@@ -157,6 +164,12 @@ def fit(out: Path, tag: str, sharded: bool, epochs: int, *, resume_from=None, ch
         "log_dir": trainer.log_dir,
         "deviation": blinding.weight_deviation(),
         "mask": (mask.device.type, tuple(mask.shape), type(mask).__name__),
+        # the L1 masks the mixin holds for the step: (a DTensor?, bytes held, bytes of what it holds)
+        "l1_masks": [
+            (is_sharded(m), local_tensor(m).untyped_storage().nbytes(), local_tensor(m).numel() * m.element_size())
+            for m in _state_of(model)._on_device.values()
+            if m is not None
+        ],
     }
     torch.save(result, out / f"{tag}_rank{trainer.global_rank}.pt")
     return trainer
@@ -164,6 +177,10 @@ def fit(out: Path, tag: str, sharded: bool, epochs: int, *, resume_from=None, ch
 
 def main() -> None:
     out = Path(sys.argv[1])
+    if sys.argv[2:] == ["2d"]:
+        fit(out, "ddp4", sharded=False, epochs=4, dp=4)
+        fit(out, "fsdp2_tp", sharded=True, epochs=4, dp=2, tp=2)
+        return
     fit(out, "ddp", sharded=False, epochs=4)
     fit(out, "fsdp2", sharded=True, epochs=4)
     for kind, distributed in (("dcp", True), ("full", False)):
@@ -173,7 +190,7 @@ def main() -> None:
         fit(out, tag, sharded=True, epochs=4, resume_from=last, checkpoint={"save_distributed_checkpoint": distributed})
     fit(out, "ddp_built", sharded=False, epochs=4, built=True)
     fit(out, "fsdp2_built", sharded=True, epochs=4, built=True)
-    fit(out, "tp", sharded=True, epochs=4, tp=True)
+    fit(out, "tp", sharded=True, epochs=4, dp=1, tp=2)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from lightning_gradmask.callbacks.weight_noise import WeightNoise
 from lightning_gradmask.errors import MaskSpecError, NoiseStdError
 from lightning_gradmask.functional.noise import noise_for
 
-from utils import REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer
+from utils import FSDP2_RUNS_ON_CPU, FSDP2_SKIP_REASON, REPO_ROOT, TinyRegressor, loader, run_script, snapshot, trainer
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:You defined a `validation_step` but have no `val_dataloader`",
@@ -508,6 +508,7 @@ def test_ddp_ranks_draw_the_same_noise_and_end_identical(tmp_path):
     assert not torch.equal(rank0["final"]["net.0.weight"], rank0["initial"]["net.0.weight"])
 
 
+@pytest.mark.skipif(not FSDP2_RUNS_ON_CPU, reason=FSDP2_SKIP_REASON)
 def test_fsdp2_run_adds_the_noise_of_the_ddp_run(tmp_path):
     # the same model, data and seeds under strategy="ddp" and under ModelParallelStrategy (FSDP2, fully_shard)
     run_script(REPO_ROOT / "tests" / "ddp" / "noise_fsdp.py", str(tmp_path))

@@ -36,6 +36,7 @@ fails the gradient check, so its parameters take the generic path.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -47,7 +48,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from lightning_gradmask.curvature._output_hessian import Grouping, batched_grad, close, decoupled
+from lightning_gradmask.curvature._gauss_newton import LowRankPart, OutputFactors, residual_decoupled
+from lightning_gradmask.curvature._output_hessian import (
+    Grouping,
+    ModelCall,
+    batched_grad,
+    capture_model_calls,
+    close,
+    decoupled,
+)
 from lightning_gradmask.curvature.operator import HessianOperator
 
 __all__ = ["LayerwiseOutcome", "layerwise_diagonal", "linear_layers"]
@@ -154,11 +163,14 @@ def _recording(layers: dict[int, _Layer], by_param: dict[int, int]) -> _LinearCa
     return _LinearCalls(record)
 
 
-def linear_layers(op: HessianOperator, indices: set[int] | None = None) -> tuple[dict[int, _Layer], dict[int, int]]:
+def linear_layers(
+    op: HessianOperator, indices: set[int] | None = None, model_calls: list[ModelCall] | None = None
+) -> tuple[dict[int, _Layer], dict[int, int]]:
     """Candidate layers from one forward of the first closure: ``{key: layer}``, ``{id(param): key}``.
 
     The key of a layer is its weight's op index (or its bias's when the weight is not selected);
-    only the op parameters ``indices`` (default: all) are considered.
+    only the op parameters ``indices`` (default: all) are considered. The calls of ``op.module``
+    are appended to ``model_calls`` when given.
     """
     index_of = {id(p): k for k, p in enumerate(op.params) if indices is None or k in indices}
     seen: list[tuple[Tensor, Tensor | None, tuple[int, ...]]] = []
@@ -168,7 +180,12 @@ def linear_layers(op: HessianOperator, indices: set[int] | None = None) -> tuple
             seen.append((weight, bias, tuple(input.shape[:-1])))
         return out
 
-    with _LinearCalls(spy), op.autograd_context():
+    capture = (
+        capture_model_calls(op.module, model_calls)
+        if op.module is not None and model_calls is not None
+        else contextlib.nullcontext()
+    )
+    with _LinearCalls(spy), capture, op.autograd_context():
         op.evaluate_loss(0)
     layers: dict[int, _Layer] = {}
     by_param: dict[int, int] = {}
@@ -238,6 +255,24 @@ def _layer_diagonal(
     return diag_w, diag_b, grouping.size * out
 
 
+def _low_rank_layer_diagonal(
+    g: Tensor, y: Tensor, x: Tensor, part: LowRankPart, chunk_size: int
+) -> tuple[Tensor, Tensor, int]:
+    """``(diag of W, diag of b, products)`` for one call whose ``H_y - G`` couples no two rows."""
+    out = y.shape[-1]
+    diag_w, diag_b = part.layer_terms(x)
+    low_rank_columns = part.column_products()  # (out, rows)
+    every_row = torch.arange(x.shape[0])
+    squares = x.square()
+    chunk_size = max(1, min(chunk_size, _PROBE_BYTES // max(1, y.numel() * y.element_size())))
+    for c0 in range(0, out, chunk_size):
+        c1 = min(out, c0 + chunk_size)
+        residual = _columns_hessian(g, y, every_row, c0, c1).to(x.device) - low_rank_columns[c0:c1].to(x.device)
+        diag_w[c0:c1] += residual @ squares
+        diag_b[c0:c1] += residual.sum(dim=1)
+    return diag_w, diag_b, out
+
+
 def _gradient_matches(layer: _Layer, call: _Call, gy: Tensor, grads: Mapping[int, Tensor | None]) -> bool:
     gy2 = gy.detach().reshape(-1, gy.shape[-1]).to(torch.float64)
     for k, rebuilt in ((layer.weight_index, lambda: gy2.T @ call.x), (layer.bias_index, lambda: gy2.sum(dim=0))):
@@ -273,34 +308,47 @@ class _Pass:
         self.acc_b[key] = self.acc_b.get(key, 0.0) + scale * diag_b
 
 
-def _run_closure(run: _Pass, fn_index: int, by_param: dict[int, int]) -> Tensor:
+def _run_closure(run: _Pass, fn_index: int, by_param: dict[int, int]) -> tuple[Tensor, Tensor | None]:
+    """The loss, and the model output when ``op.module`` was called exactly once (else ``None``)."""
     op = run.op
     for layer in run.layers.values():
         layer.calls = []
-    with _recording(run.layers, by_param), op.autograd_context():
+    calls: list[ModelCall] = []
+    capture = capture_model_calls(op.module, calls) if op.module is not None else contextlib.nullcontext()
+    with _recording(run.layers, by_param), capture, op.autograd_context():
         loss = op.evaluate_loss(fn_index)
     for key, layer in run.layers.items():
         if len(layer.calls) != 1:
             run.fail(key, f"layer called {len(layer.calls)} times in one loss evaluation (needs exactly 1)")
-    return loss
+    f = calls[0].output if len(calls) == 1 and calls[0].output.ndim > 0 else None
+    return loss, f
 
 
 def _one_closure(run: _Pass, fn_index: int, by_param: dict[int, int], chunk_size: int) -> None:
     op = run.op
-    loss = _run_closure(run, fn_index, by_param)
+    loss, f = _run_closure(run, fn_index, by_param)
     used = [key for key in run.layers if run.ok[key]]
     if not used:
         return
     ys = [run.layers[key].calls[0].y for key in used]
     params = sorted({k for key in used for k in run.layers[key].indices})
+    outputs = [f] if f is not None and f.requires_grad else []
     with op.autograd_context():
-        grads = torch.autograd.grad(loss, ys + [op.params[k] for k in params], create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            loss, ys + [op.params[k] for k in params] + outputs, create_graph=True, allow_unused=True
+        )
     gys = dict(zip(used, grads[: len(ys)]))
-    grad_of = dict(zip(params, grads[len(ys) :]))
+    grad_of = dict(zip(params, grads[len(ys) : len(ys) + len(params)]))
+    g_f = grads[-1] if outputs else None
+    factors = None
+    if f is not None and g_f is not None and g_f.requires_grad:
+        factors = OutputFactors(f, g_f, {key: run.layers[key].calls[0].y for key in used})
     sizes = _batch_like_sizes(run.layers)
     gen = torch.Generator().manual_seed(12345 + fn_index)
     for key in used:
-        _one_layer(run, key, gys[key], grad_of, sizes, gen, chunk_size)
+        _one_layer(run, key, gys[key], grad_of, sizes, gen, chunk_size, factors)
+    if factors is not None:
+        run.outcome.num_matvecs += factors.num_matvecs
 
 
 def _one_layer(
@@ -311,6 +359,7 @@ def _one_layer(
     sizes: set[int],
     gen: torch.Generator,
     chunk_size: int,
+    factors: OutputFactors | None,
 ) -> None:
     layer = run.layers[key]
     call = layer.calls[0]
@@ -329,30 +378,59 @@ def _one_layer(
         run.add(key, zero_w, zero_b, 1.0)
         return
     with run.op.autograd_context():
-        grouping = _first_valid_grouping(run, gy, call, layer, sizes, gen)
-        if grouping is None:
+        found = _first_valid_grouping(run, key, gy, sizes, gen, factors)
+        if found is None:
             run.fail(
                 key,
                 "rows of the layer output are coupled downstream in no grouping that is cheaper than "
                 "one product per entry (e.g. train-mode BatchNorm, a batch-level loss)",
             )
             return
-        diag_w, diag_b, spent = _layer_diagonal(gy, call.y, call.x, grouping, chunk_size)
+        if isinstance(found, LowRankPart):
+            diag_w, diag_b, spent = _low_rank_layer_diagonal(gy, call.y, call.x, found, chunk_size)
+            name = f"rows + Gauss-Newton per sample, {found.samples.name}"
+        else:
+            diag_w, diag_b, spent = _layer_diagonal(gy, call.y, call.x, found, chunk_size)
+            name = found.name
     run.outcome.num_matvecs += spent
     for k in layer.indices:
-        run.outcome.groupings[run.op.names[k]] = grouping.name
+        run.outcome.groupings[run.op.names[k]] = name
     run.add(key, diag_w, diag_b, 1.0)
 
 
 def _first_valid_grouping(
-    run: _Pass, gy: Tensor, call: _Call, layer: _Layer, sizes: set[int], gen: torch.Generator
-) -> Grouping | None:
-    for grouping in _groupings(call.x.shape[0], sizes, layer.in_features):
+    run: _Pass, key: int, gy: Tensor, sizes: set[int], gen: torch.Generator, factors: OutputFactors | None
+) -> Grouping | LowRankPart | None:
+    """The cheapest valid way to split the rows: every row alone; every row alone once the model
+    output's Gauss-Newton part is subtracted (see :mod:`._gauss_newton`); groups of rows."""
+    layer = run.layers[key]
+    call = layer.calls[0]
+    candidates = _groupings(call.x.shape[0], sizes, layer.in_features)
+    for n, grouping in enumerate(candidates):
         ok, spent = decoupled(gy, call.y, grouping, gen)
         run.outcome.num_matvecs += spent
         if ok:
             return grouping
+        if n == 0 and factors is not None:
+            for samples in _sample_groupings(candidates, factors, layer.out_features):
+                part = factors.part(key, samples)
+                ok, spent = residual_decoupled(gy, call.y, part, gen)
+                run.outcome.num_matvecs += spent
+                if ok:
+                    return part
     return None
+
+
+def _sample_groupings(candidates: list[Grouping], factors: OutputFactors, out_features: int) -> list[Grouping]:
+    """Groupings with one group per sample of the model output, where subtracting ``G`` pays.
+
+    Subtracting ``G`` costs ``2 C`` products per closure (``C`` outputs per sample) and saves
+    ``(size - 1) * out_features`` per layer.
+    """
+    samples = int(factors.f.shape[0])
+    return [
+        g for g in candidates if g.groups == samples and g.size > 1 and 2 * factors.outputs < (g.size - 1) * out_features
+    ]
 
 
 def layerwise_diagonal(op: HessianOperator, chunk_size: int = 16, indices: set[int] | None = None) -> LayerwiseOutcome:
@@ -396,14 +474,21 @@ def layerwise_cost(op: HessianOperator) -> tuple[int, set[int]]:
     """Upper bound on the matvecs :func:`layerwise_diagonal` spends, and the op indices it covers.
 
     Runs the first closure once (a forward pass, no product) to find the linear layers; assumes
-    the most expensive candidate grouping and every check run in full.
+    the most expensive candidate grouping and every check run in full, including those of the
+    Gauss-Newton split (``2 C`` products per closure for ``C`` model outputs per sample, and
+    ``ceil(log2(rows))`` per layer and grouping tried).
     """
-    layers, _ = linear_layers(op)
+    calls: list[ModelCall] = []
+    layers, _ = linear_layers(op, model_calls=calls)
     covered = {k for layer in layers.values() for k in layer.indices}
     sizes = {d for layer in layers.values() for d in layer.lead}
-    per_closure = 0
+    outputs = int(calls[0].output[0].numel()) if len(calls) == 1 and calls[0].output.ndim > 0 else None
+    per_closure = 2 * outputs if outputs is not None else 0
     for layer in layers.values():
-        candidates = _groupings(math.prod(layer.lead), sizes, layer.in_features)
+        rows = math.prod(layer.lead)
+        candidates = _groupings(rows, sizes, layer.in_features)
         checks = sum(math.ceil(math.log2(c.groups)) if c.groups > 1 else 0 for c in candidates)
+        if outputs is not None:
+            checks += (len(candidates) - 1) * (math.ceil(math.log2(rows)) if rows > 1 else 0)
         per_closure += checks + layer.out_features * max(c.size for c in candidates)
     return per_closure * len(op.loss_fns), covered

@@ -72,19 +72,25 @@ class LowRankPart:
         weighted = self.lam.unsqueeze(2) * self._column_sums()  # (N, C, out)
         return torch.einsum("rco,cro->or", weighted[group], self.s)
 
-    def layer_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``G``'s share of the weight and bias diagonals of ``y = x W^T + b`` (``x``: ``(rows, in)`` float64)."""
+    def layer_terms(self, x: Tensor, elementwise: bool = False) -> tuple[Tensor, Tensor]:
+        """``G``'s share of the weight and bias diagonals of ``y = x W^T + b`` (``x``: ``(rows, in)`` float64).
+
+        ``elementwise``: of ``y = x * w + b`` instead (LayerNorm with ``x`` normalized, ``w`` a vector).
+        """
         n, c = self.lam.shape
         out, inp = self.s.shape[2], x.shape[1]
         table = self.samples.table().to(self.s.device)  # (N, S)
         s = self.s[:, table]  # (C, N, S, out)
         xs = x.to(self.s.dtype)[table]  # (N, S, in)
+        diag_b = (self.lam.unsqueeze(2) * self._column_sums().square()).sum(dim=(0, 1))
+        if elementwise:
+            per_sample = torch.einsum("cnso,nso->nco", s, xs)
+            return torch.einsum("nc,nco->o", self.lam, per_sample.square()), diag_b
         diag_w = torch.zeros(out, inp, dtype=self.s.dtype, device=self.s.device)
         step = max(1, _CHUNK_BYTES // max(1, c * out * inp * self.s.element_size()))
         for n0 in range(0, n, step):
             per_sample = torch.einsum("cnso,nsj->ncoj", s[:, n0 : n0 + step], xs[n0 : n0 + step])
             diag_w += torch.einsum("nc,ncoj->oj", self.lam[n0 : n0 + step], per_sample.square())
-        diag_b = (self.lam.unsqueeze(2) * self._column_sums().square()).sum(dim=(0, 1))
         return diag_w, diag_b
 
 

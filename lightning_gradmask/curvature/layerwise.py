@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,7 @@ class _Layer:
     out_features: int
     in_features: int
     lead: tuple[int, ...] = ()  # leading shape of the input at the first recorded call
+    elementwise: bool = False  # LayerNorm: y = x * weight + bias with x the normalized input
     calls: list[_Call] = field(default_factory=list)
 
     @property
@@ -110,15 +111,17 @@ class LayerwiseOutcome:
 
 
 class _LinearCalls(TorchFunctionMode):
-    """While active (in this thread): ``on_call(input, weight, bias, output)`` for every ``F.linear`` call.
+    """While active (in this thread): ``on_call(input, weight, bias, output, elementwise)`` for every
+    ``F.linear`` call, and for every ``F.layer_norm`` call over the last dimension with the
+    normalized input as ``input`` and ``elementwise=True`` (``y = input * weight + bias``).
 
-    ``on_call`` returns what the caller of ``F.linear`` gets. Python functions of
+    ``on_call`` returns what the caller gets. Python functions of
     ``torch.nn.functional`` (``multi_head_attention_forward``) dispatch to the mode once, on entry,
     and would then run with the mode off; they are run with it on, so their own ``F.linear`` calls
     are seen too.
     """
 
-    def __init__(self, on_call: Callable[[Tensor, Tensor, Tensor | None, Tensor], Tensor]) -> None:
+    def __init__(self, on_call: Callable[[Tensor, Tensor | None, Tensor | None, Tensor, bool], Tensor]) -> None:
         super().__init__()
         self.on_call = on_call
 
@@ -128,7 +131,14 @@ class _LinearCalls(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.linear:
             input, weight, bias = _linear_arguments(*args, **kwargs)
-            return self.on_call(input, weight, bias, func(*args, **kwargs))
+            return self.on_call(input, weight, bias, func(*args, **kwargs), False)
+        if func is F.layer_norm:
+            input, shape, weight, bias, eps = _layer_norm_arguments(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if len(shape) != 1 or input.ndim < 2 or (weight is None and bias is None):
+                return out
+            normalized = F.layer_norm(input.detach(), shape, None, None, eps)
+            return self.on_call(normalized, weight, bias, out, True)
         if _SKIP_NEXT is not None and inspect.isfunction(func) and func.__module__ == F.__name__:
             with self:  # the function's own dispatch on entry is skipped once, then its body runs under the mode
                 _SKIP_NEXT(True)
@@ -148,11 +158,23 @@ def _linear_arguments(input: Tensor, weight: Tensor, bias: Tensor | None = None)
     return input, weight, bias
 
 
-def _recording(layers: dict[int, _Layer], by_param: dict[int, int]) -> _LinearCalls:
-    """Record every ``F.linear`` call whose weight or bias is one of the watched parameters."""
+def _layer_norm_arguments(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, tuple[int, ...], Tensor | None, Tensor | None, float]:
+    return input, tuple(normalized_shape), weight, bias, eps
 
-    def record(input: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
-        key = by_param.get(id(weight), by_param.get(id(bias), -1) if bias is not None else -1)
+
+def _recording(layers: dict[int, _Layer], by_param: dict[int, int]) -> _LinearCalls:
+    """Record every ``F.linear`` (and ``F.layer_norm``) call whose weight or bias is one of the watched parameters."""
+
+    def record(input: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor, elementwise: bool) -> Tensor:
+        key = by_param.get(id(weight), -1) if weight is not None else -1
+        if key < 0 and bias is not None:
+            key = by_param.get(id(bias), -1)
         if key < 0:
             return out
         x = input.detach()
@@ -173,11 +195,12 @@ def linear_layers(
     are appended to ``model_calls`` when given.
     """
     index_of = {id(p): k for k, p in enumerate(op.params) if indices is None or k in indices}
-    seen: list[tuple[Tensor, Tensor | None, tuple[int, ...]]] = []
+    seen: list[tuple[Tensor | None, Tensor | None, tuple[int, ...], int, int, bool]] = []
 
-    def spy(input: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
-        if id(weight) in index_of or (bias is not None and id(bias) in index_of):
-            seen.append((weight, bias, tuple(input.shape[:-1])))
+    def spy(input: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor, elementwise: bool) -> Tensor:
+        if any(t is not None and id(t) in index_of for t in (weight, bias)):
+            features = int(out.shape[-1]), int(input.shape[-1])
+            seen.append((weight, bias, tuple(input.shape[:-1]), *features, elementwise))
         return out
 
     capture = (
@@ -189,14 +212,14 @@ def linear_layers(
         op.evaluate_loss(0)
     layers: dict[int, _Layer] = {}
     by_param: dict[int, int] = {}
-    for weight, bias, lead in seen:
-        w_k = index_of.get(id(weight))
+    for weight, bias, lead, out_features, in_features, elementwise in seen:
+        w_k = index_of.get(id(weight)) if weight is not None else None
         b_k = index_of.get(id(bias)) if bias is not None else None
         key = w_k if w_k is not None else b_k
         assert key is not None
         if key in layers:
             continue
-        layers[key] = _Layer(w_k, b_k, int(weight.shape[0]), int(weight.shape[1]), lead)
+        layers[key] = _Layer(w_k, b_k, out_features, in_features, lead, elementwise)
         for k in layers[key].indices:
             by_param.setdefault(id(op.params[k]), key)
     return layers, by_param
@@ -237,11 +260,14 @@ def _columns_hessian(g: Tensor, y: Tensor, rows_c: Tensor, c0: int, c1: int) -> 
 
 
 def _layer_diagonal(
-    g: Tensor, y: Tensor, x: Tensor, grouping: Grouping, chunk_size: int
+    g: Tensor, y: Tensor, x: Tensor, grouping: Grouping, chunk_size: int, elementwise: bool
 ) -> tuple[Tensor, Tensor, int]:
-    """``(diag of W, diag of b, products)`` for one call, given a valid grouping."""
+    """``(diag of W, diag of b, products)`` for one call, given a valid grouping.
+
+    ``elementwise``: ``y = x * weight + bias`` (LayerNorm, ``x`` normalized), the weight a vector.
+    """
     out = y.shape[-1]
-    diag_w = torch.zeros(out, x.shape[1], dtype=torch.float64, device=x.device)
+    diag_w = torch.zeros(out, *(() if elementwise else (x.shape[1],)), dtype=torch.float64, device=x.device)
     diag_b = torch.zeros(out, dtype=torch.float64, device=x.device)
     chunk_size = max(1, min(chunk_size, _PROBE_BYTES // max(1, y.numel() * y.element_size())))
     for c in range(grouping.size):
@@ -250,17 +276,17 @@ def _layer_diagonal(
         for c0 in range(0, out, chunk_size):
             c1 = min(out, c0 + chunk_size)
             h = _columns_hessian(g, y, rows_c, c0, c1).to(x.device)
-            diag_w[c0:c1] += h @ paired
+            diag_w[c0:c1] += (h * paired[:, c0:c1].T).sum(dim=1) if elementwise else h @ paired
             diag_b[c0:c1] += h.sum(dim=1)
     return diag_w, diag_b, grouping.size * out
 
 
 def _low_rank_layer_diagonal(
-    g: Tensor, y: Tensor, x: Tensor, part: LowRankPart, chunk_size: int
+    g: Tensor, y: Tensor, x: Tensor, part: LowRankPart, chunk_size: int, elementwise: bool
 ) -> tuple[Tensor, Tensor, int]:
     """``(diag of W, diag of b, products)`` for one call whose ``H_y - G`` couples no two rows."""
     out = y.shape[-1]
-    diag_w, diag_b = part.layer_terms(x)
+    diag_w, diag_b = part.layer_terms(x, elementwise)
     low_rank_columns = part.column_products()  # (out, rows)
     every_row = torch.arange(x.shape[0])
     squares = x.square()
@@ -268,14 +294,18 @@ def _low_rank_layer_diagonal(
     for c0 in range(0, out, chunk_size):
         c1 = min(out, c0 + chunk_size)
         residual = _columns_hessian(g, y, every_row, c0, c1).to(x.device) - low_rank_columns[c0:c1].to(x.device)
-        diag_w[c0:c1] += residual @ squares
+        diag_w[c0:c1] += (residual * squares[:, c0:c1].T).sum(dim=1) if elementwise else residual @ squares
         diag_b[c0:c1] += residual.sum(dim=1)
     return diag_w, diag_b, out
 
 
 def _gradient_matches(layer: _Layer, call: _Call, gy: Tensor, grads: Mapping[int, Tensor | None]) -> bool:
     gy2 = gy.detach().reshape(-1, gy.shape[-1]).to(torch.float64)
-    for k, rebuilt in ((layer.weight_index, lambda: gy2.T @ call.x), (layer.bias_index, lambda: gy2.sum(dim=0))):
+
+    def weight_gradient() -> Tensor:
+        return (gy2 * call.x).sum(dim=0) if layer.elementwise else gy2.T @ call.x
+
+    for k, rebuilt in ((layer.weight_index, weight_gradient), (layer.bias_index, lambda: gy2.sum(dim=0))):
         if k is None:
             continue
         gp = grads.get(k)
@@ -372,7 +402,8 @@ def _one_layer(
             "gradient does not match the layer decomposition (parameter used elsewhere, or a penalty on it inside the loss)",
         )
         return
-    zero_w = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=call.x.device)
+    shape = (layer.out_features,) if layer.elementwise else (layer.out_features, layer.in_features)
+    zero_w = torch.zeros(shape, dtype=torch.float64, device=call.x.device)
     zero_b = torch.zeros(layer.out_features, dtype=torch.float64, device=call.x.device)
     if not gy.requires_grad:  # the loss is linear in y: no second derivative
         run.add(key, zero_w, zero_b, 1.0)
@@ -387,10 +418,10 @@ def _one_layer(
             )
             return
         if isinstance(found, LowRankPart):
-            diag_w, diag_b, spent = _low_rank_layer_diagonal(gy, call.y, call.x, found, chunk_size)
+            diag_w, diag_b, spent = _low_rank_layer_diagonal(gy, call.y, call.x, found, chunk_size, layer.elementwise)
             name = f"rows + Gauss-Newton per sample, {found.samples.name}"
         else:
-            diag_w, diag_b, spent = _layer_diagonal(gy, call.y, call.x, found, chunk_size)
+            diag_w, diag_b, spent = _layer_diagonal(gy, call.y, call.x, found, chunk_size, layer.elementwise)
             name = found.name
     run.outcome.num_matvecs += spent
     for k in layer.indices:

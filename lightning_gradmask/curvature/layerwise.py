@@ -133,12 +133,7 @@ class _LinearCalls(TorchFunctionMode):
             input, weight, bias = _linear_arguments(*args, **kwargs)
             return self.on_call(input, weight, bias, func(*args, **kwargs), False)
         if func is F.layer_norm:
-            input, shape, weight, bias, eps = _layer_norm_arguments(*args, **kwargs)
-            out = func(*args, **kwargs)
-            if len(shape) != 1 or input.ndim < 2 or (weight is None and bias is None):
-                return out
-            normalized = F.layer_norm(input.detach(), shape, None, None, eps)
-            return self.on_call(normalized, weight, bias, out, True)
+            return self._layer_norm(func(*args, **kwargs), *_layer_norm_arguments(*args, **kwargs))
         if _SKIP_NEXT is not None and inspect.isfunction(func) and func.__module__ == F.__name__:
             with self:  # the function's own dispatch on entry is skipped once, then its body runs under the mode
                 _SKIP_NEXT(True)
@@ -147,6 +142,15 @@ class _LinearCalls(TorchFunctionMode):
                 finally:
                     _SKIP_NEXT(False)
         return func(*args, **kwargs)
+
+
+    def _layer_norm(
+        self, out: Tensor, input: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> Tensor:
+        if len(shape) != 1 or input.ndim < 2 or (weight is None and bias is None):
+            return out
+        normalized = F.layer_norm(input.detach(), shape, None, None, eps)
+        return self.on_call(normalized, weight, bias, out, True)
 
 
 _SKIP_NEXT: Callable[[bool], None] | None = getattr(torch._C, "_set_skip_next_torch_function", None)

@@ -37,6 +37,7 @@ from lightning_gradmask.curvature._random import gaussian
 __all__ = ["LowRankPart", "OutputFactors", "residual_decoupled"]
 
 _CHUNK_BYTES = 64 * 2**20  # per-sample gradient products held at once
+_FACTOR_BYTES = 512 * 2**20  # the factors of one layer output, float64
 ROUNDING_ULPS = 50
 """Cancellation in ``H_y v - G v`` tolerated, in units of the precision of ``y`` (6e-6 in float32)."""
 
@@ -127,14 +128,19 @@ class OutputFactors:
 
     Computed on first use, for every layer output in ``ys`` at once: ``C`` products with the
     Hessian w.r.t. the output for the blocks, then one batched backward pass from the output with
-    ``C`` cotangents (counted as ``C`` more products in :attr:`num_matvecs`).
+    ``C`` cotangents (counted as ``C`` more products in :attr:`num_matvecs`). Layer outputs whose
+    ``C`` factors would take more than ``_FACTOR_BYTES`` are left out (:meth:`covers`).
     """
 
     def __init__(self, f: Tensor, g_f: Tensor, ys: dict[int, Tensor]) -> None:
-        self.f, self.g_f, self.ys = f, g_f, ys
+        self.f, self.g_f = f, g_f
         self.outputs = int(f[0].numel())
+        self.ys = {k: y for k, y in ys.items() if self.outputs * y.numel() * 8 <= _FACTOR_BYTES}
         self.num_matvecs = 0
         self._factors: dict[int, tuple[Tensor, Tensor]] | None = None
+
+    def covers(self, key: int) -> bool:
+        return key in self.ys
 
     def part(self, key: int, samples: Grouping) -> LowRankPart:
         """``G`` at the output of layer ``key`` with rows assigned to samples by ``samples``."""

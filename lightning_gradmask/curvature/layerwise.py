@@ -1,4 +1,4 @@
-"""The exact Hessian diagonal of every linear map ``y = x W^T + b``, one layer at a time.
+"""The exact Hessian diagonal of every linear map ``y = x W^T + b`` (and LayerNorm), one layer at a time.
 
 The loss depends on ``W`` only through ``y``, linearly, so with ``H_i[r', r] = d2L / dy_r'i dy_ri``::
 
@@ -13,11 +13,22 @@ interact (the query/key/value and output projections of attention). With groups 
 ``r'``, where ``partner_c(r')`` is the row at position ``c`` in the group of ``r'``: ``S *
 out_features`` products in all, each a backward pass from ``y`` only.
 
+Where the tokens of a sample meet only linearly after the layer (a mean before the head) and every
+map in between acts token by token (a transformer's output projection and feed-forward layers),
+``H_y`` is a per-row part plus a Gauss-Newton part of rank ``C`` per sample (``C`` model outputs
+per sample), known in factored form from the model output (:mod:`._gauss_newton`). With that part
+subtracted every row stands alone: ``out_features`` products instead of ``S * out_features``
+(grouping ``"rows + Gauss-Newton per sample, ..."``), plus ``2 C`` per closure for the factors.
+
+``F.layer_norm`` over the last dimension is the map ``y = x * weight + bias`` of the normalized
+input ``x``: the same rule with ``d2L/dw_i^2 = sum_{r, r'} x_ri x_r'i H_i[r', r]``.
+
 Nothing is assumed, everything is checked, per layer:
 
 * the layer is found by its weight: every call of ``torch.nn.functional.linear`` (what
-  ``nn.Linear`` and ``nn.MultiheadAttention`` use) whose weight or bias is a selected parameter is
-  recorded while the closure runs; a weight used in more than one call takes the generic path;
+  ``nn.Linear`` and ``nn.MultiheadAttention`` use) or ``F.layer_norm`` (``nn.LayerNorm``) whose
+  weight or bias is a selected parameter is recorded while the closure runs; a weight used in
+  more than one call takes the generic path;
 * the gradient rebuilt from ``(x, dL/dy)`` must equal autograd's gradient of the parameter
   (catches weights used elsewhere, tied weights, penalties inside the loss);
 * the grouping is tested with ``ceil(log2(groups))`` products: random vectors supported on the
@@ -25,7 +36,11 @@ Nothing is assumed, everything is checked, per layer:
   Candidate groupings, cheapest first: every row alone, then groups of ``S`` consecutive or
   strided rows for each batch-like size ``G`` seen among the recorded leading dimensions. A
   grouping with more positions per group than the layer has inputs is not cheaper than one
-  product per entry and is not used.
+  product per entry and is not used. Between every row alone and the groups of rows, the
+  Gauss-Newton split is tried (when it pays) for each grouping with one group per model-output
+  sample: ``H_y - G`` must couple no two rows, ``ceil(log2(rows))`` products
+  (:func:`._gauss_newton.residual_decoupled`). Nothing about the network is assumed: ``G`` is a
+  matrix whose products and diagonal share are computed exactly, whatever it is.
 
 The calls are recorded by a :class:`torch.overrides.TorchFunctionMode` that is active only while the
 closures run, in the calling thread only (nothing global is replaced). It sees every call of
@@ -446,7 +461,7 @@ def _first_valid_grouping(
         run.outcome.num_matvecs += spent
         if ok:
             return grouping
-        if n == 0 and factors is not None:
+        if n == 0 and factors is not None and factors.covers(key):
             for samples in _sample_groupings(candidates, factors, layer.out_features):
                 part = factors.part(key, samples)
                 ok, spent = residual_decoupled(gy, call.y, part, gen)

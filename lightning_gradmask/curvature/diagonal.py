@@ -81,7 +81,9 @@ class DiagonalResult:
         notes: ``{name: why the fast path was not taken}``.
         groupings: ``{name: row grouping of the layerwise rule}``: ``"rows"`` (rows independent),
             ``"strided GxS"`` / ``"contiguous GxS"`` (``G`` independent groups of ``S`` rows, e.g.
-            the tokens of each sequence in an attention projection).
+            the tokens of each sequence in an attention projection), ``"rows + Gauss-Newton per
+            sample, contiguous GxS"`` (every row alone once the model output's Gauss-Newton part,
+            rank ``C`` per sample, is subtracted: a transformer's layers after attention).
     """
 
     diagonal: Tensor

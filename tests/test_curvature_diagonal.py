@@ -229,14 +229,125 @@ def test_transformer_linear_maps_are_exact_per_layer(batch_first):
     assert all(res.methods[n] == "layerwise" for n in linear), {n: res.notes.get(n) for n in linear}
     assert res.methods["head.weight"] == res.methods["head.bias"] == "piecewise"  # only linear maps follow
     # LayerNorm: the last one feeds only linear maps (exact by the piecewise-linear rule), the first
-    # one a second LayerNorm (one product per entry)
-    assert res.methods["block.norm2.weight"] == "piecewise" and res.methods["block.norm1.weight"] == "products"
+    # one a second LayerNorm: the layerwise rule for y = x * weight + bias, x normalized
+    assert res.methods["block.norm2.weight"] == "piecewise"
+    assert res.methods["block.norm1.weight"] == res.methods["block.norm1.bias"] == "layerwise"
     # attention and the mean over tokens couple the tokens of a sequence, never two sequences;
     # the head sees one row per sequence
     assert all(res.groupings[n].endswith("5x4") for n in linear)
+    # after attention, the tokens meet only in the mean: every row alone once the model output's
+    # Gauss-Newton part is subtracted (out_features products instead of 4 * out_features);
+    # nn.MultiheadAttention works sequence-first inside, so its output projection sees strided rows
+    after_attention = [n for n in linear if "in_proj" not in n] + ["block.norm1.weight", "block.norm1.bias"]
+    assert all(res.groupings[n].startswith("rows + Gauss-Newton") for n in after_attention)
+    assert "strided" in res.groupings["block.self_attn.out_proj.weight"]
+    assert ("contiguous" if batch_first else "strided") in res.groupings["block.linear1.weight"]
+    assert res.groupings["block.self_attn.in_proj_weight"] == "strided 5x4"  # attention couples the tokens
     assert_rel(res.diagonal, ref, 1e-10)
-    norms = sum(op.sizes[k] for k, n in enumerate(op.names) if "norm" in n)
-    assert res.num_matvecs < 0.6 * op.dim and exact_diagonal_cost(op) >= res.num_matvecs - norms
+    assert res.num_matvecs < 0.35 * op.dim and exact_diagonal_cost(op) >= res.num_matvecs
+
+
+def test_transformer_float32_is_exact_to_float32_precision():
+    # the residual check compares H_y v with the Gauss-Newton product: float32 rounding must pass it
+    torch.manual_seed(0)
+    model = TinyTransformer().double().eval()
+    x, y = inputs(6, 5, 8)
+    ref = reference_diagonal(model, ce_of(x, y))
+    model.float()
+    xf = x.float()
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(xf), y))
+    res = exact_diagonal(op)
+    if MHA_PROJECTIONS_ARE_F_LINEAR:
+        assert res.groupings["block.linear2.weight"].startswith("rows + Gauss-Newton")
+    assert_rel(res.diagonal, ref, 1e-5)
+
+
+class TokensMixedAfterTanh(nn.Module):
+    """Linear on every token, tanh, then a log-sum-exp over the tokens: they meet nonlinearly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 7)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x)).logsumexp(dim=1))
+
+
+def test_tokens_meeting_nonlinearly_refuse_the_gauss_newton_split():
+    # d2/dy2 of the log-sum-exp couples the tokens: H_y less the Gauss-Newton part is not per row,
+    # so the rule falls back to the groups of tokens (one product per column and position)
+    torch.manual_seed(0)
+    model = TokensMixedAfterTanh().double().eval()
+    x, y = inputs(5, 4, 6)
+    ref = reference_diagonal(model, ce_of(x, y))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    res = exact_diagonal(op)
+    assert res.methods["inner.weight"] == "layerwise"
+    assert res.groupings["inner.weight"] == "contiguous 5x4"
+    assert_rel(res.diagonal, ref, 1e-10)
+    assert exact_diagonal_cost(op) >= res.num_matvecs
+
+
+class TokensMeanAfterLayerNorm(nn.Module):
+    """Linear -> tanh -> Linear -> LayerNorm on every token, the mean over the tokens, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.LayerNorm(5))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tokens(x).mean(dim=1))
+
+
+def test_tokens_meeting_in_a_mean_take_the_gauss_newton_split_without_attention():
+    torch.manual_seed(0)
+    model = TokensMeanAfterLayerNorm().double().eval()
+    x, y = inputs(5, 4, 6)
+    ref = reference_diagonal(model, ce_of(x, y))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    res = exact_diagonal(op)
+    for name in ("tokens.0.weight", "tokens.0.bias", "tokens.2.weight", "tokens.2.bias"):
+        assert res.methods[name] == "layerwise"
+        assert res.groupings[name] == "rows + Gauss-Newton per sample, contiguous 5x4"
+    assert_rel(res.diagonal, ref, 1e-10)
+    assert exact_diagonal_cost(op) >= res.num_matvecs
+
+
+class LayerNormThenTokensMixed(nn.Module):
+    """Linear -> LayerNorm -> tanh on every token, a log-sum-exp over the tokens, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 7)
+        self.norm = nn.LayerNorm(7)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.norm(self.inner(x))).logsumexp(dim=1))
+
+
+@pytest.mark.parametrize(
+    ("build", "shape", "grouping"),
+    [
+        (lambda: nn.Sequential(nn.Linear(6, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3)), (6,), "rows"),
+        (LayerNormThenTokensMixed, (4, 6), "contiguous 5x4"),
+    ],
+)
+def test_layer_norm_followed_by_a_smooth_map_is_layerwise_and_exact(build, shape, grouping):
+    # y = x * weight + bias with x the normalized input: the layerwise rule with a vector weight
+    torch.manual_seed(0)
+    model = build().double().eval()
+    x, y = inputs(5, *shape)
+    ref = reference_diagonal(model, ce_of(x, y))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    res = exact_diagonal(op)
+    norm = next(n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm))
+    assert res.methods[f"{norm}.weight"] == res.methods[f"{norm}.bias"] == "layerwise"
+    assert res.groupings[f"{norm}.weight"] == grouping
+    assert_rel(res.diagonal, ref, 1e-10)
+    assert exact_diagonal_cost(op) >= res.num_matvecs
 
 
 def test_linear_layer_without_module_is_layerwise():

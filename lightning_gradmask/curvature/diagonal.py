@@ -18,11 +18,14 @@ Exact (:func:`exact_diagonal`), three paths chosen per parameter, tried in this 
   ``y`` (samples, tokens) fall into groups that never interact downstream (every row alone in an
   MLP; the tokens of one sequence in a transformer); with ``S`` rows per group, ``S *
   out_features`` products with the Hessian w.r.t. ``y`` (all groups at once) give the diagonal
-  exactly. Each layer is checked on its own (call count, gradient rebuilt from ``(x, dL/dy)``, the
-  grouping tested with ``ceil(log2(groups))`` products); see
-  :mod:`lightning_gradmask.curvature.layerwise`.
+  exactly; ``out_features`` where the tokens meet only linearly after the layer (a transformer's
+  output projection and feed-forward layers: the model output's Gauss-Newton part, of rank ``C``
+  per sample, is subtracted and every row stands alone). LayerNorm weights and biases (``y = x *
+  weight + bias`` of the normalized input) take the same rule. Each layer is checked on its own
+  (call count, gradient rebuilt from ``(x, dL/dy)``, the grouping tested with
+  ``ceil(log2(groups))`` products); see :mod:`lightning_gradmask.curvature.layerwise`.
   The per-layer path decisions of both rules are combined across processes with ``reduce``.
-* ``"products"`` (fallback, any module, e.g. LayerNorm before another normalization, embeddings,
+* ``"products"`` (fallback, any module, e.g. LayerNorm over several dimensions, embeddings,
   convolutions followed by tanh, or a layer whose checks failed): one matvec per selected entry,
   ``d(dL/dp[j]) / dp`` restricted to the parameter itself, keeping entry ``j`` (the textbook recipe), vmapped in chunks where that is
   faster (timed on the spot). :attr:`DiagonalResult.methods` and :attr:`DiagonalResult.notes` say
@@ -78,7 +81,9 @@ class DiagonalResult:
         notes: ``{name: why the fast path was not taken}``.
         groupings: ``{name: row grouping of the layerwise rule}``: ``"rows"`` (rows independent),
             ``"strided GxS"`` / ``"contiguous GxS"`` (``G`` independent groups of ``S`` rows, e.g.
-            the tokens of each sequence in an attention projection).
+            the tokens of each sequence in an attention projection), ``"rows + Gauss-Newton per
+            sample, contiguous GxS"`` (every row alone once the model output's Gauss-Newton part,
+            rank ``C`` per sample, is subtracted: a transformer's layers after attention).
     """
 
     diagonal: Tensor
@@ -103,7 +108,10 @@ def _owner_notes(op: HessianOperator, covered: set[int]) -> dict[str, str]:
         if k not in covered:
             owner = owners.get(id(param))
             where = f"owned by {owner}, " if owner else ""
-            notes[name] = f"{where}not the weight or bias of a linear map (F.linear): no layerwise rule"
+            notes[name] = (
+                f"{where}not the weight or bias of a linear map (F.linear) or of F.layer_norm over the "
+                "last dimension: no layerwise rule"
+            )
     return notes
 
 
@@ -113,9 +121,10 @@ def exact_diagonal_cost(op: HessianOperator) -> int:
     Runs the first closure once (forward only) to find the linear layers and the model output.
     The piecewise rule costs ``2 C + ceil(log2 N)`` matvecs per closure with the output Hessian
     (``N`` samples, ``C`` outputs each); layerwise parameters cost ``out_features`` matvecs with
-    the layer-output Hessian per layer and closure, times the rows per group (1 for an MLP or a
-    feed-forward layer, up to the sequence length for attention projections), plus the grouping
-    checks; every other selected entry costs one matvec.
+    the layer-output Hessian per layer and closure, times the rows per group (1 for an MLP, a
+    layer whose tokens meet only linearly afterwards, up to the sequence length for attention
+    projections), plus the grouping checks and ``2 C`` for the Gauss-Newton factors; every other
+    selected entry costs one matvec.
     """
     cost, covered = layerwise_cost(op)
     return cost + piecewise_cost(op) + sum(size for k, size in enumerate(op.sizes) if k not in covered)

@@ -41,10 +41,8 @@ Everything it relies on is checked, or the parameter takes the generic path:
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +51,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from lightning_gradmask.curvature._factor_layers import FactorLayer, FactorLayers
-from lightning_gradmask.curvature._output_hessian import Grouping, batched_grad, close, decoupled
+from lightning_gradmask.curvature._output_hessian import (
+    Grouping,
+    ModelCall,
+    backward_batched,
+    capture_model_calls,
+    close,
+    decoupled,
+    output_hessian_blocks,
+)
 from lightning_gradmask.curvature._random import gaussian
 from lightning_gradmask.curvature.operator import HessianOperator
 
@@ -73,34 +79,10 @@ class PiecewiseOutcome:
     num_matvecs: int = 0
 
 
-@dataclass
-class _Forward:
-    """The root module's call inside one closure."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    output: Tensor
-
-
-@contextlib.contextmanager
-def _capturing(module: nn.Module, calls: list[_Forward]) -> Iterator[None]:
-    def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        if isinstance(output, Tensor):
-            calls.append(_Forward(args, kwargs, output))
-            return output.clone()  # in-place ops in the loss must not touch the captured output
-        return output
-
-    handle = module.register_forward_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 class _Model:
     """The root module as a function of the selected parameters, per batch and per sample."""
 
-    def __init__(self, module: nn.Module, names: list[str], call: _Forward) -> None:
+    def __init__(self, module: nn.Module, names: list[str], call: ModelCall) -> None:
         self.module, self.names, self.call = module, names, call
         self.batch = int(call.output.shape[0])
         self.in_dims = tuple(0 if self._batched(a) else None for a in call.args)
@@ -111,7 +93,7 @@ class _Model:
     def _with_args(self, args: tuple[Any, ...], batch: int) -> _Model:
         other = _Model.__new__(_Model)
         other.module, other.names, other.in_dims, other.batch = self.module, self.names, self.in_dims, batch
-        other.call = _Forward(args, self.call.kwargs, self.call.output)
+        other.call = ModelCall(args, self.call.kwargs, self.call.output)
         return other
 
     def subset(self, n: int) -> _Model:
@@ -158,17 +140,6 @@ def _linear_in(model: _Model, params: dict[str, Tensor], name: str, gen: torch.G
     return float(d2.detach().abs().max()) <= _LINEARITY_TOL * max(float(d1.detach().abs().max()), 1e-30)
 
 
-def _output_hessian_blocks(g_f: Tensor, f: Tensor) -> Tensor:
-    """``(N, C, C)`` blocks of the Hessian of the loss w.r.t. the output (rows already decoupled)."""
-    n = f.shape[0]
-    c = f[0].numel()
-    probes = torch.zeros(c, n, c, dtype=f.dtype, device=f.device)
-    probes[torch.arange(c), :, torch.arange(c)] = 1.0
-    h = batched_grad(g_f, f, probes.reshape(c, *f.shape)).reshape(c, n, c)
-    blocks = h.permute(1, 2, 0).to(torch.float64)  # [n, row, column]
-    return 0.5 * (blocks + blocks.transpose(1, 2))
-
-
 class _Run:
     def __init__(self, op: HessianOperator, indices: list[int]) -> None:
         self.op, self.indices = op, list(indices)
@@ -188,9 +159,9 @@ class _Run:
 def _one_closure(run: _Run, fn_index: int, gen: torch.Generator) -> None:
     op = run.op
     assert op.module is not None
-    calls: list[_Forward] = []
+    calls: list[ModelCall] = []
     recorded = FactorLayers({id(op.params[k]) for k in run.indices})
-    with _capturing(op.module, calls), recorded, op.autograd_context():
+    with capture_model_calls(op.module, calls), recorded, op.autograd_context():
         loss = op.evaluate_loss(fn_index)
     if len(calls) != 1:
         return run.fail_all(f"the model was called {len(calls)} times in one loss evaluation (needs exactly 1)")
@@ -293,7 +264,7 @@ def _ggn_diagonal(run: _Run, model: _Model, g_f: Tensor, f: Tensor, matched: lis
     per-sample gradients of the pseudo-losses (``torch.func.vmap`` over the samples).
     """
     op = run.op
-    blocks = _output_hessian_blocks(g_f, f)
+    blocks = output_hessian_blocks(g_f, f)
     lam, vecs = torch.linalg.eigh(blocks.detach())  # (N, C), (N, C, C)
     n, classes = blocks.shape[0], blocks.shape[1]
     run.outcome.num_matvecs += 2 * classes
@@ -334,7 +305,7 @@ def _factor_diagonals(
         if c0 == 0:
             chunk = torch.cat([chunk, g_f.detach().unsqueeze(0)])  # and dL/df, to rebuild dL/dy through f
         kept = []
-        for i, s in zip(live, _backward_batched(f, [ys[i] for i in live], chunk)):
+        for i, s in zip(live, backward_batched(f, [ys[i] for i in live], chunk)):
             (call, w_k, b_k), gy = matched[i]
             if c0 == 0:
                 if not close(s[-1].reshape(-1).double(), gy.detach().reshape(-1).double()):
@@ -351,18 +322,6 @@ def _factor_diagonals(
         live = kept
         if not live:
             return
-
-
-def _backward_batched(f: Tensor, ys: list[Tensor], cotangents: Tensor) -> list[Tensor]:
-    """``d(cot_j . f) / dy`` for every ``y`` and every slice ``j`` of ``cotangents`` (vmapped, loop fallback)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return list(torch.autograd.grad(f, ys, grad_outputs=cotangents, retain_graph=True,
-                                            is_grads_batched=True, materialize_grads=True))
-    except RuntimeError:
-        rows = [torch.autograd.grad(f, ys, grad_outputs=c, retain_graph=True, materialize_grads=True) for c in cotangents]
-        return [torch.stack([r[i] for r in rows]) for i in range(len(ys))]
 
 
 _PASS_BYTES = 256 * 2**20  # per-sample gradients held at once
@@ -406,8 +365,8 @@ def piecewise_cost(op: HessianOperator) -> int:
     """
     if op.module is None:
         return 0
-    calls: list[_Forward] = []
-    with _capturing(op.module, calls), op.autograd_context():
+    calls: list[ModelCall] = []
+    with capture_model_calls(op.module, calls), op.autograd_context():
         op.evaluate_loss(0)
     if len(calls) != 1:
         return 0

@@ -57,8 +57,8 @@ def local_part(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     and ``Replicate``: the slice of ``whole`` its local shard covers (a view, no communication),
     cut as ``DTensor`` cuts (:func:`torch.chunk` along the sharded dimension, mesh dimensions in
     order). Other placements (strided shards of FSDP2 over tensor parallelism): through
-    ``distribute_tensor``, which on torch older than 2.7 scatters from rank 0 (every rank must call
-    it, in the same order).
+    ``distribute_tensor``, which on a torch whose ``distribute_tensor`` has no ``src_data_rank`` (2.6)
+    scatters from rank 0 (every rank must call it, in the same order).
 
     Raises:
         ValueError: ``whole`` does not have ``like``'s global shape.

@@ -17,13 +17,20 @@ from lightning.pytorch.strategies import Strategy
 from lightning_gradmask._namespaces import lightning_classes
 from lightning_gradmask.errors import UnsupportedStrategyError
 
+#: What to use instead, for an owner that needs every parameter whole.
+_USE_DDP = "Use strategy='ddp' (or 'ddp_spawn') for multi-device training, or a single device."
 
-def check_strategy(trainer: pl.Trainer, owner: str, *, sharded: bool) -> None:
+
+def check_strategy(trainer: pl.Trainer, owner: str, *, sharded: bool, model_parallel_refusal: str | None = None) -> None:
     """Refuse the strategies ``owner`` cannot work under, with what to use instead.
 
     Supported: single device, the DDP family (``ddp``, ``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``)
     and, where ``sharded`` is true, ``ModelParallelStrategy`` (FSDP2: each parameter a ``DTensor``
     sharded on dimension 0), from ``lightning.pytorch`` or ``pytorch_lightning``.
+
+    Args:
+        model_parallel_refusal: where ``sharded`` is false, the whole message for
+            ``ModelParallelStrategy`` (the owner's own reason and advice), instead of the generic one.
 
     Raises:
         UnsupportedStrategyError: FSDP1 (``FSDPStrategy``: flat shards; the message points to
@@ -33,8 +40,11 @@ def check_strategy(trainer: pl.Trainer, owner: str, *, sharded: bool) -> None:
     strategy: Strategy = trainer.strategy
     name = type(strategy).__name__
     model_parallel = lightning_classes("strategies", "ModelParallelStrategy")
-    if sharded and isinstance(strategy, model_parallel):
-        return
+    if isinstance(strategy, model_parallel):
+        if sharded:
+            return
+        if model_parallel_refusal is not None:
+            raise UnsupportedStrategyError(model_parallel_refusal)
     supported = lightning_classes("strategies", "SingleDeviceStrategy") + lightning_classes("strategies", "DDPStrategy")
     hidden = "DeepSpeed" in name or "FSDP" in name or isinstance(strategy, model_parallel)
     if not hidden and isinstance(strategy, supported):
@@ -44,19 +54,15 @@ def check_strategy(trainer: pl.Trainer, owner: str, *, sharded: bool) -> None:
             "Use ModelParallelStrategy (FSDP2: `fully_shard` in configure_model, parameters kept whole-shaped as "
             "DTensors), which it supports, or strategy='ddp'."
             if sharded
-            else "Use strategy='ddp' (or 'ddp_spawn') for multi-device training, or a single device."
+            else _USE_DDP
         )
         why = "FSDP1 flattens parameters into flat shards, so a mask no longer lines up with its parameter"
     elif isinstance(strategy, model_parallel):
         why = "it needs each parameter whole on every process"
-        instead = "Use strategy='ddp' (or 'ddp_spawn') for multi-device training, or a single device."
+        instead = _USE_DDP
     else:
         why = "it needs each parameter and its gradient on every process (DeepSpeed keeps .grad empty)"
-        instead = (
-            "Use strategy='ddp', ModelParallelStrategy (FSDP2) or a single device."
-            if sharded
-            else "Use strategy='ddp' (or 'ddp_spawn') for multi-device training, or a single device."
-        )
+        instead = "Use strategy='ddp', ModelParallelStrategy (FSDP2) or a single device." if sharded else _USE_DDP
     raise UnsupportedStrategyError(f"{owner} does not support the {name} strategy: {why}. {instead}")
 
 

@@ -23,11 +23,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_gradmask._distributed import check_strategy
 from lightning_gradmask._namespaces import Callback, lightning_classes, trainer_callbacks
 from lightning_gradmask.callbacks._hessian_agreement import AgreeingReduce, PeerEvaluationError, agree
 from lightning_gradmask.callbacks._hessian_budget import OverheadBudget
 from lightning_gradmask.callbacks._hessian_output import density_figure, logger_step, run_directory, send_figure
-from lightning_gradmask.callbacks._hessian_strategy import check_hessian_strategy
 from lightning_gradmask.callbacks._rng import preserved_rng_state
 from lightning_gradmask.curvature import (
     STATS,
@@ -48,6 +48,19 @@ LossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
 StatName = Literal["trace", "eigenvalues", "diagonal", "density"]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+#: Why HessianMonitor refuses FSDP2, and what to do instead (measured: docs/hessian.md, 'Sharded training (FSDP2)').
+MODEL_PARALLEL_REFUSAL = (
+    "HessianMonitor does not support ModelParallelStrategy (FSDP2): FSDP2 gathers each sharded parameter outside "
+    "autograd and frees the gathered copy after the backward, so torch.autograd.grad cannot reach the parameters "
+    "and no Hessian-vector product can be taken (measured; see docs/hessian.md, 'Sharded training (FSDP2)'). "
+    "Instead, run HessianMonitor under strategy='ddp' (or on one device) with a model that fits on one device, or "
+    "compute the statistics offline from a full checkpoint: train with "
+    "ModelParallelStrategy(save_distributed_checkpoint=False), load torch.load(path, weights_only=False)"
+    "['state_dict'] into the unsharded model, and call lightning_gradmask.curvature.hessian_statistics("
+    "HessianOperator.from_module(model, closure), stats)."
+)
 
 
 class HessianMonitor(Callback):
@@ -251,7 +264,7 @@ class HessianMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_hessian_strategy(trainer)
+        check_strategy(trainer, "HessianMonitor", sharded=False, model_parallel_refusal=MODEL_PARALLEL_REFUSAL)
         same = [cb for cb in trainer_callbacks(trainer) if isinstance(cb, HessianMonitor) and cb is not self and cb.prefix == self.prefix]
         if same:
             raise GradmaskConfigError(

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from lightning_gradmask._distributed import check_strategy
 from lightning_gradmask._namespaces import Callback
 from lightning_gradmask.errors import GradmaskConfigError, GradmaskConfigTypeError
 from lightning_gradmask.functional.noise import NoiseLayout, Part
@@ -56,6 +57,14 @@ class SeededNoise(Callback):
         twins = [other for other in SeededNoise._instances if type(other) is type(self) and other._config() == self._config()]
         self._twin = max((other._twin for other in twins), default=-1) + 1
         SeededNoise._instances.add(self)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer, type(self).__name__, sharded=True)
+        refuse_same_seed(trainer, self)
+        self._settle_key()
 
     def _settle_key(self) -> None:
         """Call in ``setup`` once :func:`refuse_same_seed` has passed: no other instance of this type in

@@ -10,12 +10,11 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
+from lightning_gradmask._distributed import assert_same_on_all_ranks
 from lightning_gradmask.callbacks._seeded_noise import (
     GRADIENT_STREAM,
     SeededNoise,
     check_seed,
-    refuse_same_seed,
     seed_tensor,
 )
 from lightning_gradmask.errors import MaskSpecError
@@ -135,14 +134,6 @@ class GradientNoise(SeededNoise):
         return list(self._targets)
 
     # ------------------------------------------------------------------ Lightning hooks
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        check_strategy(trainer, "GradientNoise", sharded=True)
-        refuse_same_seed(trainer, self)
-        self._settle_key()
-
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after configure_model (layers built there exist now) and before any step

@@ -10,12 +10,11 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy
+from lightning_gradmask._distributed import assert_same_on_all_ranks
 from lightning_gradmask.callbacks._seeded_noise import (
     WEIGHT_STREAM,
     SeededNoise,
     check_seed,
-    refuse_same_seed,
     seed_tensor,
 )
 from lightning_gradmask.errors import GradmaskConfigError, GradmaskConfigTypeError, MaskSpecError
@@ -128,14 +127,6 @@ class WeightNoise(SeededNoise):
         return self._last_std
 
     # ------------------------------------------------------------------ Lightning hooks
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        check_strategy(trainer, "WeightNoise", sharded=True)
-        refuse_same_seed(trainer, self)
-        self._settle_key()
-
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after configure_model (layers built there exist now) and before any step

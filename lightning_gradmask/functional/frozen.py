@@ -77,7 +77,6 @@ class _Entry:
     param: torch.Tensor
     all_frozen: bool
     num_frozen: int
-    local: torch.Tensor  # the parameter's values this process holds: itself, or its DTensor's local shard
     keep: torch.Tensor | None = None  # integers of the param's width: 1 where trainable, 0 where frozen
     snapshot: torch.Tensor | None = None  # frozen values, +0.0 at trainable positions
     # integer views of the parameter's and the snapshot's memory, made once at capture_
@@ -120,7 +119,7 @@ class FrozenEntries:
             if num_frozen == 0:
                 continue
             local = local_tensor(param)
-            entry = _Entry(param=param, all_frozen=num_frozen == trainable.numel(), num_frozen=num_frozen, local=local)
+            entry = _Entry(param=param, all_frozen=num_frozen == trainable.numel(), num_frozen=num_frozen)
             if not entry.all_frozen:
                 int_dtype = _INT_OF_SIZE[param.element_size()]
                 entry.keep = local_part(trainable, like=param).to(device=local.device, dtype=int_dtype)
@@ -149,7 +148,8 @@ class FrozenEntries:
         if entry is None:
             return None
         if entry.all_frozen:
-            return torch.ones(entry.local.shape, dtype=torch.bool, device=entry.local.device)
+            local = local_tensor(entry.param)
+            return torch.ones(local.shape, dtype=torch.bool, device=local.device)
         assert entry.keep is not None
         return entry.keep.eq(0)
 
@@ -169,8 +169,7 @@ class FrozenEntries:
     def capture_(self) -> None:
         """Record the current values of the frozen entries: :meth:`restore_` writes these back."""
         for entry in self._entries.values():
-            entry.local = local_tensor(entry.param)
-            data = entry.local.detach()
+            data = local_tensor(entry.param).detach()
             entry.snapshot = data.clone()
             if not entry.all_frozen:
                 assert entry.keep is not None
@@ -314,7 +313,7 @@ class FrozenEntries:
             assert entry.param_bits is not None and entry.keep is not None and entry.snapshot_bits is not None
             # the parameter itself: a DTensor's local shard is looked up at each restore (it may be replaced)
             item = (entry.param, entry.param_bits, entry.keep, entry.snapshot_bits)
-            if entry.local.numel() <= _GROUPED_MAX_NUMEL:
+            if local_tensor(entry.param).numel() <= _GROUPED_MAX_NUMEL:
                 for column, value in zip(small, item):
                     column.append(value)
             else:
@@ -325,9 +324,8 @@ class FrozenEntries:
 
     def _rebind(self, params: set[int] | None) -> None:
         for entry in self._entries.values():
-            entry.local = local_tensor(entry.param)
             if entry.param_bits is not None:
-                entry.param_bits = _bits(entry.local.detach())
+                entry.param_bits = _bits(local_tensor(entry.param).detach())
         self._last_selection = None
 
     @torch.no_grad()

@@ -142,8 +142,7 @@ def masked_zero_fraction(params: Sequence[torch.Tensor], masks: Sequence[torch.T
     Sharded (FSDP2) parameters take whole masks or ``DTensor`` masks placed like them; their counts are
     summed over the shards.
     """
-    zero_counts: list[torch.Tensor] = []
-    support_sizes: list[torch.Tensor] = []
+    counts: list[torch.Tensor] = []  # per parameter: (exact zeros, selected entries) of its local shard
     for param, mask in zip(params, masks):
         local = local_tensor(param.detach())
         is_zero = local.eq(0)
@@ -153,14 +152,11 @@ def masked_zero_fraction(params: Sequence[torch.Tensor], masks: Sequence[torch.T
             support = mask_support(local_of(mask, like=param)).to(local.device)
             is_zero.logical_and_(support)
             support_size = support.sum()
-        zero_counts.append(is_zero.sum())
-        support_sizes.append(support_size)
-    if not zero_counts:
+        counts.append(torch.stack([is_zero.sum(), support_size]))
+    if not counts:
         return torch.zeros(())
-    device = zero_counts[0].device
-    zero_counts = [count.to(device) for count in zero_counts]
-    support_sizes = [size.to(device) for size in support_sizes]
-    zeros = sharded_sum(zero_counts, params)
-    selected = sharded_sum(support_sizes, params)
+    device = counts[0].device
+    # both sums in one all-reduce per placement of sharded parameters (this runs every training step)
+    zeros, selected = sharded_sum([count.to(device) for count in counts], params)
     # no host sync: when nothing is selected, zeros is 0 too and the result is 0
     return zeros.to(torch.float32) / selected.clamp_min(1)

@@ -124,7 +124,7 @@ def sharded_sum(values: Sequence[torch.Tensor], likes: Sequence[torch.Tensor]) -
 
     A value computed on a sharded tensor is summed over the processes that hold the other shards
     (not over replicas, which hold the same numbers); a value of a plain tensor counts once. All
-    values must be 0-dim and on one device. One all-reduce per distinct mesh and placement.
+    values must have one shape and be on one device. One all-reduce per distinct mesh and placement.
     """
     if not values:
         raise ValueError("sharded_sum needs at least one value")

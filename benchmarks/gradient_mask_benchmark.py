@@ -59,6 +59,8 @@ from lightning_gradmask.functional.constraints import ParameterConstraints
 from lightning_gradmask.functional.frozen import FrozenEntries
 
 VARIANTS = ("plain", "gradient_mask", "prune")
+#: also available with ``--variants``: ``GradientMask(trainable=masks, compact=True)``
+EXTRA_VARIANTS = ("compact",)
 
 
 # ---------------------------------------------------------------------------- model and data
@@ -146,6 +148,8 @@ def build(variant: str, args: argparse.Namespace) -> tuple[MLP, list[Callback]]:
         return model, []
     if variant == "gradient_mask":
         return model, [GradientMask(trainable=masks)]
+    if variant == "compact":
+        return model, [GradientMask(trainable=masks, compact=True)]
     if variant == "prune":
         modules = dict(model.named_modules())
         for name, trainable in masks.items():
@@ -205,7 +209,13 @@ def train_benchmark(args: argparse.Namespace) -> None:
         f"batch {args.batch_size}; {args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed) "
         "steps per variant"
     )
-    variants = VARIANTS if not args.skip_prune else VARIANTS[:2]
+    if args.variants:
+        variants = tuple(args.variants.split(","))
+        unknown = [v for v in variants if v not in VARIANTS + EXTRA_VARIANTS]
+        if unknown or variants[0] != "plain":
+            raise SystemExit(f"--variants: start with plain, choose from {VARIANTS + EXTRA_VARIANTS}; got {args.variants!r}")
+    else:
+        variants = VARIANTS if not args.skip_prune else VARIANTS[:2]
     runs: dict[str, list[StepTimer]] = {v: [] for v in variants}
     for r in range(args.rounds):
         for variant in round_order(r, variants):
@@ -640,6 +650,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--optimizer", choices=("adamw", "sgd"), default="adamw", help="adamw (default) or sgd (momentum 0.9, decay 1e-4)"
     )
     parser.add_argument("--skip-prune", action="store_true", help="time only plain and gradient_mask")
+    parser.add_argument(
+        "--variants", default="", help="comma-separated, plain first (default plain,gradient_mask,prune); also: compact"
+    )
     parser.add_argument("--profile", action="store_true", help="also break GradientMask's cost down")
     parser.add_argument("--mechanism", action="store_true", help="only the kernel micro-benchmark")
     parser.add_argument("--mechanism-reps", type=int, default=30, help="calls per kernel (default 30)")

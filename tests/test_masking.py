@@ -104,3 +104,33 @@ def test_sparse_gradient_of_a_fully_frozen_parameter_is_zeroed_and_measured():
     removed = FrozenEntries({"w": (weight, torch.zeros(3, 2, dtype=torch.bool))}).mask_gradients_(measure=True)
     assert torch.equal(weight.grad.to_dense(), torch.zeros(3, 2))
     assert float(removed) == pytest.approx(17**0.5)  # (3 + 1)^2 + 1^2: duplicates summed first
+
+
+def test_optimizer_param_ids_are_rebuilt_only_when_the_groups_change():
+    import gc
+
+    from lightning_gradmask._optimizer_params import OptimizerParamIds
+
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(first.parameters(), lr=0.1)
+    ids = OptimizerParamIds()
+    seen = ids(optimizer)
+    assert seen == {id(p) for p in first.parameters()}
+    assert ids(optimizer) is seen  # the same set while nothing changed: no per-step rebuild
+    optimizer.add_param_group({"params": list(second.parameters())})  # as BackboneFinetuning does
+    assert ids(optimizer) == {id(p) for p in [*first.parameters(), *second.parameters()]}
+    del optimizer
+    gc.collect()
+    assert len(ids._cache) == 0  # optimizers are held weakly
+
+
+def test_optimizer_param_ids_pickle_empty():
+    import pickle
+
+    from lightning_gradmask._optimizer_params import OptimizerParamIds
+
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    ids = OptimizerParamIds()
+    ids(optimizer)
+    copy = pickle.loads(pickle.dumps(ids))  # callbacks holding one are pickled by ddp_spawn
+    assert len(copy._cache) == 0 and copy(optimizer) == ids(optimizer)

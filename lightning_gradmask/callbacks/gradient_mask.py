@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy, is_model_parallel
 from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
 from lightning_gradmask._namespaces import Callback, lightning_classes, module_overrides, trainer_callbacks
+from lightning_gradmask._optimizer_params import OptimizerParamIds
 from lightning_gradmask.errors import GradmaskConfigError, MaskSpecError
 from lightning_gradmask.functional.compact import CompactEntries, expand_compact_state_
 from lightning_gradmask.functional.constraints import parameter_constraints
@@ -136,6 +137,7 @@ class GradientMask(Callback):
         self.log_stats = log_stats
         self._masks: dict[str, torch.Tensor] | None = None
         self._compact: CompactEntries | None = None
+        self._compact_ids = OptimizerParamIds()
         self._hook_handles: list[Any] = []
         self._gather_in_hooks = False
         self._removed_sq: torch.Tensor | None = None
@@ -238,7 +240,7 @@ class GradientMask(Callback):
         # only inside the training step: every other hook (HessianMonitor's first-batch trial included, hence
         # not on the first batch) sees them as before. Their values stay exact by the restore either way.
         self._batches_started += 1
-        if self._batches_started > 1 and not self._switched_off:
+        if self._whole_frozen and self._batches_started > 1 and not self._switched_off:
             frozen = {id(p) for p in self._whole_frozen}
             remaining = any(p.requires_grad for p in pl_module.parameters() if id(p) not in frozen)
             if remaining:  # never leave the loss without a graph
@@ -322,6 +324,7 @@ class GradientMask(Callback):
         except ValueError as err:
             raise GradmaskConfigError(f"GradientMask(compact=True): {err}") from err
         self._compact = compact
+        self._compact_ids = OptimizerParamIds()  # built after the swap: the groups now hold the compact tensors
         constraints.set_masks(self, self.masks, held_elsewhere=set(compact.names))
         self._gather_in_hooks = _single_device(trainer)
         if self._gather_in_hooks:  # free each dense gradient as soon as autograd has accumulated it
@@ -348,7 +351,7 @@ class GradientMask(Callback):
 
     def _scatter_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         assert self._compact is not None
-        self._compact.scatter_({id(p) for group in optimizer.param_groups for p in group["params"]})
+        self._compact.scatter_(self._compact_ids(optimizer))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks
+from lightning_gradmask._optimizer_params import OptimizerParamIds
 from lightning_gradmask.callbacks._seeded_noise import (
     GRADIENT_STREAM,
     SeededNoise,
@@ -118,7 +119,7 @@ class GradientNoise(SeededNoise):
         self._offsets: dict[str, torch.Tensor] = {}  # CPU, resolved at on_fit_start
         self._live_targets: list[torch.Tensor] = []
         self._live_offsets: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, its local part of the offset)
-        self._stepped: tuple[tuple[Any, ...], set[int]] | None = None
+        self._stepped_ids = OptimizerParamIds()
         self._last_std: float | None = None
         self._register()
 
@@ -186,7 +187,7 @@ class GradientNoise(SeededNoise):
             self._live_targets = []
             self._live_offsets = []
             self._layout = None
-            self._stepped = None
+            self._stepped_ids.clear()
 
     @torch.no_grad()
     def _add_noise(self, step: int, std: float, stepped: set[int]) -> bool:
@@ -209,13 +210,6 @@ class GradientNoise(SeededNoise):
             return False
         torch._foreach_add_(grads, noises)
         return True
-
-    def _stepped_ids(self, optimizer: torch.optim.Optimizer) -> set[int]:
-        """Ids of ``optimizer``'s parameters, rebuilt only when its parameter groups change."""
-        layout = (id(optimizer),) + tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
-        if self._stepped is None or self._stepped[0] != layout:
-            self._stepped = (layout, {id(p) for group in optimizer.param_groups for p in group["params"]})
-        return self._stepped[1]
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_gradmask._optimizer_params import OptimizerParamIds
 from lightning_gradmask.functional.frozen import FrozenEntries, combine_trainable
 
 __all__ = ["ParameterConstraints", "parameter_constraints", "PRIORITY_PROXIMAL"]
@@ -64,9 +65,9 @@ class ParameterConstraints:
         self._frozen: FrozenEntries | None = None
         # (weak reference to a hooked optimizer, its hook handles)
         self._hooked: list[tuple[weakref.ref[torch.optim.Optimizer], tuple[Any, ...]]] = []
-        self._stepped: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[tuple[Any, ...], set[int]]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # ids of each optimizer's parameters, rebuilt only when its parameter groups change
+        # (callbacks such as BackboneFinetuning add groups mid-run)
+        self._stepped_ids = OptimizerParamIds()
 
     # ------------------------------------------------------------------ registration
     def set_masks(self, owner: Any, trainable: dict[str, torch.Tensor], *, held_elsewhere: set[str] | None = None) -> None:
@@ -147,7 +148,7 @@ class ParameterConstraints:
             for handle in handles:
                 handle.remove()
         self._hooked.clear()
-        self._stepped.clear()
+        self._stepped_ids.clear()
         self._frozen = None
 
     def _forget_dead_optimizers(self) -> None:
@@ -166,17 +167,6 @@ class ParameterConstraints:
         # off in the step): with no post-step work, its copy-back can be left out
         untouched = not self._post_step and type(optimizer).__module__.startswith("torch.optim")
         self.frozen.restore_(ids, skip_gradless_whole=untouched)
-
-    def _stepped_ids(self, optimizer: torch.optim.Optimizer) -> set[int]:
-        """Ids of ``optimizer``'s parameters, rebuilt only when its parameter groups change
-        (callbacks such as BackboneFinetuning add groups mid-run)."""
-        layout = tuple((id(group["params"]), len(group["params"])) for group in optimizer.param_groups)
-        cached = self._stepped.get(optimizer)
-        if cached is not None and cached[0] == layout:
-            return cached[1]
-        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        self._stepped[optimizer] = (layout, ids)
-        return ids
 
     def _module(self) -> nn.Module:
         module = self._module_ref()

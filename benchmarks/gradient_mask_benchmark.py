@@ -24,6 +24,8 @@ Usage::
     python benchmarks/gradient_mask_benchmark.py --fused        # AdamW(fused=True)
     python benchmarks/gradient_mask_benchmark.py --optimizer sgd   # SGD momentum + weight decay
     python benchmarks/gradient_mask_benchmark.py --mechanism    # restore / mask kernels only, 15 s
+    python benchmarks/gradient_mask_benchmark.py --floor --fused   # the least any exact mask can cost here, 5 s
+    python benchmarks/gradient_mask_benchmark.py --fused --variants plain,gradient_mask,compact   # + compact=True
     python benchmarks/gradient_mask_benchmark.py --memory --rounds 3   # peak RSS per masked entry, 1 min
     python benchmarks/gradient_mask_benchmark.py --blocks 1000 --rounds 4   # 2,000 small tensors: mask, gradient and weight noise
     python benchmarks/gradient_mask_benchmark.py --steps 60 --rounds 4 --width 1024 --threads 2
@@ -399,6 +401,69 @@ def grad_exactness(kernel: Kernel, case: Frozen, stepped: torch.Tensor) -> str:
     )
 
 
+def floor_benchmark(args: argparse.Namespace) -> None:
+    """The least any exact mask that runs outside the optimizer's and autograd's kernels can cost here.
+
+    With frozen entries scattered at random, every cache line of every masked gradient holds frozen entries
+    to zero, and every cache line of every masked weight holds frozen entries to write back after the step:
+    whatever the encoding of the mask, one pass must read and write each gradient and one pass must read
+    and write each weight (16 bytes per entry of float32, the mask itself not counted). This times those
+    two bare passes (no mask read at all: ``bitwise_and_(-1)`` on the integer view) next to the package's
+    two kernels, on the MLP's weights, caches flushed before each call, and puts them against a plain
+    step of the same model measured in the same run.
+    """
+    model = MLP(args.width, args.depth, seed=args.seed)
+    masks = weight_masks(model, args.frozen_fraction)
+    params = dict(model.named_parameters())
+    weights = [params[name] for name in masks]
+    for weight in weights:
+        weight.grad = torch.randn_like(weight)
+    frozen = FrozenEntries({name: (params[name], mask) for name, mask in masks.items()})
+    frozen.capture_()
+    flush = torch.zeros(2**26)  # 256 MiB written before every call: what a step's other work leaves in the caches
+    entries = sum(w.numel() for w in weights)
+
+    # each reads and writes every byte and changes none, one grouped call per pass; the gradients' integer
+    # views are made at each call (a step's gradients are new tensors), the weights' once (as the restore does)
+    weight_bits = [int_view(w.detach()) for w in weights]
+
+    def bare_gradient_pass() -> None:
+        torch._foreach_mul_([int_view(w.grad) for w in weights if w.grad is not None], 1)
+
+    def bare_weight_pass() -> None:
+        torch._foreach_mul_(weight_bits, 1)
+
+    def timed(fn: Callable[[], Any]) -> float:
+        runs = []
+        for i in range(args.mechanism_reps + 3):
+            flush.add_(1)
+            start = time.perf_counter()
+            fn()
+            if i >= 3:
+                runs.append(time.perf_counter() - start)
+        return statistics.median(runs)
+
+    rows: list[tuple[str, int, Callable[[], Any]]] = [  # (what, bytes moved per entry, call)
+        ("GradientMask: gradient masking", 12, lambda: frozen.mask_gradients_()),
+        ("GradientMask: restore after the step", 16, lambda: frozen.restore_()),
+        ("floor: one bare pass over the gradients", 8, bare_gradient_pass),
+        ("floor: one bare pass over the weights", 8, bare_weight_pass),
+    ]
+    times = {label: timed(fn) for label, _, fn in rows}
+    plain = statistics.median(fit("plain", args).cpu)
+    print(
+        f"MLP width {args.width}, depth {args.depth}: {entries / 1e6:.2f}M masked weight entries, "
+        f"{args.frozen_fraction:.0%} frozen at random; plain step ({args.optimizer}"
+        f"{', fused' if args.fused else ''}, batch {args.batch_size}): {plain * 1e3:.2f} ms CPU"
+    )
+    for label, size, _ in rows:
+        seconds = times[label]
+        print(f"  {label:42s} {size:2d} bytes/entry {seconds * 1e3:6.2f} ms ({entries * size * 1e-9 / seconds:5.1f} GB/s)")
+    ours = sum(times[label] for label, _, _ in rows[:2])
+    floor = sum(times[label] for label, _, _ in rows[2:])
+    print(f"  package's two kernels: plain step x {1 + ours / plain:.3f}; the two bare passes: x {1 + floor / plain:.3f}")
+
+
 def mechanism_benchmark(args: argparse.Namespace) -> None:
     """Restore / gradient-mask kernels on one 4M-entry float32 tensor, ``--frozen-fraction`` frozen at random."""
     side = 2048
@@ -655,6 +720,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--profile", action="store_true", help="also break GradientMask's cost down")
     parser.add_argument("--mechanism", action="store_true", help="only the kernel micro-benchmark")
+    parser.add_argument(
+        "--floor", action="store_true", help="only the least cost of any exact mask outside the optimizer's kernel (the MLP)"
+    )
     parser.add_argument("--mechanism-reps", type=int, default=30, help="calls per kernel (default 30)")
     parser.add_argument("--blocks", type=int, default=0, help="only the many-small-tensors case: N Linear(16, 16)")
     parser.add_argument("--memory", action="store_true", help="only peak RSS per masked entry (subprocesses)")
@@ -688,6 +756,8 @@ def main(argv: list[str] | None = None) -> None:
         memory_benchmark(args)
     elif args.mechanism:
         mechanism_benchmark(args)
+    elif args.floor:
+        floor_benchmark(args)
     else:
         train_benchmark(args)
         if args.profile:

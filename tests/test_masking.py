@@ -109,7 +109,7 @@ def test_sparse_gradient_of_a_fully_frozen_parameter_is_zeroed_and_measured():
 def test_optimizer_param_ids_are_rebuilt_only_when_the_groups_change():
     import gc
 
-    from lightning_gradmask._optimizer_params import OptimizerParamIds
+    from lightning_gradmask.functional.optimizer_params import OptimizerParamIds
 
     first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(first.parameters(), lr=0.1)
@@ -127,7 +127,7 @@ def test_optimizer_param_ids_are_rebuilt_only_when_the_groups_change():
 def test_optimizer_param_ids_pickle_empty():
     import pickle
 
-    from lightning_gradmask._optimizer_params import OptimizerParamIds
+    from lightning_gradmask.functional.optimizer_params import OptimizerParamIds
 
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     ids = OptimizerParamIds()

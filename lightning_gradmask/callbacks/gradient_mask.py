@@ -15,11 +15,11 @@ from typing_extensions import override
 from lightning_gradmask._distributed import assert_same_on_all_ranks, check_strategy, is_model_parallel
 from lightning_gradmask._interop import warn_if_averaged_inexactly, warn_if_pruned
 from lightning_gradmask._namespaces import Callback, lightning_classes, module_overrides, trainer_callbacks
-from lightning_gradmask._optimizer_params import OptimizerParamIds
 from lightning_gradmask.errors import GradmaskConfigError, MaskSpecError
 from lightning_gradmask.functional.compact import CompactEntries, expand_compact_state_
 from lightning_gradmask.functional.constraints import parameter_constraints
 from lightning_gradmask.functional.masks import resolve_masks
+from lightning_gradmask.functional.optimizer_params import OptimizerParamIds
 
 __all__ = ["GradientMask"]
 

@@ -11,7 +11,6 @@ import torch
 from typing_extensions import override
 
 from lightning_gradmask._distributed import assert_same_on_all_ranks
-from lightning_gradmask._optimizer_params import OptimizerParamIds
 from lightning_gradmask.callbacks._seeded_noise import (
     GRADIENT_STREAM,
     SeededNoise,
@@ -21,6 +20,7 @@ from lightning_gradmask.callbacks._seeded_noise import (
 from lightning_gradmask.errors import MaskSpecError
 from lightning_gradmask.functional.constraints import parameter_constraints
 from lightning_gradmask.functional.noise import StdSchedule, make_schedule
+from lightning_gradmask.functional.optimizer_params import OptimizerParamIds
 from lightning_gradmask.functional.selection import ParameterTable, ParamSelector, match_parameters, normalize_selector
 from lightning_gradmask.functional.sharding import local_part, local_tensor
 

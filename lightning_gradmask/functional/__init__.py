@@ -8,4 +8,5 @@
 * :mod:`~lightning_gradmask.functional.blinding` -- column resolution, severing, input fills, independence check.
 * :mod:`~lightning_gradmask.functional.noise` -- seeded noise draws and std schedules.
 * :mod:`~lightning_gradmask.functional.l1` -- masked L1 penalty and proximal step.
+* :mod:`~lightning_gradmask.functional.optimizer_params` -- the cached ids of an optimizer's parameters, for per-step hooks.
 """

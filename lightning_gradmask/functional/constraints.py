@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_gradmask._optimizer_params import OptimizerParamIds
 from lightning_gradmask.functional.frozen import FrozenEntries, combine_trainable
+from lightning_gradmask.functional.optimizer_params import OptimizerParamIds
 
 __all__ = ["ParameterConstraints", "parameter_constraints", "PRIORITY_PROXIMAL"]
 

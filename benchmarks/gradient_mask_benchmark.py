@@ -6,7 +6,8 @@ frozen at random) are timed through ``lightning.Trainer.fit``, interleaved over 
 * ``plain``         -- no mask at all;
 * ``gradient_mask`` -- ``GradientMask(trainable=masks)`` attached as a callback, as users run it;
 * ``prune``         -- ``torch.nn.utils.prune.custom_from_mask`` with the same masks (it zeroes
-  the pruned entries; what is compared is the cost of the mechanism, not the model).
+  the pruned entries; what is compared is the cost of the mechanism, not the model);
+* ``compact``       -- ``GradientMask(trainable=masks, compact=True)``, only with ``--variants``.
 
 A callback records ``time.perf_counter()`` and ``time.process_time()`` in ``on_train_batch_start``
 and ``on_train_batch_end``, so one step is forward, backward, every callback hook, the optimizer
@@ -214,8 +215,12 @@ def train_benchmark(args: argparse.Namespace) -> None:
     if args.variants:
         variants = tuple(args.variants.split(","))
         unknown = [v for v in variants if v not in VARIANTS + EXTRA_VARIANTS]
-        if unknown or variants[0] != "plain":
-            raise SystemExit(f"--variants: start with plain, choose from {VARIANTS + EXTRA_VARIANTS}; got {args.variants!r}")
+        if args.skip_prune:
+            raise SystemExit("--variants and --skip-prune: give one of them")
+        if unknown or variants[0] != "plain" or len(set(variants)) != len(variants):
+            raise SystemExit(
+                f"--variants: start with plain, no repeats, choose from {VARIANTS + EXTRA_VARIANTS}; got {args.variants!r}"
+            )
     else:
         variants = VARIANTS if not args.skip_prune else VARIANTS[:2]
     runs: dict[str, list[StepTimer]] = {v: [] for v in variants}
@@ -408,9 +413,10 @@ def floor_benchmark(args: argparse.Namespace) -> None:
     to zero, and every cache line of every masked weight holds frozen entries to write back after the step:
     whatever the encoding of the mask, one pass must read and write each gradient and one pass must read
     and write each weight (16 bytes per entry of float32, the mask itself not counted). This times those
-    two bare passes (no mask read at all: ``bitwise_and_(-1)`` on the integer view) next to the package's
-    two kernels, on the MLP's weights, caches flushed before each call, and puts them against a plain
-    step of the same model measured in the same run.
+    two bare passes (no mask read at all: an in-place grouped multiply by 1 of the integer views) next to
+    the package's two kernels, on the MLP's weights, with 256 MiB written before each call, and puts them
+    against a plain step of the same model measured in the same run. This bounds a *dense* mask (the
+    optimizer steps every entry); ``compact=True`` steps only the trainable entries and is not bounded by it.
     """
     model = MLP(args.width, args.depth, seed=args.seed)
     masks = weight_masks(model, args.frozen_fraction)
@@ -621,6 +627,14 @@ def blocks_benchmark(args: argparse.Namespace) -> None:
             runs[variant].append(blocks_fit(variant, args))
     for clock in ("wall", "cpu"):
         report(runs, clock)
+    if args.profile:
+        calls: dict[str, list[float]] = {}
+        targets = [(FrozenEntries, "mask_gradients_"), (FrozenEntries, "restore_")]
+        with timed_methods(targets, calls):
+            timer = blocks_fit("gradient_mask", args)
+        print(f"\nGradientMask run: median step {statistics.median(timer.cpu) * 1e3:.2f} ms CPU; ms per call:")
+        for label, seconds in calls.items():
+            print(f"  {label:40s} median {statistics.median(seconds[args.warmup :]) * 1e3:6.2f}")
 
 
 # ---------------------------------------------------------------------------- memory
@@ -718,7 +732,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants", default="", help="comma-separated, plain first (default plain,gradient_mask,prune); also: compact"
     )
-    parser.add_argument("--profile", action="store_true", help="also break GradientMask's cost down")
+    parser.add_argument(
+        "--profile", action="store_true", help="also break GradientMask's cost down (the default variants, or --blocks)"
+    )
     parser.add_argument("--mechanism", action="store_true", help="only the kernel micro-benchmark")
     parser.add_argument(
         "--floor", action="store_true", help="only the least cost of any exact mask outside the optimizer's kernel (the MLP)"

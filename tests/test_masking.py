@@ -132,5 +132,21 @@ def test_optimizer_param_ids_pickle_empty():
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     ids = OptimizerParamIds()
     ids(optimizer)
-    copy = pickle.loads(pickle.dumps(ids))  # callbacks holding one are pickled by ddp_spawn
-    assert len(copy._cache) == 0 and copy(optimizer) == ids(optimizer)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        copy = pickle.loads(pickle.dumps(ids, protocol=protocol))  # callbacks holding one are pickled by ddp_spawn
+        assert len(copy._cache) == 0 and copy(optimizer) == ids(optimizer)
+
+
+def test_optimizer_param_ids_see_the_compact_swap():
+    from lightning_gradmask import CompactEntries
+    from lightning_gradmask.functional.optimizer_params import OptimizerParamIds
+
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    ids = OptimizerParamIds()
+    assert id(layer.weight) in ids(optimizer)
+    compact = CompactEntries({"weight": (layer.weight, torch.tensor([[True, False, False], [False, False, True]]))})
+    compact.swap_in([optimizer])
+    assert id(compact.compact("weight")) in ids(optimizer) and id(layer.weight) not in ids(optimizer)
+    compact.swap_out()
+    assert id(layer.weight) in ids(optimizer) and id(compact.compact("weight")) not in ids(optimizer)

@@ -324,7 +324,6 @@ class GradientMask(Callback):
         except ValueError as err:
             raise GradmaskConfigError(f"GradientMask(compact=True): {err}") from err
         self._compact = compact
-        self._compact_ids = OptimizerParamIds()  # built after the swap: the groups now hold the compact tensors
         constraints.set_masks(self, self.masks, held_elsewhere=set(compact.names))
         self._gather_in_hooks = _single_device(trainer)
         if self._gather_in_hooks:  # free each dense gradient as soon as autograd has accumulated it

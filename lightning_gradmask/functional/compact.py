@@ -151,7 +151,9 @@ class CompactEntries:
                 )
         for key, ((optimizer, group, index),) in found.items():
             entry = self._by_param[key]
-            group["params"][index] = entry.tensor
+            # a new list, not an element replaced in place: caches keyed by the list (the restore's
+            # OptimizerParamIds) see the change
+            group["params"] = [*group["params"][:index], entry.tensor, *group["params"][index + 1 :]]
             state = optimizer.state.pop(entry.param, None)
             if state is not None:
                 optimizer.state[entry.tensor] = {k: self._to_compact(entry, v) for k, v in state.items()}
@@ -162,7 +164,7 @@ class CompactEntries:
         re-expanded to the parameter's shape (zeros at the frozen entries). Idempotent."""
         for optimizer, group, index, entry in self._swapped:
             if index < len(group["params"]) and group["params"][index] is entry.tensor:
-                group["params"][index] = entry.param
+                group["params"] = [*group["params"][:index], entry.param, *group["params"][index + 1 :]]
             state = optimizer.state.pop(entry.tensor, None)
             if state is not None:
                 optimizer.state[entry.param] = {k: self._to_dense(entry, v) for k, v in state.items()}

@@ -17,8 +17,8 @@ class OptimizerParamIds:
     mid-run, or a group's ``params`` list replaced or resized), so a hook that runs at every step pays
     for it once per optimizer, not per step. Optimizers are held weakly; a pickled copy starts empty.
 
-    Replacing an element of a group's ``params`` list in place is not seen; whoever does that (the
-    compact mode's swap) builds its own instance afterwards.
+    Replacing an element of a group's ``params`` list in place is not seen: assign a new list instead
+    (``GradientMask(compact=True)``'s swap does).
     """
 
     def __init__(self) -> None:
@@ -39,9 +39,6 @@ class OptimizerParamIds:
         """Forget every optimizer."""
         self._cache.clear()
 
-    # a cache: callbacks holding one are pickled for ddp_spawn, where it starts empty
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
+    def __reduce__(self) -> tuple[type[OptimizerParamIds], tuple[()]]:
+        # a cache: callbacks holding one are pickled for ddp_spawn, where it starts empty
+        return (OptimizerParamIds, ())

@@ -98,16 +98,24 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_distributed(main: Callable[[], None]) -> None:
-    """Run a DDP test script's ``main`` on this rank, then tear the process group down.
+    """Run a DDP test script's ``main`` on this rank, then leave the process without finalizing it.
 
-    Without the teardown, a collective issued just before exit (``trainer.log_dir`` broadcasts) can
-    still be releasing its tensors on gloo's worker thread while the interpreter finalizes; that
-    thread then cannot take the GIL and the process aborts with "terminate called without an active
-    exception". ``destroy_process_group`` joins gloo's threads while Python is still alive.
+    Once ``main`` returns on a rank, every collective of the script has completed on every rank (each one
+    needs all of them), so nothing is left to run. Exiting normally was flaky in two ways:
+
+    * interpreter finalization could abort with "terminate called without an active exception" while a
+      collective issued just before exit (``trainer.log_dir`` broadcasts) was still releasing its tensors
+      on gloo's worker thread;
+    * ``torch.distributed.destroy_process_group()``, which avoided that, hung on rank 0 in about one run
+      in three of ``everything_ddp.py`` with torch 2.6 (faulthandler: the main thread in
+      ``destroy_process_group``, the results already written).
+
+    ``os._exit`` after flushing stdout and stderr skips both.
     """
     main()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_script(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:

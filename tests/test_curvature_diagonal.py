@@ -10,7 +10,13 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.torch_version import TorchVersion
 
-from lightning_gradmask.curvature import HessianOperator, estimate_diagonal, exact_diagonal, exact_diagonal_cost
+from lightning_gradmask.curvature import (
+    DiagonalResult,
+    HessianOperator,
+    estimate_diagonal,
+    exact_diagonal,
+    exact_diagonal_cost,
+)
 
 from reference import LossOf, cross_entropy_of, reference_hessian
 
@@ -35,13 +41,21 @@ def assert_rel(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
     assert err <= rel * float(b.abs().max()), (err, float(b.abs().max()))
 
 
+def exact_and_reference(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[DiagonalResult, HessianOperator, torch.Tensor]:
+    """``exact_diagonal`` of the cross-entropy of ``model`` on ``(x, y)``, its operator, and the float64
+    reference diagonal."""
+    ref = reference_diagonal(model, ce_of(x, y))
+    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
+    return exact_diagonal(op), op, ref
+
+
 def test_layerwise_and_piecewise_mlp_is_exact_with_inplace_relu():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 7), nn.ReLU(inplace=True), nn.Linear(7, 3)).double()
     x, y = inputs(24, 5)
-    ref = reference_diagonal(model, ce_of(x, y))
-    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
-    res = exact_diagonal(op)
+    res, op, ref = exact_and_reference(model, x, y)
     # a tanh follows the first layer (layerwise rule); only ReLU and linear maps follow the others
     # (piecewise-linear rule, from output factors)
     assert res.methods == {"0.weight": "layerwise", "0.bias": "layerwise", **dict.fromkeys(op.names[2:], "piecewise")}
@@ -88,9 +102,7 @@ def test_cnn_uses_product_fallback_and_is_exact():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)).double()
     x, y = inputs(6, 1, 5, 5)
-    ref = reference_diagonal(model, ce_of(x, y))
-    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
-    res = exact_diagonal(op)
+    res, op, ref = exact_and_reference(model, x, y)
     assert res.methods["0.weight"] == "products" and res.methods["3.weight"] == "piecewise"
     assert "Conv2d" in res.notes["0.weight"]
     assert_rel(res.diagonal, ref, 1e-10)
@@ -219,9 +231,7 @@ def test_transformer_linear_maps_are_exact_per_layer(batch_first):
     torch.manual_seed(0)
     model = TinyTransformer(batch_first).double().eval()
     x, y = inputs(5, 4, 8)
-    ref = reference_diagonal(model, ce_of(x, y))
-    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
-    res = exact_diagonal(op)
+    res, op, ref = exact_and_reference(model, x, y)
     assert_rel(res.diagonal, ref, 1e-10)  # exact on every torch
     if not MHA_PROJECTIONS_ARE_F_LINEAR:
         pytest.skip("this torch runs nn.MultiheadAttention through its fused kernel: exact, but per entry")
@@ -280,9 +290,7 @@ def test_tokens_meeting_nonlinearly_refuse_the_gauss_newton_split():
     torch.manual_seed(0)
     model = TokensMixedAfterTanh().double().eval()
     x, y = inputs(5, 4, 6)
-    ref = reference_diagonal(model, ce_of(x, y))
-    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
-    res = exact_diagonal(op)
+    res, op, ref = exact_and_reference(model, x, y)
     assert res.methods["inner.weight"] == "layerwise"
     assert res.groupings["inner.weight"] == "contiguous 5x4"
     assert_rel(res.diagonal, ref, 1e-10)
@@ -305,9 +313,7 @@ def test_tokens_meeting_in_a_mean_take_the_gauss_newton_split_without_attention(
     torch.manual_seed(0)
     model = TokensMeanAfterLayerNorm().double().eval()
     x, y = inputs(5, 4, 6)
-    ref = reference_diagonal(model, ce_of(x, y))
-    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
-    res = exact_diagonal(op)
+    res, op, ref = exact_and_reference(model, x, y)
     for name in ("tokens.0.weight", "tokens.0.bias", "tokens.2.weight", "tokens.2.bias"):
         assert res.methods[name] == "layerwise"
         assert res.groupings[name] == "rows + Gauss-Newton per sample, contiguous 5x4"
@@ -340,9 +346,7 @@ def test_layer_norm_followed_by_a_smooth_map_is_layerwise_and_exact(build, shape
     torch.manual_seed(0)
     model = build().double().eval()
     x, y = inputs(5, *shape)
-    ref = reference_diagonal(model, ce_of(x, y))
-    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
-    res = exact_diagonal(op)
+    res, op, ref = exact_and_reference(model, x, y)
     norm = next(n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm))
     assert res.methods[f"{norm}.weight"] == res.methods[f"{norm}.bias"] == "layerwise"
     assert res.groupings[f"{norm}.weight"] == grouping
@@ -385,9 +389,7 @@ def test_piecewise_linear_cnn_with_batchnorm_and_residual_is_exact_without_per_e
     model.stem[1].running_var.uniform_(0.5, 2.0)
     model.eval()
     x, y = inputs(6, 2, 6, 6)
-    ref = reference_diagonal(model, ce_of(x, y))
-    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
-    res = exact_diagonal(op)
+    res, op, ref = exact_and_reference(model, x, y)
     assert set(res.methods.values()) == {"piecewise"}
     assert_rel(res.diagonal, ref, 1e-10)
     assert res.num_matvecs < 60 < op.dim  # about 2 * classes + checks, not one product per entry
@@ -460,9 +462,7 @@ def test_piecewise_factors_are_exact_for_conv_options_and_fall_back_for_shared_w
     model.norm.running_mean.uniform_(-0.5, 0.5)
     model.norm.running_var.uniform_(0.5, 2.0)
     x, y = inputs(7, 2, 9, 10)
-    ref = reference_diagonal(model, ce_of(x, y))
-    op = HessianOperator.from_module(model, lambda: F.cross_entropy(model(x), y))
-    res = exact_diagonal(op)
+    res, op, ref = exact_and_reference(model, x, y)
     assert set(res.methods.values()) == {"piecewise"}
     assert_rel(res.diagonal, ref, 1e-10)
 

@@ -243,10 +243,7 @@ class SensitiveColumnBlinding(Callback):
             # frozen values at the first optimizer step, so they are captured as 0
             self._own.zero_frozen_()
         else:
-            weight = self._plan.module.weight
-            assert isinstance(weight, torch.Tensor)
-            local = local_tensor(weight.detach())
-            self._initial = local.masked_select(~local_part(self._plan.trainable, like=weight).to(local.device)).clone()
+            self._initial = self._blinded_values()
         parameter_constraints(pl_module).attach(trainer.optimizers)
 
     @override
@@ -304,14 +301,18 @@ class SensitiveColumnBlinding(Callback):
         Under ``ModelParallelStrategy`` (FSDP2, tensor parallelism), over this process's shard of the
         weight (no communication); the logged ``weight_deviation`` is the largest over all processes.
         """
+        blinded = self._blinded_values()
+        if self.mode == "grad" and self._initial is not None:
+            blinded = blinded - self._initial.to(blinded.device)
+        return float(blinded.abs().max()) if blinded.numel() else 0.0
+
+    def _blinded_values(self) -> torch.Tensor:
+        """The blinded entries of the layer's weight, a new 1-D tensor (of this process's shard under FSDP2)."""
         plan = self.plan
         weight = plan.module.weight
         assert isinstance(weight, torch.Tensor)
         local = local_tensor(weight.detach())  # a sharded (FSDP2) weight: this process's rows
-        blinded = local.masked_select(~local_part(plan.trainable, like=weight).to(local.device))
-        if self.mode == "grad" and self._initial is not None:
-            blinded = blinded - self._initial.to(blinded.device)
-        return float(blinded.abs().max()) if blinded.numel() else 0.0
+        return local.masked_select(~local_part(plan.trainable, like=weight).to(local.device))
 
     # ------------------------------------------------------------------ checkpointing
     @override
